@@ -1,0 +1,19 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/procs.py
+
+
+def pytest_configure(config):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture
+def seed():
+    """A fresh seed each run (never a fixed input); printed so a failure can be replayed."""
+    value = int.from_bytes(os.urandom(4), "little")
+    print(f"seed={value}")
+    return value

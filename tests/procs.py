@@ -1,0 +1,63 @@
+"""Run child processes from tests with a hard time limit, killing only what the test started.
+
+Every multi-process test (torchrun, mpiexec, srun) goes through :func:`run`: the child gets its own
+process group, and on timeout the whole group -- and nothing else -- is killed.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(**overrides: str) -> dict[str, str]:
+    """The test's environment with the checkout importable and launcher variables cleared."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "OMPI_", "PMI_", "PMIX_", "MPI_LOCAL"))
+           and k not in {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                         "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK", "TORCHELASTIC_RUN_ID"}}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.update(overrides)
+    return env
+
+
+def run(cmd: list[str], *, timeout: float, env: dict[str, str] | None = None,
+        cwd: str | Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``cmd`` to completion; on timeout kill its process group and raise with its output."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env if env is not None else child_env(), cwd=cwd or REPO_ROOT,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"{' '.join(map(str, cmd))} did not finish in {timeout}s; output:\n{out}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, None)
+
+
+def torchrun(script: str | Path, *args: str, nproc: int = 2, timeout: float = 120,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=nproc script args`` with a hard limit."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", str(script), *args]
+    return run(cmd, timeout=timeout, env=env)
+
+
+def check(result: subprocess.CompletedProcess) -> str:
+    """Assert a finished child succeeded; return its output."""
+    assert result.returncode == 0, (
+        f"{' '.join(map(str, result.args))} exited {result.returncode}; output:\n{result.stdout}")
+    return result.stdout
