@@ -1,0 +1,40 @@
+"""Layers: Block-Term tensor layers (``BTLinear``, ``BTRNN``, ``BTLSTM``, ``BTGRU``) and
+``OutOfCoreLinear`` (weights in host memory, matmuls through ``accel.ooc``).
+
+Re-exports only; each layer's module loads on first use.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+_EXPORTS = {
+    "BTLinear": "accel.nn.bt",
+    "BTRNN": "accel.nn.rnn",
+    "BTLSTM": "accel.nn.rnn",
+    "BTGRU": "accel.nn.rnn",
+    "block_term_decomposition": "accel.nn.decompose",
+    "OutOfCoreLinear": "accel.nn.ooc_linear",
+}
+
+__all__ = list(_EXPORTS)
+
+if TYPE_CHECKING:
+    from accel.nn.bt import BTLinear
+    from accel.nn.decompose import block_term_decomposition
+    from accel.nn.ooc_linear import OutOfCoreLinear
+    from accel.nn.rnn import BTGRU, BTLSTM, BTRNN
+
+
+def __getattr__(name: str):
+    try:
+        module_name = _EXPORTS[name]
+    except KeyError:
+        raise AttributeError(f"module 'accel.nn' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
