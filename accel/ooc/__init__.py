@@ -1,0 +1,18 @@
+"""Out-of-core multi-GPU GEMM: ``accel.gemm`` on host matrices larger than a GPU.
+
+* :func:`gemm` -- ``alpha * op(A) @ op(B) + beta * C`` with BLAS semantics, on torch tensors or NumPy arrays;
+* :class:`Engine` -- the reusable scheduler (one worker per device, tile caches persisting across calls,
+  :attr:`Engine.stats`);
+* :class:`Plan` / :func:`make_plan` -- how C is cut into blocks and K into slabs for a memory budget;
+* :class:`TileCache`, :class:`MemoryAccount` -- the per-worker cache and its byte budget;
+* :class:`CPUWorker`, :class:`Worker` -- workers (``CUDAWorker`` lives in :mod:`accel.ooc.cuda`).
+"""
+from accel.ooc.cache import MemoryAccount, MemoryBudgetExceeded, TileCache
+from accel.ooc.devices import CPUWorker, Worker, make_worker
+from accel.ooc.engine import BlockQueue, Engine, GemmStats
+from accel.ooc.gemm import gemm
+from accel.ooc.plan import Block, DeviceProfile, Plan, make_plan, minimum_memory
+
+__all__ = ["gemm", "Engine", "GemmStats", "BlockQueue", "Plan", "Block", "make_plan", "minimum_memory",
+           "DeviceProfile", "TileCache", "MemoryAccount", "MemoryBudgetExceeded", "Worker", "CPUWorker",
+           "make_worker"]

@@ -1,0 +1,296 @@
+"""Workers: one per device entry, each computing whole output blocks of C.
+
+The block algorithm lives in :class:`Worker` (fetch the A and B tiles of a slab through the tile cache,
+fetch the next slab's tiles while this one is multiplied, then write the block back); a device type only
+says how a tile is loaded, multiplied and written back:
+
+* :class:`CPUWorker` computes tiles with torch on the host. It copies tiles into its own buffers, as a
+  GPU would, so the whole engine (plan, cache, memory limit, scheduling) runs and is tested without a GPU.
+* :class:`~accel.ooc.cuda.CUDAWorker` (in ``cuda.py``) copies in, computes and copies out on three streams ordered by events, through
+  pinned staging buffers allocated once and reused across calls. Pinned host operands with a unit stride
+  go straight to the device with ``cudaMemcpy2DAsync`` (CuPy), with no host-side packing copy.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from accel.ooc.cache import MemoryAccount, SourceKey, Tile, TileCache
+from accel.ooc.plan import CPU_PROFILE, Block, DeviceProfile, Plan
+
+class Cancelled(Exception):
+    """Raised inside a worker when another worker failed and the call is being abandoned."""
+
+
+@dataclass
+class Problem:
+    """One GEMM as the workers see it: host views ``a = op(A)`` (m x k), ``b = op(B)`` (k x n), ``c``
+    (m x n, ``None`` when ``beta == 0``) and the preallocated host result ``out``."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    c: torch.Tensor | None
+    out: torch.Tensor
+    alpha: float
+    beta: float
+    storage_dtype: torch.dtype
+    accumulator_dtype: torch.dtype
+    allow_tf32: bool
+    a_prefix: tuple  # (SourceKey, transposed, storage dtype): the start of every A tile key
+    b_prefix: tuple
+    sources: list = field(default_factory=list)  # [(host tensor, SourceKey)] for TileCache.track
+    plan: Plan | None = None
+    cancelled: Any = None  # threading.Event
+
+
+class Worker:
+    """Computes blocks of C on one device. Subclasses define the four device operations.
+
+    Args:
+        device (str or torch.device): where the tiles live.
+        memory_limit (int, optional): bytes this worker may hold; ``None`` lets the engine decide.
+    """
+
+    kind = "abstract"
+
+    def __init__(self, device, memory_limit: int | None = None):
+        self.device = torch.device(device)
+        self.memory_limit = memory_limit
+        self.name = str(self.device)
+        self.account: MemoryAccount | None = None
+        self.cache: TileCache | None = None
+        self.reset_counters()
+
+    # -- configuration -------------------------------------------------------------------------------
+    @property
+    def profile(self) -> DeviceProfile:
+        raise NotImplementedError
+
+    def default_memory_limit(self) -> int:
+        """Bytes the device can give the engine when the user sets no limit (shared by its workers)."""
+        raise NotImplementedError
+
+    def storage_size(self, storage_dtype: torch.dtype, accumulator_dtype: torch.dtype) -> int:
+        """Bytes per element of an operand tile as this worker stores it."""
+        return torch.empty((), dtype=storage_dtype).element_size()
+
+    def configure(self, limit: int) -> None:
+        """Set the byte budget (keeps the cache when the limit is unchanged)."""
+        if self.account is None or self.account.limit != limit:
+            if self.cache is not None:
+                self.cache.clear()
+            self.account = MemoryAccount(limit)
+            self.cache = TileCache(self.account, before_evict=self.wait_unused)
+
+    def reset_counters(self) -> None:
+        self.bytes_to_device = 0
+        self.bytes_to_host = 0
+        self.blocks_done = 0
+        self.tiles_loaded = 0
+        self._hits_before = self.cache.hits if self.cache is not None else 0
+        self._misses_before = self.cache.misses if self.cache is not None else 0
+
+    @property
+    def cache_hits(self) -> int:
+        """Operand tiles found in the cache during the current (or last) call."""
+        return self.cache.hits - self._hits_before
+
+    @property
+    def cache_misses(self) -> int:
+        """Operand tiles loaded during the current (or last) call."""
+        return self.cache.misses - self._misses_before
+
+    # -- device operations (subclasses) -------------------------------------------------------------
+    def allocate(self, shape, dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, device=self.device)
+
+    def load_tile(self, view: torch.Tensor, key, nbytes: int, problem: Problem) -> Tile:
+        raise NotImplementedError
+
+    def multiply_accumulate(self, acc: torch.Tensor, a: Tile, b: Tile, accumulate: bool, problem: Problem):
+        raise NotImplementedError
+
+    def write_block(self, problem: Problem, block: Block, acc: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def wait_unused(self, tile: Tile) -> None:
+        """Block until no queued work reads ``tile`` (before its memory is given back)."""
+
+    def synchronize(self) -> None:
+        """Block until everything queued on the device is done."""
+
+    # -- the block algorithm ----------------------------------------------------------------------------
+    def begin(self, problem: Problem) -> None:
+        """Allocate this call's accumulator and output tile (charged to the account)."""
+        plan = problem.plan
+        self.reset_counters()
+        self.account.reset_peak()
+        for tensor, key in problem.sources:
+            self.cache.track(tensor, key)
+        area = plan.block_rows * plan.block_cols
+        self._buffer_bytes = area * (plan.accumulator_size + plan.output_size)
+        self.cache.make_room(self._buffer_bytes)  # tiles kept from earlier calls give way
+        self.account.charge(self._buffer_bytes)
+        try:
+            self._acc_buffer = self.allocate(area, problem.accumulator_dtype)
+            self._out_buffer = self.allocate(area, problem.out.dtype)
+        except BaseException:
+            self.account.refund(self._buffer_bytes)
+            self._buffer_bytes = 0
+            raise
+
+    def end(self, problem: Problem) -> None:
+        """Wait for the device, free the call's buffers, drop call-scoped tiles. Safe after a failure."""
+        try:
+            self.synchronize()
+        finally:
+            self._acc_buffer = self._out_buffer = None
+            if self.account is not None and getattr(self, "_buffer_bytes", 0):
+                self.account.refund(self._buffer_bytes)
+                self._buffer_bytes = 0
+            if self.cache is not None:
+                self.cache.drop_call_scoped()
+
+    def reset(self) -> None:
+        """Forget every cached tile (after a failed call)."""
+        try:
+            self.synchronize()
+        finally:
+            if self.cache is not None:
+                self.cache.clear()
+
+    def tile_key(self, prefix: tuple, rows: tuple, cols: tuple) -> tuple:
+        return (*prefix, rows, cols)
+
+    def held_panels(self, problem: Problem, block: Block) -> int:
+        """How many of the block's A/B tiles (first and last slab) this worker's cache holds."""
+        slabs = problem.plan.slabs
+        ends = {slabs[0], slabs[-1]}
+        return sum(self.cache.holds(self.tile_key(problem.a_prefix, block.rows, s)) +
+                   self.cache.holds(self.tile_key(problem.b_prefix, s, block.cols)) for s in ends)
+
+    def _tile(self, problem: Problem, prefix: tuple, host: torch.Tensor, rows: tuple, cols: tuple) -> Tile:
+        key = self.tile_key(prefix, rows, cols)
+        view = host[rows[0]:rows[1], cols[0]:cols[1]]
+        nbytes = view.numel() * problem.plan.operand_size
+        return self.cache.acquire(key, nbytes, lambda: self._load_counted(view, key, nbytes, problem))
+
+    def _load_counted(self, view, key, nbytes, problem) -> Tile:
+        tile = self.load_tile(view, key, nbytes, problem)
+        self.tiles_loaded += 1
+        self.bytes_to_device += view.numel() * torch.empty((), dtype=problem.storage_dtype).element_size()
+        return tile
+
+    def _fetch(self, problem: Problem, block: Block, slab: tuple) -> tuple[Tile, Tile]:
+        a = self._tile(problem, problem.a_prefix, problem.a, block.rows, slab)
+        try:
+            b = self._tile(problem, problem.b_prefix, problem.b, slab, block.cols)
+        except BaseException:
+            self.cache.release(a)
+            raise
+        return a, b
+
+    def run_block(self, problem: Problem, block: Block) -> None:
+        """Compute ``out[block] = alpha * sum_slabs a_tile @ b_tile + beta * c[block]``."""
+        rows, cols = block.rows[1] - block.rows[0], block.cols[1] - block.cols[0]
+        acc = self._acc_buffer[: rows * cols].view(rows, cols)  # flat buffer: every block view is contiguous
+        slabs = problem.plan.slabs
+        current = self._fetch(problem, block, slabs[0])
+        following = None
+        try:
+            for index in range(len(slabs)):
+                if problem.cancelled is not None and problem.cancelled.is_set():
+                    raise Cancelled()
+                if index + 1 < len(slabs):  # queue the next transfer before this multiply
+                    following = self._fetch(problem, block, slabs[index + 1])
+                try:
+                    self.multiply_accumulate(acc, current[0], current[1], index > 0, problem)
+                finally:
+                    self.cache.release(current[0])
+                    self.cache.release(current[1])
+                current, following = following, None
+        finally:
+            for tiles in (current, following):
+                for tile in tiles or ():
+                    self.cache.release(tile)
+        self.write_block(problem, block, acc)
+        self.blocks_done += 1
+
+    def flush(self, problem: Problem) -> None:
+        """Finish pending write-backs (called once the worker has no more blocks)."""
+
+    def __repr__(self) -> str:
+        limit = self.account.limit if self.account is not None else self.memory_limit
+        return f"{type(self).__name__}(device={self.name!r}, memory_limit={limit})"
+
+
+def epilogue(acc: torch.Tensor, c_tile: torch.Tensor | None, alpha: float, beta: float) -> None:
+    """``acc = alpha * acc + beta * c_tile`` in place, in the accumulator's precision."""
+    if alpha != 1.0:
+        acc.mul_(alpha)
+    if c_tile is not None:
+        acc.add_(c_tile, alpha=beta)
+
+
+class CPUWorker(Worker):
+    """Computes tiles with torch on the host (uses torch's intra-op threads).
+
+    Tiles are stored in the accumulator dtype holding values already rounded to the compute dtype, so a
+    bfloat16/float16 product is exact and accumulated in float32, as on a GPU. TF32 has no CPU
+    counterpart: ``"tf32"`` computes in exact float32 here.
+    """
+
+    kind = "cpu"
+
+    @property
+    def profile(self) -> DeviceProfile:
+        return CPU_PROFILE
+
+    def default_memory_limit(self) -> int:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+            available = 8 << 30
+        return max(available // 4, 64 << 20)  # the operands themselves live in the same memory
+
+    def storage_size(self, storage_dtype, accumulator_dtype) -> int:
+        return torch.empty((), dtype=accumulator_dtype).element_size()
+
+    def load_tile(self, view, key, nbytes, problem) -> Tile:
+        tile = torch.empty(view.shape, dtype=problem.accumulator_dtype)
+        if view.dtype != problem.storage_dtype:  # round to the compute dtype first (narrowing compute_dtype)
+            view = view.to(problem.storage_dtype)
+        tile.copy_(view)
+        return Tile(key, tile, nbytes)
+
+    def multiply_accumulate(self, acc, a, b, accumulate, problem) -> None:
+        if accumulate:
+            acc.addmm_(a.tensor, b.tensor)
+        else:
+            torch.mm(a.tensor, b.tensor, out=acc)
+
+    def write_block(self, problem, block, acc) -> None:
+        (r0, r1), (c0, c1) = block.rows, block.cols
+        c_tile = None
+        if problem.c is not None:
+            c_tile = self._out_buffer[: acc.numel()].view(acc.shape)
+            c_tile.copy_(problem.c[r0:r1, c0:c1])
+            self.bytes_to_device += c_tile.numel() * c_tile.element_size()
+        epilogue(acc, c_tile, problem.alpha, problem.beta)
+        problem.out[r0:r1, c0:c1].copy_(acc)
+        self.bytes_to_host += acc.numel() * problem.out.element_size()
+
+
+def make_worker(device, memory_limit: int | None = None) -> Worker:
+    """A worker for ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a :class:`torch.device`)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return CPUWorker(device, memory_limit)
+    if device.type == "cuda":
+        from accel.ooc.cuda import CUDAWorker  # only touched when a GPU is asked for
+
+        return CUDAWorker(device, memory_limit)
+    raise ValueError(f"unsupported device {str(device)!r}: expected 'cpu' or 'cuda:N'")

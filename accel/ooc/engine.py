@@ -1,0 +1,311 @@
+"""The engine: plans a GEMM, runs one thread per worker over a shared block queue, collects statistics.
+
+A faster worker simply comes back to the queue more often and takes more blocks. When a worker asks for
+a block, it gets one that shares a panel with its previous block if its cache still holds that panel
+(BLASX's affinity rule), else one on a block row no other worker is on (so workers do not fetch the same
+A panel twice). A failing worker cancels the call: every thread is joined before the error is raised,
+and a call that ran out of memory is re-planned with half the memory and retried once.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from accel.ooc.cache import MemoryBudgetExceeded
+from accel.ooc.devices import Cancelled, Problem, Worker, make_worker
+from accel.ooc.plan import Block, Plan, compute_kind, make_plan, minimum_memory
+
+_OUT_OF_MEMORY = (torch.OutOfMemoryError, MemoryError, MemoryBudgetExceeded)
+_tf32_lock = threading.Lock()  # torch's TF32 switch is process-wide: one call at a time may set it
+
+
+class BlockQueue:
+    """Blocks not yet taken, handed out to workers with panel affinity. Thread-safe.
+
+    Args:
+        blocks (list[Block]): the plan's blocks.
+        held (callable): ``held(worker, block) -> int``, how many of the block's tiles ``worker`` holds.
+    """
+
+    def __init__(self, blocks: list[Block], held):
+        self._pending: OrderedDict[int, Block] = OrderedDict((block.index, block) for block in blocks)
+        self._by_row: dict[int, dict[int, Block]] = {}
+        self._by_col: dict[int, dict[int, Block]] = {}
+        for block in blocks:
+            self._by_row.setdefault(block.panel_row, {})[block.index] = block
+            self._by_col.setdefault(block.panel_col, {})[block.index] = block
+        self._held = held
+        self._previous: dict[int, Block] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def take(self, worker) -> Block | None:
+        """The next block for ``worker``, or ``None`` when all are taken."""
+        with self._lock:
+            if not self._pending:
+                return None
+            block = self._affine(worker) or self._unclaimed_row(worker) or next(iter(self._pending.values()))
+            del self._pending[block.index]
+            del self._by_row[block.panel_row][block.index]
+            del self._by_col[block.panel_col][block.index]
+            self._previous[id(worker)] = block
+            return block
+
+    def _affine(self, worker) -> Block | None:
+        previous = self._previous.get(id(worker))
+        if previous is None:
+            return None
+        candidates = [*self._by_row[previous.panel_row].values(), *self._by_col[previous.panel_col].values()]
+        scored = [(self._held(worker, block), -index, block) for index, block in enumerate(candidates)]
+        best = max(scored, default=None, key=lambda item: item[:2])
+        return best[2] if best is not None and best[0] > 0 else None
+
+    def _unclaimed_row(self, worker) -> Block | None:
+        busy = {block.panel_row for owner, block in self._previous.items() if owner != id(worker)}
+        for row, blocks in self._by_row.items():
+            if blocks and row not in busy:
+                return next(iter(blocks.values()))
+        return None
+
+
+@dataclass
+class GemmStats:
+    """What one call did (``Engine.stats`` after the call).
+
+    Attributes:
+        plan (Plan): the plan the call finished with.
+        seconds (float): wall time of the engine part of the call.
+        bytes_to_device, bytes_to_host (int): bytes copied into workers' memory (operand tiles, C tiles)
+            and back (result blocks); for a CPU worker, copies into and out of its tile buffers.
+        blocks_per_worker, tiles_loaded_per_worker (dict): C blocks computed / operand tiles loaded, by worker.
+        cache_hits, cache_misses (int): operand tile lookups served from / missing in the caches.
+        peak_bytes_per_worker, memory_limit_per_worker (dict): the most bytes each worker held, and its limit.
+        retries (int): 1 when the call ran out of memory and was re-planned.
+        lower_bound_bytes (float): ``2*m*n*k/sqrt(M)`` elements (Hong-Kung, M = the largest peak in
+            elements), in bytes of the operands' storage dtype.
+        traffic_ratio (float): ``(bytes_to_device + bytes_to_host) / lower_bound_bytes``.
+    """
+
+    plan: Plan
+    seconds: float = 0.0
+    bytes_to_device: int = 0
+    bytes_to_host: int = 0
+    blocks_per_worker: dict = field(default_factory=dict)
+    tiles_loaded_per_worker: dict = field(default_factory=dict)
+    cache_hits: int = 0
+    cache_misses: int = 0
+    peak_bytes_per_worker: dict = field(default_factory=dict)
+    memory_limit_per_worker: dict = field(default_factory=dict)
+    retries: int = 0
+    lower_bound_bytes: float = 0.0
+    traffic_ratio: float = 0.0
+
+
+class Engine:
+    r"""Out-of-core GEMM engine over a set of devices; reusable, and its tile caches persist across calls.
+
+    Args:
+        devices (sequence, optional): device names (``"cuda:0"``, ``"cpu"``, :class:`torch.device`) or
+            :class:`~accel.ooc.devices.Worker` objects, one worker each; a device may appear twice
+            (two workers share it and its memory). Default: every visible GPU, else ``["cpu"]``.
+        memory_limit (int, optional): bytes the engine may hold *per device* (split among the device's
+            workers). Default: 90% of a GPU's free memory; a quarter of the available host memory for
+            the CPU. A worker given with its own ``memory_limit`` keeps it.
+        persist_cache (bool): keep operand tiles between calls (default ``True``). Tiles of a tensor
+            changed in place are invalidated (see :mod:`accel.ooc.cache`).
+
+    Example::
+
+        >>> engine = accel.ooc.Engine(["cuda:0", "cuda:1"], memory_limit=8 << 30)
+        >>> C = engine.gemm(A, B)            # same as accel.gemm(A, B, engine=engine)
+        >>> engine.stats.traffic_ratio
+    """
+
+    def __init__(self, devices=None, memory_limit: int | None = None, *, persist_cache: bool = True):
+        if devices is None:
+            devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu"]
+        if isinstance(devices, (str, torch.device, Worker)):
+            devices = [devices]
+        devices = list(devices)
+        if not devices:
+            raise ValueError("devices must name at least one device")
+        if memory_limit is not None and (not isinstance(memory_limit, int) or memory_limit <= 0):
+            raise ValueError(f"memory_limit must be a positive number of bytes, got {memory_limit!r}")
+        self.workers: list[Worker] = [entry if isinstance(entry, Worker) else make_worker(check_device(entry))
+                                      for entry in devices]
+        if len({id(worker) for worker in self.workers}) != len(self.workers):
+            raise ValueError("the same Worker object is listed twice; list the device twice instead")
+        sharing: dict[str, int] = {}
+        for worker in self.workers:
+            sharing[worker.name] = sharing.get(worker.name, 0) + 1
+        seen: dict[str, int] = {}
+        for worker in self.workers:
+            count = sharing[worker.name]
+            if count > 1:  # distinct names for two workers on one device
+                seen[worker.name] = seen.get(worker.name, 0) + 1
+                worker.name = f"{worker.device}#{seen[worker.name] - 1}"
+            limit = worker.memory_limit
+            if limit is None:
+                limit = (memory_limit if memory_limit is not None else worker.default_memory_limit()) // count
+            worker.configure(int(limit))
+        self.memory_limit = memory_limit
+        self.persist_cache = persist_cache
+        self.stats: GemmStats | None = None
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"Engine(workers={self.workers!r}, persist_cache={self.persist_cache})"
+
+    @property
+    def devices(self) -> list[str]:
+        return [worker.name for worker in self.workers]
+
+    def gemm(self, A, B, C=None, **kwargs):
+        """``accel.gemm(A, B, C, engine=self, **kwargs)``."""
+        from accel.ooc.gemm import gemm
+
+        return gemm(A, B, C, engine=self, **kwargs)
+
+    def clear_cache(self) -> None:
+        """Drop every cached tile on every worker."""
+        for worker in self.workers:
+            worker.reset()
+
+    # -- running a call -----------------------------------------------------------------------------------
+    def plan(self, problem: Problem, memory_per_worker: int, block: int | None = None) -> Plan:
+        """The plan for ``problem`` when each worker may hold ``memory_per_worker`` bytes."""
+        m, k = problem.a.shape
+        n = problem.b.shape[1]
+        accumulator = torch.empty((), dtype=problem.accumulator_dtype).element_size()
+        operand = max(w.storage_size(problem.storage_dtype, problem.accumulator_dtype) for w in self.workers)
+        kind = compute_kind(problem.storage_dtype, problem.allow_tf32)
+        storage = torch.empty((), dtype=problem.storage_dtype).element_size()
+        target = max(worker.profile.target_block(kind, storage) for worker in self.workers)
+        return make_plan(m, n, k, memory_per_worker=memory_per_worker, operand_size=operand,
+                         accumulator_size=accumulator, output_size=problem.out.element_size(),
+                         workers=len(self.workers), target_block=target, block=block)
+
+    def run(self, problem: Problem, block: int | None = None) -> GemmStats:
+        """Compute ``problem.out``; on an out-of-memory failure re-plan with half the memory and retry once.
+
+        Raises:
+            ValueError: the memory limit is too small for this problem (before any work starts).
+            RuntimeError: out of memory twice, naming the limits; or a worker's error, after all
+                threads have stopped. ``problem.out`` is then incomplete and must be discarded.
+        """
+        with self._lock:
+            budget = min(worker.account.limit for worker in self.workers)
+            plan = self.plan(problem, budget, block)  # raises ValueError before any work starts
+            limits = {worker.name: worker.account.limit for worker in self.workers}
+            start = time.perf_counter()
+            retries = 0
+            try:
+                while True:
+                    problem.plan = plan
+                    try:
+                        self._execute(problem)
+                        break
+                    except _OUT_OF_MEMORY as error:
+                        self.clear_cache()
+                        if torch.cuda.is_available():
+                            torch.cuda.empty_cache()
+                        smaller = plan.working_set_bytes // 2
+                        if retries or smaller < minimum_memory(plan.m, plan.n, plan.k, operand_size=plan.operand_size,
+                                                               accumulator_size=plan.accumulator_size,
+                                                               output_size=plan.output_size):
+                            raise RuntimeError(f"out of memory with memory_limit {limits} bytes per worker "
+                                               f"(plan needing {plan.working_set_bytes} bytes, retries: {retries}); "
+                                               f"pass a smaller memory_limit or free device memory") from error
+                        retries += 1
+                        for worker in self.workers:  # this call's workers may hold only the smaller budget
+                            worker.account.limit = min(worker.account.limit, smaller)
+                        plan = self.plan(problem, smaller, None)
+            finally:
+                for worker in self.workers:
+                    worker.account.limit = limits[worker.name]
+                if not self.persist_cache:
+                    self.clear_cache()
+            self.stats = self._collect(plan, time.perf_counter() - start, retries)
+            return self.stats
+
+    def _execute(self, problem: Problem) -> None:
+        problem.cancelled = threading.Event()
+        queue = BlockQueue(problem.plan.blocks, lambda worker, block: worker.held_panels(problem, block))
+        errors: list[BaseException] = []
+        threads = [threading.Thread(target=self._work, args=(worker, queue, problem, errors),
+                                    name=f"accel-ooc-{worker.name}", daemon=True) for worker in self.workers]
+        set_tf32 = any(worker.kind == "cuda" for worker in self.workers)
+        with _tf32_lock if set_tf32 else contextlib.nullcontext():
+            previous = torch.backends.cuda.matmul.allow_tf32
+            if set_tf32:
+                torch.backends.cuda.matmul.allow_tf32 = problem.allow_tf32
+            try:
+                for thread in threads:
+                    thread.start()
+            finally:
+                for thread in threads:  # every worker stops (cancelled or done) before we go on
+                    if thread.ident is not None:
+                        thread.join()
+                if set_tf32:
+                    torch.backends.cuda.matmul.allow_tf32 = previous
+        real = [error for error in errors if not isinstance(error, Cancelled)]
+        if real:
+            raise real[0]
+
+    @staticmethod
+    def _work(worker: Worker, queue: BlockQueue, problem: Problem, errors: list) -> None:
+        try:
+            worker.begin(problem)
+            try:
+                while not problem.cancelled.is_set():
+                    block = queue.take(worker)
+                    if block is None:
+                        break
+                    worker.run_block(problem, block)
+                worker.flush(problem)
+            finally:
+                worker.end(problem)
+        except BaseException as error:  # noqa: BLE001 - reported by the main thread
+            errors.append(error)
+            problem.cancelled.set()
+
+    def _collect(self, plan: Plan, seconds: float, retries: int) -> GemmStats:
+        stats = GemmStats(plan=plan, seconds=seconds, retries=retries)
+        for worker in self.workers:
+            stats.bytes_to_device += worker.bytes_to_device
+            stats.bytes_to_host += worker.bytes_to_host
+            stats.blocks_per_worker[worker.name] = worker.blocks_done
+            stats.tiles_loaded_per_worker[worker.name] = worker.tiles_loaded
+            stats.peak_bytes_per_worker[worker.name] = worker.account.peak
+            stats.memory_limit_per_worker[worker.name] = worker.account.limit
+            stats.cache_hits += worker.cache_hits
+            stats.cache_misses += worker.cache_misses
+        memory_elements = max(stats.peak_bytes_per_worker.values()) / plan.operand_size
+        stats.lower_bound_bytes = 2 * plan.m * plan.n * plan.k / math.sqrt(max(memory_elements, 1)) * plan.operand_size
+        stats.traffic_ratio = (stats.bytes_to_device + stats.bytes_to_host) / max(stats.lower_bound_bytes, 1)
+        return stats
+
+
+def check_device(device) -> torch.device:
+    """``device`` as a :class:`torch.device`, or ValueError when it does not exist here."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"unknown device {device!r}") from error
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ValueError(f"unsupported device {str(device)!r}: expected 'cpu' or 'cuda:N'")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = device.index if device.index is not None else (torch.cuda.current_device() if count else 0)
+    if index >= count:
+        raise ValueError(f"device {str(device)!r} does not exist: {count} CUDA device(s) visible")
+    return torch.device("cuda", index)
