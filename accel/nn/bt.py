@@ -1,0 +1,327 @@
+"""``BTLinear``: a linear layer whose weight is a Block-Term (BT) tensor.
+
+The weight ``W`` (``in_features x out_features``, ``in_features = prod(in_shape)``,
+``out_features = prod(out_shape)``) is folded into a d-order tensor with modes ``I_k * J_k`` and
+written as a sum of ``N`` Tucker blocks (Ye et al., CVPR 2018)::
+
+    W[i_1..i_d, j_1..j_d] = sum_n sum_r core[n, r_1..r_d] * prod_k factors[k][n, i_k, j_k, r_k]
+
+The forward pass never rebuilds ``W`` unless a cost model says that is cheaper for the batch at
+hand: it contracts the input with the cores and factors along an ``opt_einsum`` path chosen per
+batch size and cached.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Sequence
+
+import opt_einsum
+import torch
+from torch import nn
+
+__all__ = ["BTLinear", "balanced_factors"]
+
+_CONTRACTIONS = ("auto", "factorized", "dense")
+
+
+def balanced_factors(n: int, num_factors: int) -> tuple[int, ...]:
+    """Split ``n`` into ``num_factors`` integer factors as equal as possible, largest first.
+
+    Among all factorisations, the one with the smallest largest factor (then the largest smallest
+    factor) wins: ``balanced_factors(57600, 4) == (16, 16, 15, 15)``.
+    """
+    if n < 1 or num_factors < 1:
+        raise ValueError(f"need n >= 1 and num_factors >= 1, got n={n}, num_factors={num_factors}")
+
+    small = [k for k in range(1, math.isqrt(n) + 1) if n % k == 0]
+    divisors = sorted(set(small) | {n // k for k in small}, reverse=True)
+
+    @functools.cache
+    def search(rest: int, slots: int, cap: int):
+        if slots == 1:
+            return (rest,) if rest <= cap else None
+        best = None
+        low = math.ceil(rest ** (1.0 / slots) - 1e-9)  # the largest factor is at least the slots-th root
+        for first in divisors:
+            if first > min(cap, rest) or rest % first:
+                continue
+            if first < low:
+                break
+            if (tail := search(rest // first, slots - 1, first)) is not None:
+                candidate = (first, *tail)
+                if best is None or (candidate[0], -candidate[-1]) < (best[0], -best[-1]):
+                    best = candidate
+        return best
+
+    return search(n, num_factors, n)
+
+
+def _auto_num_modes(*sizes: int, max_modes: int = 4) -> int:
+    """The largest d <= max_modes for which every size splits into d factors all >= 2."""
+    for d in range(max_modes, 1, -1):
+        if all(min(balanced_factors(s, d)) >= 2 for s in sizes):
+            return d
+    return 1
+
+
+def _check_shape(name: str, shape: Sequence[int], total: int, features_name: str) -> tuple[int, ...]:
+    shape = tuple(int(s) for s in shape)
+    if not shape or any(s < 1 for s in shape):
+        raise ValueError(f"{name} must be a non-empty sequence of positive ints, got {shape}")
+    if math.prod(shape) != total:
+        raise ValueError(f"{name}={shape} has product {math.prod(shape)}, but {features_name}={total}")
+    return shape
+
+
+def _einsum_indices(d: int):
+    """Symbols for batch, block, the d input modes, the d output modes and the d rank modes."""
+    s = [opt_einsum.get_symbol(i) for i in range(2 + 3 * d)]
+    return s[0], s[1], s[2:2 + d], s[2 + d:2 + 2 * d], s[2 + 2 * d:]
+
+
+def _operand_terms(d: int) -> tuple[list[str], str, str]:
+    batch, block, ins, outs, ranks = _einsum_indices(d)
+    core = block + "".join(ranks)
+    factors = [block + ins[k] + outs[k] + ranks[k] for k in range(d)]
+    return [core, *factors], batch + "".join(ins), batch + "".join(outs)
+
+
+def _weight_shapes(in_shape, out_shape, ranks, num_blocks):
+    return [(num_blocks, *ranks)] + [(num_blocks, i, j, r) for i, j, r in zip(in_shape, out_shape, ranks)]
+
+
+@functools.lru_cache(maxsize=256)
+def _factorized(in_shape, out_shape, ranks, num_blocks, batch):
+    """The cached contraction of a ``(batch, *in_shape)`` input with core and factors, and its flop cost."""
+    terms, x_term, y_term = _operand_terms(len(in_shape))
+    shapes = [(batch, *in_shape), *_weight_shapes(in_shape, out_shape, ranks, num_blocks)]
+    eq = ",".join([x_term, *terms]) + "->" + y_term
+    _, info = opt_einsum.contract_path(eq, *shapes, shapes=True, optimize="dp")
+    return opt_einsum.contract_expression(eq, *shapes, optimize=info.path), int(info.opt_cost)
+
+
+@functools.lru_cache(maxsize=64)
+def _rebuild(in_shape, out_shape, ranks, num_blocks):
+    """The cached contraction of core and factors into the ``(*in_shape, *out_shape)`` tensor, and its cost."""
+    terms, x_term, y_term = _operand_terms(len(in_shape))
+    shapes = _weight_shapes(in_shape, out_shape, ranks, num_blocks)
+    eq = ",".join(terms) + "->" + x_term[1:] + y_term[1:]
+    _, info = opt_einsum.contract_path(eq, *shapes, shapes=True, optimize="dp")
+    return opt_einsum.contract_expression(eq, *shapes, optimize=info.path), int(info.opt_cost)
+
+
+def _costs(in_shape, out_shape, ranks, num_blocks, batch) -> tuple[int, int]:
+    """opt_einsum flop estimates of the forward pass: (factorized, rebuild W then one dense matmul).
+
+    The backward pass costs about twice the forward for either choice, so the forward decides.
+    """
+    factorized = _factorized(in_shape, out_shape, ranks, num_blocks, batch)[1]
+    rebuild = _rebuild(in_shape, out_shape, ranks, num_blocks)[1]
+    return factorized, rebuild + 2 * batch * math.prod(in_shape) * math.prod(out_shape)
+
+
+class BTLinear(nn.Module):
+    r"""Applies ``y = x W^T + b`` with ``W`` stored as a Block-Term tensor.
+
+    Args:
+        in_features (int): size of each input sample, ``prod(in_shape)``.
+        out_features (int): size of each output sample, ``prod(out_shape)``.
+        in_shape (sequence of int, optional): the factorisation ``I_1..I_d`` of ``in_features``.
+            Chosen automatically (balanced factors, d <= 4) when not given.
+        out_shape (sequence of int, optional): the factorisation ``J_1..J_d`` of ``out_features``,
+            with the same ``d`` as ``in_shape``. Chosen automatically when not given.
+        ranks (int or sequence of int): the Tucker ranks ``R_1..R_d`` of every block. An int is used
+            for every mode and capped at each mode's size ``I_k * J_k``; a sequence must have one
+            entry per mode, each at most ``I_k * J_k``. Default: 4.
+        num_blocks (int): the number ``N`` of Tucker blocks. Default: 2.
+        bias (bool): if ``False``, the layer learns no additive bias. Default: ``True``.
+        contraction (str): ``"auto"`` (a cost model picks per batch size), ``"factorized"`` (always
+            contract through the factors) or ``"dense"`` (always rebuild ``W``). Default: ``"auto"``.
+        device, dtype: of the parameters, as for ``nn.Linear``.
+
+    Shape:
+        - Input: ``(*, in_features)``; Output: ``(*, out_features)``.
+
+    Attributes:
+        core (Parameter): ``(N, R_1, ..., R_d)``.
+        factors (ParameterList): ``d`` tensors, the k-th of shape ``(N, I_k, J_k, R_k)``.
+        bias (Parameter or None): ``(out_features,)``.
+        reconstruction_error (float or None): relative Frobenius error of ``from_dense``.
+
+    The weight uses ``N * (sum_k I_k J_k R_k + prod_k R_k)`` parameters (``num_weight_parameters``).
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, in_shape: Sequence[int] | None = None,
+                 out_shape: Sequence[int] | None = None, ranks: int | Sequence[int] = 4, num_blocks: int = 2,
+                 bias: bool = True, contraction: str = "auto", device=None, dtype=None):
+        super().__init__()
+        for name, value in (("in_features", in_features), ("out_features", out_features), ("num_blocks", num_blocks)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if contraction not in _CONTRACTIONS:
+            raise ValueError(f"contraction must be one of {_CONTRACTIONS}, got {contraction!r}")
+        if in_shape is None and out_shape is None:
+            d = _auto_num_modes(in_features, out_features)
+        else:
+            d = len(in_shape) if in_shape is not None else len(out_shape)
+        in_shape = balanced_factors(in_features, d) if in_shape is None else in_shape
+        out_shape = balanced_factors(out_features, d) if out_shape is None else out_shape
+        self.in_shape = _check_shape("in_shape", in_shape, in_features, "in_features")
+        self.out_shape = _check_shape("out_shape", out_shape, out_features, "out_features")
+        if len(self.in_shape) != len(self.out_shape):
+            raise ValueError(f"in_shape={self.in_shape} and out_shape={self.out_shape} must have the same "
+                             f"number of modes, got {len(self.in_shape)} and {len(self.out_shape)}")
+        self.ranks = self._check_ranks(ranks)
+        self.in_features, self.out_features, self.num_blocks = in_features, out_features, num_blocks
+        self.contraction = contraction
+        self.reconstruction_error: float | None = None
+        kw = {"device": device, "dtype": dtype}
+        self.core = nn.Parameter(torch.empty(num_blocks, *self.ranks, **kw))
+        self.factors = nn.ParameterList(
+            nn.Parameter(torch.empty(num_blocks, i, j, r, **kw))
+            for i, j, r in zip(self.in_shape, self.out_shape, self.ranks))
+        self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
+        self.reset_parameters()
+
+    def _check_ranks(self, ranks) -> tuple[int, ...]:
+        sizes = [i * j for i, j in zip(self.in_shape, self.out_shape)]
+        if isinstance(ranks, int) and not isinstance(ranks, bool):
+            if ranks < 1:
+                raise ValueError(f"ranks must be >= 1, got {ranks}")
+            return tuple(min(ranks, s) for s in sizes)
+        ranks = tuple(ranks)
+        if len(ranks) != len(sizes) or any(isinstance(r, bool) or not isinstance(r, int) for r in ranks):
+            raise ValueError(f"ranks must be an int or {len(sizes)} ints (one per mode), got {ranks}")
+        for k, (r, s) in enumerate(zip(ranks, sizes)):
+            if not 1 <= r <= s:
+                raise ValueError(f"ranks[{k}]={r} must be in [1, I_{k}*J_{k}] = [1, {s}] "
+                                 f"(in_shape={self.in_shape}, out_shape={self.out_shape})")
+        return ranks
+
+    @property
+    def num_modes(self) -> int:
+        """The tensor order ``d``."""
+        return len(self.in_shape)
+
+    @property
+    def num_weight_parameters(self) -> int:
+        """``N * (sum_k I_k J_k R_k + prod_k R_k)``: the parameters of the BT weight."""
+        return self.num_blocks * (sum(i * j * r for i, j, r in zip(self.in_shape, self.out_shape, self.ranks))
+                                  + math.prod(self.ranks))
+
+    @property
+    def num_parameters(self) -> int:
+        """All parameters: the BT weight plus the bias."""
+        return self.num_weight_parameters + (self.out_features if self.bias is not None else 0)
+
+    @property
+    def compression_ratio(self) -> float:
+        """Dense weight size over BT weight size, ``in_features * out_features / num_weight_parameters``."""
+        return self.in_features * self.out_features / self.num_weight_parameters
+
+    def reset_parameters(self) -> None:
+        """Normal cores and factors scaled so that ``to_dense()`` has ``nn.Linear``'s weight variance.
+
+        ``nn.Linear`` draws ``U(-1/sqrt(in), 1/sqrt(in))``: variance ``1 / (3 in_features)``. An entry of
+        ``W`` is a sum of ``N * prod_k R_k`` products of one core entry and ``d`` factor entries, all
+        independent with zero mean, so its variance is ``N prod(R) var(core) prod_k var(factor_k)``.
+        The core takes ``1 / (N prod(R))`` and each factor the d-th root of the target.
+        """
+        target = 1.0 / (3.0 * self.in_features)
+        with torch.no_grad():
+            self.core.normal_(0.0, math.sqrt(1.0 / (self.num_blocks * math.prod(self.ranks))))
+            for factor in self.factors:
+                factor.normal_(0.0, math.sqrt(target ** (1.0 / self.num_modes)))
+            if self.bias is not None:
+                bound = 1.0 / math.sqrt(self.in_features)
+                self.bias.uniform_(-bound, bound)
+
+    def _key(self):
+        return self.in_shape, self.out_shape, self.ranks, self.num_blocks
+
+    def uses_dense(self, batch: int) -> bool:
+        """Whether a forward pass over ``batch`` rows rebuilds the dense weight."""
+        if self.contraction != "auto":
+            return self.contraction == "dense"
+        factorized, dense = _costs(*self._key(), batch)
+        # opt_einsum's path space includes "rebuild W first", so at large batches the two costs tie;
+        # then one dense GEMM (F.linear) runs faster than the same flops spread over pairwise steps.
+        return dense <= factorized
+
+    def cost(self, batch: int) -> dict:
+        """opt_einsum flop estimates of the forward pass: ``{"factorized": ..., "dense": ...}``."""
+        factorized, dense = _costs(*self._key(), batch)
+        return {"factorized": factorized, "dense": dense}
+
+    def to_dense(self) -> torch.Tensor:
+        """The weight as an ``(out_features, in_features)`` matrix, like ``nn.Linear.weight``."""
+        w = _rebuild(*self._key())[0](self.core, *self.factors, backend="torch")
+        return w.reshape(self.in_features, self.out_features).t()
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.dim() == 0 or input.shape[-1] != self.in_features:
+            raise ValueError(f"expected input of shape (*, {self.in_features}), got {tuple(input.shape)}")
+        leading = input.shape[:-1]
+        x = input.reshape(-1, self.in_features)
+        batch = x.shape[0]
+        if self.uses_dense(batch):
+            y = nn.functional.linear(x, self.to_dense(), self.bias)
+        else:
+            expression = _factorized(*self._key(), batch)[0]
+            y = expression(x.reshape(batch, *self.in_shape), self.core, *self.factors, backend="torch")
+            y = y.reshape(batch, self.out_features)
+            if self.bias is not None:
+                y = y + self.bias
+        return y.reshape(*leading, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, in_shape={self.in_shape}, "
+                f"out_shape={self.out_shape}, ranks={self.ranks}, num_blocks={self.num_blocks}, "
+                f"bias={self.bias is not None}, compression_ratio={self.compression_ratio:.1f}")
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, *, in_shape=None, out_shape=None,
+                   ranks: int | Sequence[int] = 4, num_blocks: int = 2, contraction: str = "auto",
+                   **decomposition_options) -> "BTLinear":
+        r"""Compress a dense ``(out_features, in_features)`` weight through a block-term decomposition.
+
+        Args:
+            weight (Tensor): the ``(out_features, in_features)`` matrix, as ``nn.Linear.weight``.
+            bias (Tensor, optional): ``(out_features,)``, copied; without it the layer has no bias.
+            in_shape, out_shape, ranks, num_blocks, contraction: as for :class:`BTLinear`.
+            **decomposition_options: ``n_iter``, ``tol``, ``num_restarts``, ``tucker_iter``, ``random_state``
+                of :func:`accel.nn.decompose.block_term_decomposition`.
+
+        The relative Frobenius error ``||W - W_bt|| / ||W||`` is stored in ``reconstruction_error``.
+        """
+        from accel.nn.decompose import block_term_decomposition
+
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise ValueError(f"weight must be a 2-D (out_features, in_features) tensor, "
+                             f"got {getattr(weight, 'shape', type(weight))}")
+        out_features, in_features = weight.shape
+        if bias is not None and tuple(bias.shape) != (out_features,):
+            raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+        layer = cls(in_features, out_features, in_shape=in_shape, out_shape=out_shape, ranks=ranks,
+                    num_blocks=num_blocks, bias=bias is not None, contraction=contraction,
+                    device=weight.device, dtype=weight.dtype)
+        cores, factors, error = block_term_decomposition(
+            weight, in_shape=layer.in_shape, out_shape=layer.out_shape, ranks=layer.ranks,
+            num_blocks=num_blocks, **decomposition_options)
+        with torch.no_grad():
+            layer.core.copy_(cores)
+            for parameter, factor in zip(layer.factors, factors):
+                parameter.copy_(factor)
+            if bias is not None:
+                layer.bias.copy_(bias)
+        layer.reconstruction_error = error
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs) -> "BTLinear":
+        """``from_dense(linear.weight, linear.bias, **kwargs)``: compress an ``nn.Linear``."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        return cls.from_dense(linear.weight.detach(), None if linear.bias is None else linear.bias.detach(), **kwargs)
+

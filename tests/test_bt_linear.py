@@ -1,0 +1,140 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from accel.nn import BTLinear
+from accel.nn.bt import balanced_factors
+
+SHAPES = {  # d -> (in_shape, out_shape)
+    2: ((6, 5), (4, 3)),
+    3: ((4, 3, 5), (2, 3, 2)),
+    4: ((3, 2, 4, 2), (2, 2, 3, 2)),
+    5: ((2, 3, 2, 2, 3), (2, 2, 1, 3, 2)),
+}
+
+
+@pytest.mark.parametrize("d", sorted(SHAPES))
+@pytest.mark.parametrize("num_blocks,ranks", [(1, 2), (2, 3), (3, 1)])
+@pytest.mark.parametrize("contraction", ["factorized", "dense", "auto"])
+def test_contraction_equals_dense_weight(seed, d, num_blocks, ranks, contraction):
+    torch.manual_seed(seed)
+    in_shape, out_shape = SHAPES[d]
+    layer = BTLinear(math.prod(in_shape), math.prod(out_shape), in_shape=in_shape, out_shape=out_shape, ranks=ranks,
+                     num_blocks=num_blocks, contraction=contraction, dtype=torch.float64)
+    x = torch.randn(2, 7, layer.in_features, dtype=torch.float64)
+    reference = x @ layer.to_dense().t() + layer.bias
+    torch.testing.assert_close(layer(x), reference, rtol=1e-10, atol=1e-12)
+    # gradients of the fast path against the dense reference
+    y = layer(x)
+    grad_out = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [layer.core, *layer.factors, layer.bias], grad_out)
+    ref_grads = torch.autograd.grad(reference, [layer.core, *layer.factors, layer.bias], grad_out)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("contraction", ["factorized", "dense"])
+def test_gradcheck(seed, contraction):
+    torch.manual_seed(seed)
+    layer = BTLinear(24, 12, in_shape=(2, 3, 4), out_shape=(3, 2, 2), ranks=2, num_blocks=2,
+                     contraction=contraction, dtype=torch.float64)
+    x = torch.randn(3, 24, dtype=torch.float64, requires_grad=True)
+    params = [layer.core, *layer.factors, layer.bias]
+
+    def f(x, core, *rest):
+        return torch.func.functional_call(layer, dict(zip(["core", *[f"factors.{k}" for k in range(3)], "bias"],
+                                                          [core, *rest])), (x,))
+    assert torch.autograd.gradcheck(f, (x, *params))
+
+
+def test_auto_picks_dense_when_cheaper_and_factorized_at_ucf11():
+    big = BTLinear(57600, 1024, in_shape=(8, 20, 20, 18), out_shape=(16, 4, 4, 4), ranks=4, num_blocks=2)
+    assert not big.uses_dense(96)
+    cost = big.cost(96)
+    assert cost["dense"] > 10 * cost["factorized"]
+    # nearly full ranks on a tiny layer: rebuilding W once beats contracting factors for a big batch
+    small = BTLinear(16, 16, in_shape=(4, 4), out_shape=(4, 4), ranks=16, num_blocks=3)
+    assert small.uses_dense(4096) and not small.uses_dense(1)
+    assert small.cost(4096)["dense"] <= small.cost(4096)["factorized"]
+    assert small.cost(1)["dense"] > small.cost(1)["factorized"]
+
+
+def test_ucf11_parameter_count():
+    layer = BTLinear(57600, 4 * 256, in_shape=(8, 20, 20, 18), out_shape=(4 * 4, 4, 4, 4), ranks=4, num_blocks=2,
+                     bias=False)
+    assert layer.num_weight_parameters == 3392 == sum(p.numel() for p in layer.parameters())
+    assert int(layer.compression_ratio) == 17388
+    assert 57600 * 1024 // 3392 == 17388
+
+
+def test_parameter_count_formula_and_bias(seed):
+    torch.manual_seed(seed)
+    layer = BTLinear(60, 24, in_shape=(3, 4, 5), out_shape=(2, 3, 4), ranks=(2, 3, 4), num_blocks=3)
+    expected = 3 * (3 * 2 * 2 + 4 * 3 * 3 + 5 * 4 * 4 + 2 * 3 * 4)
+    assert layer.num_weight_parameters == expected
+    assert layer.num_parameters == expected + 24 == sum(p.numel() for p in layer.parameters())
+
+
+def test_initial_weight_variance_matches_nn_linear(seed):
+    torch.manual_seed(seed)
+    in_features, out_features, trials = 640, 96, 24
+    variances = torch.stack([BTLinear(in_features, out_features, ranks=3, num_blocks=2).to_dense().detach().var()
+                             for _ in range(trials)])
+    linear_var = torch.stack([nn.Linear(in_features, out_features).weight.detach().var() for _ in range(trials)])
+    target = 1.0 / (3 * in_features)
+    assert abs(linear_var.mean().item() / target - 1) < 0.02  # nn.Linear's default, the target itself
+    # entries of one W share factors, so per-layer variances scatter; the mean over layers must match
+    standard_error = variances.std().item() / math.sqrt(trials)
+    assert abs(variances.mean().item() - target) < 5 * standard_error + 0.02 * target
+    assert abs(variances.mean().item() / target - 1) < 0.25
+
+
+def test_any_leading_shape_and_state_dict(seed):
+    torch.manual_seed(seed)
+    layer = BTLinear(30, 12, ranks=2)
+    assert layer(torch.randn(30)).shape == (12,)
+    assert layer(torch.randn(2, 3, 4, 30)).shape == (2, 3, 4, 12)
+    assert layer(torch.randn(0, 30)).shape == (0, 12)
+    clone = BTLinear(30, 12, ranks=2)
+    clone.load_state_dict(layer.state_dict())
+    x = torch.randn(5, 30)
+    torch.testing.assert_close(clone(x), layer(x))
+
+
+def test_automatic_shapes():
+    layer = BTLinear(57600, 256)
+    assert math.prod(layer.in_shape) == 57600 and math.prod(layer.out_shape) == 256
+    assert layer.num_modes == 4 and max(layer.in_shape) <= 16
+    assert balanced_factors(57600, 4) == (16, 16, 15, 15)
+    assert BTLinear(7, 12).in_shape == (7,)  # a prime gives one mode
+    assert BTLinear(24, 10, in_shape=(4, 6)).out_shape == (5, 2)
+
+
+def test_from_linear_copies_bias_and_reports_error(seed):
+    torch.manual_seed(seed)
+    linear = nn.Linear(20, 6)
+    layer = BTLinear.from_linear(linear, in_shape=(4, 5), out_shape=(2, 3), ranks=(8, 15), num_blocks=1)
+    assert layer.reconstruction_error < 1e-5
+    x = torch.randn(4, 20)
+    torch.testing.assert_close(layer(x), linear(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(TypeError, match="nn.Linear"):
+        BTLinear.from_linear(nn.Conv1d(2, 2, 1))
+
+
+def test_errors_name_the_numbers():
+    with pytest.raises(ValueError, match=r"in_shape=\(4, 4\) has product 16, but in_features=20"):
+        BTLinear(20, 6, in_shape=(4, 4), out_shape=(2, 3))
+    with pytest.raises(ValueError, match=r"ranks\[1\]=16 must be in \[1, I_1\*J_1\] = \[1, 15\]"):
+        BTLinear(20, 6, in_shape=(4, 5), out_shape=(2, 3), ranks=(2, 16))
+    with pytest.raises(ValueError, match="same number of modes"):
+        BTLinear(20, 6, in_shape=(4, 5), out_shape=(6,))
+    layer = BTLinear(20, 6, in_shape=(4, 5), out_shape=(2, 3))
+    with pytest.raises(ValueError, match=r"expected input of shape \(\*, 20\), got \(3, 21\)"):
+        layer(torch.randn(3, 21))
+    with pytest.raises(ValueError, match=r"got \(\)"):
+        layer(torch.tensor(1.0))
+    with pytest.raises(ValueError, match="contraction must be one of"):
+        BTLinear(20, 6, contraction="fast")
+    assert BTLinear(20, 6, in_shape=(4, 5), out_shape=(2, 3), ranks=100).ranks == (8, 15)  # an int is capped
