@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import queue
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -160,6 +162,9 @@ class Engine:
         self.persist_cache = persist_cache
         self.stats: GemmStats | None = None
         self._lock = threading.Lock()
+        # one long-lived thread per worker: torch pays a per-thread setup cost on a new thread's first op
+        self._threads: dict[int, _WorkerThread] = {}
+        weakref.finalize(self, _stop_threads, self._threads)
 
     def __repr__(self) -> str:
         return f"Engine(workers={self.workers!r}, persist_cache={self.persist_cache})"
@@ -240,25 +245,33 @@ class Engine:
         problem.cancelled = threading.Event()
         queue = BlockQueue(problem.plan.blocks, lambda worker, block: worker.held_panels(problem, block))
         errors: list[BaseException] = []
-        threads = [threading.Thread(target=self._work, args=(worker, queue, problem, errors),
-                                    name=f"accel-ooc-{worker.name}", daemon=True) for worker in self.workers]
         set_tf32 = any(worker.kind == "cuda" for worker in self.workers)
         with _tf32_lock if set_tf32 else contextlib.nullcontext():
             previous = torch.backends.cuda.matmul.allow_tf32
             if set_tf32:
                 torch.backends.cuda.matmul.allow_tf32 = problem.allow_tf32
             try:
-                for thread in threads:
-                    thread.start()
+                finished = [self._thread(worker).submit(self._work, worker, queue, problem, errors)
+                            for worker in self.workers]
+                _wait_all(finished, problem.cancelled)  # every worker stops (done or cancelled) before we go on
             finally:
-                for thread in threads:  # every worker stops (cancelled or done) before we go on
-                    if thread.ident is not None:
-                        thread.join()
                 if set_tf32:
                     torch.backends.cuda.matmul.allow_tf32 = previous
         real = [error for error in errors if not isinstance(error, Cancelled)]
+        if errors:  # after a failure no engine thread stays behind, not even an idle one
+            self.close()
         if real:
             raise real[0]
+
+    def _thread(self, worker: Worker) -> "_WorkerThread":
+        thread = self._threads.get(id(worker))
+        if thread is None:
+            thread = self._threads[id(worker)] = _WorkerThread(f"accel-ooc-{worker.name}")
+        return thread
+
+    def close(self) -> None:
+        """Stop the engine's worker threads (they restart on the next call). Caches are kept."""
+        _stop_threads(self._threads)
 
     @staticmethod
     def _work(worker: Worker, queue: BlockQueue, problem: Problem, errors: list) -> None:
@@ -292,6 +305,50 @@ class Engine:
         stats.lower_bound_bytes = 2 * plan.m * plan.n * plan.k / math.sqrt(max(memory_elements, 1)) * plan.operand_size
         stats.traffic_ratio = (stats.bytes_to_device + stats.bytes_to_host) / max(stats.lower_bound_bytes, 1)
         return stats
+
+
+class _WorkerThread:
+    """A daemon thread running submitted jobs one after another until stopped."""
+
+    def __init__(self, name: str):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            function, arguments, done = job
+            try:
+                function(*arguments)
+            finally:
+                done.set()
+
+    def submit(self, function, *arguments) -> threading.Event:
+        done = threading.Event()
+        self._jobs.put((function, arguments, done))
+        return done
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+        self.thread.join()
+
+
+def _stop_threads(threads: dict) -> None:
+    for thread in threads.values():
+        thread.stop()
+    threads.clear()
+
+
+def _wait_all(events, cancelled: threading.Event) -> None:
+    """Wait for every event; on Ctrl-C cancel the call, still wait, then re-raise."""
+    try:
+        for event in events:
+            event.wait()
+    except BaseException:
+        cancelled.set()
+        for event in events:
+            event.wait()
+        raise
 
 
 def check_device(device) -> torch.device:

@@ -111,6 +111,8 @@ def _as_host_tensor(x, name: str) -> tuple[torch.Tensor, bool]:
     if isinstance(x, np.ndarray):
         if x.dtype.kind != "f" or x.dtype.itemsize not in (2, 4, 8):
             raise TypeError(f"{name} has NumPy dtype {x.dtype}; supported: float16, float32, float64")
+        if any(stride < 0 for stride in x.strides) or not x.dtype.isnative:
+            x = x.copy()  # torch cannot view negative strides or foreign byte order
         x, persistent = torch.from_numpy(x), False  # no version counter: tiles live for this call only
     elif not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or a NumPy array, got {type(x).__name__}")
