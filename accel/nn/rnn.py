@@ -1,0 +1,308 @@
+"""``BTRNN``, ``BTLSTM``, ``BTGRU``: the ``torch.nn`` recurrent layers with a Block-Term input weight.
+
+Only the first layer's input-to-hidden weight is block-term (Ye et al., CVPR 2018): that is the
+weight that grows with the input (57,600 x 1,024 for 160x120x3 video frames) and the one that BT
+compresses by orders of magnitude. The gates share one :class:`~accel.nn.BTLinear` whose output
+shape's first mode is multiplied by the number of gates, so its flat output splits into the gates in
+``torch.nn`` order (LSTM: i, f, g, o; GRU: r, z, n). Its projection is computed for all time steps
+in one call before the recurrence.
+
+Layers after the first take ``hidden_size * num_directions`` inputs: those input weights stay dense,
+like every hidden-to-hidden weight. They are as small as the recurrent weights, so a BT factorisation
+would save little, and keeping them dense lets ``from_lstm`` copy them exactly. Dense parameters carry
+``torch.nn``'s names (``weight_hh_l0``, ``weight_ih_l1_reverse``, ...); the first layer's BT layers are
+``input_projection`` (and ``input_projection_reverse``), whose bias is ``torch.nn``'s ``bias_ih_l0``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence
+
+from accel.nn.bt import BTLinear, _auto_num_modes, balanced_factors
+from accel.nn.recurrence import CELLS, GATES, run_direction
+
+__all__ = ["BTRNN", "BTLSTM", "BTGRU"]
+
+
+class _BTRNNBase(nn.Module):
+    _torch_class: type = nn.Module
+
+    def __init__(self, mode: str, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, *,
+                 in_shape: Sequence[int] | None = None, hidden_shape: Sequence[int] | None = None,
+                 ranks: int | Sequence[int] = 4, num_blocks: int = 2, device=None, dtype=None):
+        super().__init__()
+        for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(dropout, (int, float)) or not 0 <= dropout <= 1 or isinstance(dropout, bool):
+            raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
+        self.mode, self.input_size, self.hidden_size, self.num_layers = mode, input_size, hidden_size, num_layers
+        self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
+        self.bidirectional, self.num_directions = bidirectional, 2 if bidirectional else 1
+        self.num_gates = GATES[mode]
+        if in_shape is None and hidden_shape is None:
+            d = _auto_num_modes(input_size, hidden_size)
+        else:
+            d = len(in_shape) if in_shape is not None else len(hidden_shape)
+        in_shape = tuple(in_shape) if in_shape is not None else balanced_factors(input_size, d)
+        hidden_shape = tuple(hidden_shape) if hidden_shape is not None else balanced_factors(hidden_size, d)
+        if math.prod(hidden_shape) != hidden_size or any(h < 1 for h in hidden_shape):
+            raise ValueError(f"hidden_shape={hidden_shape} has product {math.prod(hidden_shape)}, "
+                             f"but hidden_size={hidden_size}")
+        self.in_shape, self.hidden_shape = in_shape, hidden_shape
+        out_shape = (self.num_gates * hidden_shape[0], *hidden_shape[1:])
+        kw = {"device": device, "dtype": dtype}
+        gate_size = self.num_gates * hidden_size
+        bound = 1.0 / math.sqrt(hidden_size)  # torch.nn's U(-1/sqrt(H), 1/sqrt(H)) for the dense weights
+        for direction in range(self.num_directions):
+            suffix = "_reverse" if direction else ""
+            projection = BTLinear(input_size, gate_size, in_shape=in_shape, out_shape=out_shape, ranks=ranks,
+                                  num_blocks=num_blocks, bias=bias, **kw)
+            if bias:
+                nn.init.uniform_(projection.bias, -bound, bound)
+            setattr(self, "input_projection" + suffix, projection)
+            for layer in range(num_layers):
+                names = [f"weight_hh_l{layer}{suffix}"] + ([f"bias_hh_l{layer}{suffix}"] if bias else [])
+                shapes = [(gate_size, hidden_size)] + ([(gate_size,)] if bias else [])
+                if layer > 0:
+                    names += [f"weight_ih_l{layer}{suffix}"] + ([f"bias_ih_l{layer}{suffix}"] if bias else [])
+                    shapes += [(gate_size, hidden_size * self.num_directions)] + ([(gate_size,)] if bias else [])
+                for name, shape in zip(names, shapes):
+                    self.register_parameter(name, nn.Parameter(torch.empty(shape, **kw).uniform_(-bound, bound)))
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return self.input_projection.ranks
+
+    @property
+    def num_blocks(self) -> int:
+        return self.input_projection.num_blocks
+
+    def _weights(self, layer: int, direction: int):
+        suffix = f"_l{layer}" + ("_reverse" if direction else "")
+        get = lambda name: getattr(self, name + suffix, None)  # noqa: E731
+        return get("weight_ih"), get("bias_ih"), get("weight_hh"), get("bias_hh")
+
+    def _project(self, layer: int, direction: int, data: torch.Tensor) -> torch.Tensor:
+        """Input-to-hidden projection of all time steps at once."""
+        if layer == 0:
+            return getattr(self, "input_projection" + ("_reverse" if direction else ""))(data)
+        weight_ih, bias_ih, _, _ = self._weights(layer, direction)
+        return nn.functional.linear(data, weight_ih, bias_ih)
+
+    def _check_state(self, state: torch.Tensor, name: str, batch: int, batched: bool) -> torch.Tensor:
+        expected = (self.num_layers * self.num_directions, batch, self.hidden_size)
+        shape = tuple(state.shape) if batched else (state.shape[0], 1, *state.shape[1:])
+        if state.dim() != (3 if batched else 2) or shape != expected:
+            raise ValueError(f"expected {name} of shape {expected if batched else (expected[0], expected[2])}, "
+                             f"got {tuple(state.shape)}")
+        return state if batched else state.unsqueeze(1)
+
+    def forward(self, input, hx=None):
+        """Same arguments and returns as ``torch.nn.RNN`` / ``LSTM`` / ``GRU``.
+
+        Args:
+            input: ``(L, B, input_size)`` (``(B, L, input_size)`` if ``batch_first``), ``(L, input_size)``
+                unbatched, or a ``PackedSequence``.
+            hx: initial hidden state ``(num_layers * num_directions, B, hidden_size)``; for ``BTLSTM`` a
+                tuple ``(h_0, c_0)``. Zeros when not given.
+
+        Returns:
+            ``(output, h_n)`` (``(output, (h_n, c_n))`` for ``BTLSTM``): ``output`` is
+            ``(L, B, num_directions * hidden_size)`` or a ``PackedSequence`` when the input is one.
+        """
+        packed = isinstance(input, PackedSequence)
+        if packed:
+            data, batch_sizes_tensor, sorted_indices, unsorted_indices = input
+            batch_sizes = batch_sizes_tensor.tolist()
+            batch, batched = batch_sizes[0], True
+        else:
+            if not isinstance(input, torch.Tensor) or input.dim() not in (2, 3):
+                raise ValueError(f"expected a 2-D (unbatched) or 3-D (batched) input or a PackedSequence, "
+                                 f"got {getattr(input, 'shape', type(input).__name__)}")
+            batched = input.dim() == 3
+            x = input if batched else input.unsqueeze(1)
+            x = x.transpose(0, 1) if (self.batch_first and batched) else x
+            steps, batch = x.shape[0], x.shape[1]
+            data, batch_sizes = x.reshape(steps * batch, x.shape[2]), [batch] * steps
+            sorted_indices = unsorted_indices = None
+        if data.shape[-1] != self.input_size:
+            raise ValueError(f"input.size(-1) must be equal to input_size. Expected {self.input_size}, "
+                             f"got {data.shape[-1]}")
+        lstm = self.mode == "LSTM"
+        if hx is None:
+            zeros = data.new_zeros(self.num_layers * self.num_directions, batch, self.hidden_size)
+            states = (zeros, zeros) if lstm else (zeros,)
+        else:
+            if lstm and not (isinstance(hx, tuple) and len(hx) == 2):
+                raise TypeError("BTLSTM expects hx as a tuple (h_0, c_0)")
+            states = tuple(self._check_state(s, n, batch, batched)
+                           for s, n in zip(hx if lstm else (hx,), ("h_0", "c_0")))
+            if sorted_indices is not None:
+                states = tuple(s.index_select(1, sorted_indices) for s in states)
+        cell = CELLS[self.mode]
+        finals = []
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(self.num_directions):
+                index = layer * self.num_directions + direction
+                _, _, weight_hh, bias_hh = self._weights(layer, direction)
+                out, final = run_direction(cell, self._project(layer, direction, data), batch_sizes,
+                                           tuple(s[index] for s in states), weight_hh, bias_hh, reverse=direction == 1)
+                outputs.append(out)
+                finals.append(final)
+            data = torch.cat(outputs, dim=-1) if self.num_directions == 2 else outputs[0]
+            if self.dropout and self.training and layer < self.num_layers - 1:
+                data = nn.functional.dropout(data, self.dropout, training=True)
+        final_states = [torch.stack([f[i] for f in finals]) for i in range(len(states))]
+        if packed:
+            output = PackedSequence(data, batch_sizes_tensor, sorted_indices, unsorted_indices)
+            if unsorted_indices is not None:
+                final_states = [s.index_select(1, unsorted_indices) for s in final_states]
+        else:
+            output = data.reshape(len(batch_sizes), batch, data.shape[-1])
+            output = output.transpose(0, 1) if (self.batch_first and batched) else output
+            if not batched:
+                output, final_states = output.squeeze(1), [s.squeeze(1) for s in final_states]
+        return output, (tuple(final_states) if lstm else final_states[0])
+
+    def extra_repr(self) -> str:
+        return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, bias={self.bias}, "
+                f"batch_first={self.batch_first}, dropout={self.dropout}, bidirectional={self.bidirectional}, "
+                f"in_shape={self.in_shape}, hidden_shape={self.hidden_shape}, ranks={self.ranks}, "
+                f"num_blocks={self.num_blocks}")
+
+    def _torch_kwargs(self) -> dict:
+        return dict(num_layers=self.num_layers, bias=self.bias, batch_first=self.batch_first, dropout=self.dropout,
+                    bidirectional=self.bidirectional)
+
+    def to_dense_module(self) -> nn.Module:
+        """The equivalent ``torch.nn`` module, with each BT input weight rebuilt as a dense matrix."""
+        module = self._make_torch_module()
+        with torch.no_grad():
+            for name, parameter in module.named_parameters():
+                if name.startswith("weight_ih_l0"):
+                    source = getattr(self, "input_projection" + name[len("weight_ih_l0"):]).to_dense()
+                elif name.startswith("bias_ih_l0"):
+                    source = getattr(self, "input_projection" + name[len("bias_ih_l0"):]).bias
+                else:
+                    source = getattr(self, name)
+                parameter.copy_(source)
+        return module
+
+    def _make_torch_module(self) -> nn.Module:
+        p = self.input_projection.core
+        return self._torch_class(self.input_size, self.hidden_size, **self._torch_kwargs(), device=p.device,
+                                 dtype=p.dtype)
+
+    @classmethod
+    def _from_torch(cls, module: nn.Module, *, in_shape=None, hidden_shape=None, ranks=4, num_blocks=2,
+                    **decomposition_options):
+        if type(module) is not cls._torch_class:
+            raise TypeError(f"{cls.__name__} compresses an {cls._torch_class.__name__}, got {type(module).__name__}")
+        if getattr(module, "proj_size", 0):
+            raise ValueError(f"LSTMs with projections are not supported, got proj_size={module.proj_size}")
+        p = module.weight_ih_l0
+        extra = {"nonlinearity": module.nonlinearity} if cls is BTRNN else {}
+        layer = cls(module.input_size, module.hidden_size, num_layers=module.num_layers, bias=module.bias, batch_first=module.batch_first,
+                    dropout=module.dropout, bidirectional=module.bidirectional, in_shape=in_shape,
+                    hidden_shape=hidden_shape, ranks=ranks, num_blocks=num_blocks, device=p.device, dtype=p.dtype,
+                    **extra)
+        errors = []
+        with torch.no_grad():
+            for name, parameter in layer.named_parameters():
+                if not name.startswith("input_projection"):
+                    parameter.copy_(getattr(module, name))
+            for direction in range(layer.num_directions):
+                suffix = "_reverse" if direction else ""
+                old = getattr(layer, "input_projection" + suffix)
+                new = BTLinear.from_dense(getattr(module, "weight_ih_l0" + suffix).detach(),
+                                          getattr(module, "bias_ih_l0" + suffix).detach() if module.bias else None,
+                                          in_shape=old.in_shape, out_shape=old.out_shape, ranks=old.ranks,
+                                          num_blocks=old.num_blocks, **decomposition_options)
+                setattr(layer, "input_projection" + suffix, new)
+                errors.append(new.reconstruction_error)
+        layer.reconstruction_error = max(errors)
+        return layer
+
+
+_CONSTRUCTOR_DOC = """
+    Args:
+        input_size (int): features per input step.
+        hidden_size (int): features of the hidden state.
+        num_layers (int): stacked layers. Default: 1.
+        bias (bool): use the ``b_ih`` and ``b_hh`` biases. Default: ``True``.
+        batch_first (bool): input and output are ``(batch, seq, feature)``. Default: ``False``.
+        dropout (float): dropout on the outputs of each layer but the last. Default: 0.
+        bidirectional (bool): run a second, reversed, direction. Default: ``False``.
+        in_shape (sequence of int, optional): factorisation of ``input_size`` (automatic when not given).
+        hidden_shape (sequence of int, optional): factorisation of ``hidden_size``, same number of modes;
+            the BT layer's output shape is ``(gates * hidden_shape[0], *hidden_shape[1:])``.
+        ranks (int or sequence of int): Tucker ranks of the BT input weight. Default: 4.
+        num_blocks (int): number of Tucker blocks. Default: 2.
+        device, dtype: of the parameters.
+"""
+
+
+class BTRNN(_BTRNNBase):
+    """``torch.nn.RNN`` with a Block-Term input-to-hidden weight in the first layer.
+
+    Takes ``nonlinearity`` (``"tanh"`` or ``"relu"``, default ``"tanh"``) besides the arguments below.
+    """ + _CONSTRUCTOR_DOC
+    _torch_class = nn.RNN
+
+    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, **bt_kwargs):
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        self.nonlinearity = nonlinearity
+        super().__init__("RNN_" + nonlinearity.upper(), input_size, hidden_size, num_layers, bias, batch_first,
+                         dropout, bidirectional, **bt_kwargs)
+
+    def _torch_kwargs(self):
+        return {**super()._torch_kwargs(), "nonlinearity": self.nonlinearity}
+
+    @classmethod
+    def from_rnn(cls, rnn: nn.RNN, **kwargs) -> "BTRNN":
+        """Compress a trained ``nn.RNN``; keyword arguments as for :meth:`BTLSTM.from_lstm`."""
+        return cls._from_torch(rnn, **kwargs)
+
+
+class BTLSTM(_BTRNNBase):
+    """``torch.nn.LSTM`` with a Block-Term input-to-hidden weight in the first layer (gates i, f, g, o).
+    """ + _CONSTRUCTOR_DOC
+    _torch_class = nn.LSTM
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+                 bidirectional=False, **bt_kwargs):
+        super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+                         **bt_kwargs)
+
+    @classmethod
+    def from_lstm(cls, lstm: nn.LSTM, **kwargs) -> "BTLSTM":
+        """Compress a trained ``nn.LSTM``: the first layer's input weights by block-term decomposition,
+        everything else copied. Keyword arguments: ``in_shape``, ``hidden_shape``, ``ranks``,
+        ``num_blocks`` and the options of :func:`accel.nn.decompose.block_term_decomposition`. The largest
+        relative reconstruction error of the compressed weights is stored in ``reconstruction_error``."""
+        return cls._from_torch(lstm, **kwargs)
+
+
+class BTGRU(_BTRNNBase):
+    """``torch.nn.GRU`` with a Block-Term input-to-hidden weight in the first layer (gates r, z, n).
+    """ + _CONSTRUCTOR_DOC
+    _torch_class = nn.GRU
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+                 bidirectional=False, **bt_kwargs):
+        super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+                         **bt_kwargs)
+
+    @classmethod
+    def from_gru(cls, gru: nn.GRU, **kwargs) -> "BTGRU":
+        """Compress a trained ``nn.GRU``; keyword arguments as for :meth:`BTLSTM.from_lstm`."""
+        return cls._from_torch(gru, **kwargs)

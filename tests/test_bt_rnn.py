@@ -1,0 +1,140 @@
+import itertools
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from accel.nn import BTGRU, BTLSTM, BTRNN, BTLinear
+
+INPUT, HIDDEN = 24, 6  # in_shape (4, 6), hidden_shape (3, 2)
+KINDS = {"lstm": BTLSTM, "gru": BTGRU, "rnn_tanh": BTRNN, "rnn_relu": BTRNN}
+
+
+def make(kind, **kwargs):
+    extra = {"nonlinearity": kind[4:]} if kind.startswith("rnn") else {}
+    return KINDS[kind](INPUT, HIDDEN, in_shape=(4, 6), hidden_shape=(3, 2), ranks=2, num_blocks=2,
+                       dtype=torch.float64, **extra, **kwargs)
+
+
+def initial_state(kind, layers, directions, batch):
+    h0 = torch.randn(layers * directions, batch, HIDDEN, dtype=torch.float64)
+    return (h0, torch.randn_like(h0)) if kind == "lstm" else h0
+
+
+def assert_states_close(a, b):
+    for x, y in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+        torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-10)
+
+
+GRID = list(itertools.product(KINDS, [False, True], [1, 2], [False, True], [False, True]))
+
+
+@pytest.mark.parametrize("kind,batch_first,num_layers,bidirectional,with_h0", GRID)
+def test_parity_with_torch_padded(seed, kind, batch_first, num_layers, bidirectional, with_h0):
+    torch.manual_seed(seed)
+    bt = make(kind, num_layers=num_layers, batch_first=batch_first, bidirectional=bidirectional)
+    dense = bt.to_dense_module()
+    assert type(dense) is bt._torch_class
+    steps, batch = 5, 3
+    x = torch.randn(*((batch, steps) if batch_first else (steps, batch)), INPUT, dtype=torch.float64)
+    hx = initial_state(kind, num_layers, 2 if bidirectional else 1, batch) if with_h0 else None
+    out, state = bt(x, hx)
+    ref_out, ref_state = dense(x, hx)
+    assert out.shape == ref_out.shape
+    torch.testing.assert_close(out, ref_out, rtol=1e-9, atol=1e-10)
+    assert_states_close(state, ref_state)
+
+
+@pytest.mark.parametrize("kind,num_layers,bidirectional,with_h0",
+                         list(itertools.product(KINDS, [1, 2], [False, True], [False, True])))
+def test_parity_with_torch_packed_unequal_lengths(seed, kind, num_layers, bidirectional, with_h0):
+    torch.manual_seed(seed)
+    bt = make(kind, num_layers=num_layers, batch_first=True, bidirectional=bidirectional)
+    dense = bt.to_dense_module()
+    lengths = torch.tensor([3, 6, 1, 4])  # unsorted: exercises sorted/unsorted indices
+    x = torch.randn(4, 6, INPUT, dtype=torch.float64)
+    packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    hx = initial_state(kind, num_layers, 2 if bidirectional else 1, 4) if with_h0 else None
+    out, state = bt(packed, hx)
+    ref_out, ref_state = dense(packed, hx)
+    assert isinstance(out, type(packed))
+    torch.testing.assert_close(out.data, ref_out.data, rtol=1e-9, atol=1e-10)
+    assert torch.equal(out.batch_sizes, ref_out.batch_sizes)
+    assert_states_close(state, ref_state)
+    padded, out_lengths = pad_packed_sequence(out, batch_first=True)
+    assert torch.equal(out_lengths, lengths)
+    # gradients flow through the packed path to the BT factors exactly as through the dense weight
+    grad = torch.randn_like(out.data)
+    bt_grad = torch.autograd.grad(out.data, bt.input_projection.core, grad)[0]
+    assert bt_grad.abs().sum() > 0
+
+
+def test_unbatched_and_dropout(seed):
+    torch.manual_seed(seed)
+    bt = make("gru", num_layers=2, dropout=0.5)
+    out, h = bt(torch.randn(7, INPUT, dtype=torch.float64))
+    assert out.shape == (7, HIDDEN) and h.shape == (2, HIDDEN)
+    bt.eval()
+    x = torch.randn(7, 2, INPUT, dtype=torch.float64)
+    torch.testing.assert_close(bt(x)[0], bt.to_dense_module().eval()(x)[0], rtol=1e-9, atol=1e-10)
+
+
+def test_bt_weight_copied_into_nn_lstm_matches(seed):
+    """A BT layer's dense equivalent in a plain nn.LSTM gives the same outputs (gate order i, f, g, o)."""
+    torch.manual_seed(seed)
+    bt = make("lstm")
+    lstm = nn.LSTM(INPUT, HIDDEN, dtype=torch.float64)
+    with torch.no_grad():
+        lstm.weight_ih_l0.copy_(bt.input_projection.to_dense())
+        lstm.bias_ih_l0.copy_(bt.input_projection.bias)
+        lstm.weight_hh_l0.copy_(bt.weight_hh_l0)
+        lstm.bias_hh_l0.copy_(bt.bias_hh_l0)
+    x = torch.randn(4, 2, INPUT, dtype=torch.float64)
+    torch.testing.assert_close(bt(x)[0], lstm(x)[0], rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
+def test_from_torch_module_full_rank_is_exact(seed, kind):
+    torch.manual_seed(seed)
+    torch_class = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn_tanh": nn.RNN}[kind]
+    dense = torch_class(INPUT, HIDDEN, num_layers=2, bidirectional=True, dtype=torch.float64)
+    convert = {"lstm": BTLSTM.from_lstm, "gru": BTGRU.from_gru, "rnn_tanh": BTRNN.from_rnn}[kind]
+    gates = {"lstm": 4, "gru": 3, "rnn_tanh": 1}[kind]
+    full = (4 * 3 * gates, 6 * 2)  # full ranks: I_k * J_k
+    bt = convert(dense, in_shape=(4, 6), hidden_shape=(3, 2), ranks=full, num_blocks=1)
+    assert bt.reconstruction_error < 1e-10
+    x = torch.randn(5, 2, INPUT, dtype=torch.float64)
+    torch.testing.assert_close(bt(x)[0], dense(x)[0], rtol=1e-8, atol=1e-9)
+    small = convert(dense, in_shape=(4, 6), hidden_shape=(3, 2), ranks=2, num_blocks=2, n_iter=5)
+    assert 0 < small.reconstruction_error < 1
+    with pytest.raises(TypeError, match="got Linear"):
+        convert(nn.Linear(2, 2))
+
+
+def test_ucf11_setting_parameter_count():
+    lstm = BTLSTM(57600, 256, in_shape=(8, 20, 20, 18), hidden_shape=(4, 4, 4, 4), ranks=4, num_blocks=2)
+    projection = lstm.input_projection
+    assert isinstance(projection, BTLinear) and projection.out_shape == (16, 4, 4, 4)
+    assert projection.num_weight_parameters == 3392
+    assert int(57600 * 4 * 256 / projection.num_weight_parameters) == 17388
+    assert lstm.ranks == (4, 4, 4, 4) and lstm.num_blocks == 2
+
+
+def test_errors_name_the_numbers():
+    with pytest.raises(ValueError, match=r"in_shape=\(4, 5\) has product 20, but in_features=24"):
+        BTLSTM(24, 6, in_shape=(4, 5), hidden_shape=(3, 2))
+    with pytest.raises(ValueError, match=r"hidden_shape=\(4, 2\) has product 8, but hidden_size=6"):
+        BTLSTM(24, 6, in_shape=(4, 6), hidden_shape=(4, 2))
+    with pytest.raises(ValueError, match=r"ranks\[0\]=99"):
+        BTGRU(24, 6, in_shape=(4, 6), hidden_shape=(3, 2), ranks=(99, 2))
+    lstm = make("lstm")
+    with pytest.raises(ValueError, match="Expected 24, got 23"):
+        lstm(torch.randn(3, 2, 23, dtype=torch.float64))
+    with pytest.raises(ValueError, match="got torch.Size"):
+        lstm(torch.randn(3, 2, 1, 24))
+    with pytest.raises(ValueError, match=r"expected h_0 of shape \(1, 2, 6\), got \(1, 3, 6\)"):
+        h = torch.zeros(1, 3, 6, dtype=torch.float64)
+        lstm(torch.randn(3, 2, 24, dtype=torch.float64), (h, h))
+    with pytest.raises(ValueError, match="nonlinearity must be 'tanh' or 'relu', got 'gelu'"):
+        BTRNN(24, 6, nonlinearity="gelu")
