@@ -22,9 +22,9 @@ class _OutOfCoreLinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, engine):
         rows = x.reshape(-1, x.shape[-1]).detach().cpu()
         if bias is not None:  # beta * C with C the bias broadcast over rows: added inside the epilogue
-            out = engine.gemm(rows, weight.detach(), bias.detach(), beta=1.0, trans_b=True)
+            out = engine.gemm(rows, weight, bias, beta=1.0, trans_b=True)
         else:
-            out = engine.gemm(rows, weight.detach(), trans_b=True)
+            out = engine.gemm(rows, weight, trans_b=True)
         ctx.save_for_backward(rows, weight)
         ctx.engine, ctx.has_bias, ctx.input_shape, ctx.input_device = engine, bias is not None, x.shape, x.device
         return out.reshape(*x.shape[:-1], out.shape[-1]).to(x.device)
@@ -36,7 +36,7 @@ class _OutOfCoreLinearFunction(torch.autograd.Function):
         grad_rows = grad_out.reshape(-1, grad_out.shape[-1]).cpu()
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = engine.gemm(grad_rows, weight.detach()).reshape(ctx.input_shape).to(ctx.input_device)
+            grad_x = engine.gemm(grad_rows, weight).reshape(ctx.input_shape).to(ctx.input_device)
         if ctx.needs_input_grad[1]:
             grad_weight = engine.gemm(grad_rows, rows, trans_a=True)
         if ctx.has_bias and ctx.needs_input_grad[2]:

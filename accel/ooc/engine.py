@@ -208,8 +208,12 @@ class Engine:
         """
         with self._lock:
             budget = min(worker.account.limit for worker in self.workers)
-            plan = self.plan(problem, budget, block)  # raises ValueError before any work starts
             limits = {worker.name: worker.account.limit for worker in self.workers}
+            try:
+                plan = self.plan(problem, budget, block)  # before any work starts
+            except ValueError as error:
+                raise ValueError(f"{error} (bytes per worker: {limits}; a device's memory_limit is shared "
+                                 f"by its workers)") from None
             start = time.perf_counter()
             retries = 0
             try:
@@ -258,7 +262,8 @@ class Engine:
                 if set_tf32:
                     torch.backends.cuda.matmul.allow_tf32 = previous
         real = [error for error in errors if not isinstance(error, Cancelled)]
-        if errors:  # after a failure no engine thread stays behind, not even an idle one
+        if errors:  # after a failure: no tile of uncertain content, no engine thread, not even an idle one
+            self.clear_cache()
             self.close()
         if real:
             raise real[0]

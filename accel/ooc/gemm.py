@@ -64,9 +64,10 @@ def gemm(A, B, C=None, *, alpha=1.0, beta=0.0, trans_a: bool = False, trans_b: b
         True
     """
     all_numpy = all(isinstance(x, np.ndarray) for x in (A, B, C) if x is not None)
-    A, persist_a = _as_host_tensor(A, "A")
-    B, persist_b = _as_host_tensor(B, "B")
-    C, _ = _as_host_tensor(C, "C") if C is not None else (None, True)
+    # tiles are keyed on the caller's objects (A_source, B_source): a detached copy would be new each call
+    A_source, A, persist_a = _as_host_tensor(A, "A")
+    B_source, B, persist_b = _as_host_tensor(B, "B")
+    C = _as_host_tensor(C, "C")[1] if C is not None else None
     alpha, beta = _finite(alpha, "alpha"), _finite(beta, "beta")
     op_a, op_b = (A.t() if trans_a else A), (B.t() if trans_b else B)
     (m, k), (k_b, n) = op_a.shape, op_b.shape
@@ -96,17 +97,18 @@ def gemm(A, B, C=None, *, alpha=1.0, beta=0.0, trans_a: bool = False, trans_b: b
             out.copy_(C.to(accumulator) * beta)
     else:
         out = torch.empty((m, n), dtype=out_dtype)
-        a_key, b_key = source_key(A, persist_a), source_key(B, persist_b)
+        a_key, b_key = source_key(A_source, persist_a), source_key(B_source, persist_b)
         problem = Problem(a=op_a, b=op_b, c=C if beta != 0 else None, out=out, alpha=alpha, beta=beta,
                           storage_dtype=storage, accumulator_dtype=accumulator, allow_tf32=allow_tf32,
                           a_prefix=(a_key, trans_a, storage), b_prefix=(b_key, trans_b, storage),
-                          sources=[(A, a_key), (B, b_key)])
+                          sources=[(A_source, a_key), (B_source, b_key)])
         engine.run(problem, block)
     return out.numpy() if all_numpy else out
 
 
-def _as_host_tensor(x, name: str) -> tuple[torch.Tensor, bool]:
-    """``x`` as a 2-D host tensor sharing its memory, and whether its cache tiles may persist."""
+def _as_host_tensor(x, name: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(the tensor tiles are keyed on, ``x`` as a detached 2-D host tensor sharing its memory, whether
+    its cache tiles may persist)."""
     persistent = True
     if isinstance(x, np.ndarray):
         if x.dtype.kind != "f" or x.dtype.itemsize not in (2, 4, 8):
@@ -123,7 +125,7 @@ def _as_host_tensor(x, name: str) -> tuple[torch.Tensor, bool]:
         raise TypeError(f"{name} must be a matrix, got shape {tuple(x.shape)}")
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{name} has dtype {x.dtype}; supported: float32, float64, float16, bfloat16")
-    return x.detach(), persistent
+    return x, x.detach(), persistent
 
 
 def _finite(value, name: str) -> float:
