@@ -19,6 +19,14 @@ from accel.ooc.cache import Tile
 from accel.ooc.devices import Problem, Worker, epilogue
 from accel.ooc.plan import DeviceProfile, cuda_profile
 
+# torch >= 2.9 multiplies half operands into a float32 output in one cuBLAS call
+_HAS_OUT_DTYPE = "dtype_out" in torch.ops.aten.mm.overloads() and "dtype_out" in torch.ops.aten.addmm.overloads()
+
+
+def pinned_bytes(nbytes: int) -> torch.Tensor:
+    """A page-locked host buffer (what lets host-device copies run asynchronously)."""
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
 
 @dataclass
 class _Slot:
@@ -50,7 +58,7 @@ class _StagingRing:
             if slot.buffer.numel() < nbytes:
                 if slot.event is not None:
                     slot.event.synchronize()
-                slot.buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+                slot.buffer = pinned_bytes(nbytes)
                 slot.event = None
 
     def acquire(self) -> _Slot:
@@ -117,10 +125,14 @@ class CUDAWorker(Worker):
         for stream in (self.copy_in, self.compute, self.copy_out):
             stream.synchronize()
 
+    @staticmethod
+    def is_pinned(view: torch.Tensor) -> bool:
+        return view.is_pinned()
+
     def _direct(self, view: torch.Tensor, dtype: torch.dtype) -> str | None:
         """``"rows"``/``"columns"`` when ``view`` can go to the device with one cudaMemcpy2DAsync
         (pinned, same dtype, unit stride along its rows/columns), else ``None`` (staged copy)."""
-        if self._cupy is None or view.dtype != dtype or not view.is_pinned():
+        if self._cupy is None or view.dtype != dtype or not self.is_pinned(view):
             return None
         rows, cols = view.shape
         if view.stride(1) == 1 or cols == 1:
@@ -176,11 +188,13 @@ class CUDAWorker(Worker):
                     acc.addmm_(a.tensor, b.tensor)
                 else:
                     torch.mm(a.tensor, b.tensor, out=acc)
-            else:  # bf16/fp16 operands: fp32 accumulation
-                try:
-                    product = torch.mm(a.tensor, b.tensor, out_dtype=acc.dtype)
-                except (TypeError, RuntimeError):  # torch without mm(out_dtype=): round each slab's sum
-                    product = torch.mm(a.tensor, b.tensor)
+            elif _HAS_OUT_DTYPE:  # bf16/fp16 operands straight into the fp32 accumulator
+                if accumulate:
+                    torch.addmm(acc, a.tensor, b.tensor, out_dtype=acc.dtype, out=acc)
+                else:
+                    torch.mm(a.tensor, b.tensor, out_dtype=acc.dtype, out=acc)
+            else:  # older torch: each slab's product is rounded to the half dtype (a transient block)
+                product = torch.mm(a.tensor, b.tensor)
                 if accumulate:
                     acc.add_(product)
                 else:
