@@ -244,8 +244,8 @@ def _master_from_mpi(launch: Launch, addr: str | None, port: int | None) -> tupl
     comm = MPI.COMM_WORLD
     if (comm.Get_rank(), comm.Get_size()) != (launch.rank, launch.world_size):
         raise LaunchError(f"mpi4py sees rank {comm.Get_rank()} of {comm.Get_size()}, but the environment says "
-                          f"rank {launch.rank} of {launch.world_size} ({_describe(launch)}): mpi4py is built "
-                          "against a different MPI than the one that launched this process")
+                          f"rank {launch.rank} of {launch.world_size} ({_describe(launch)}): the MPI under mpi4py did "
+                          "not launch this process (mpi4py built for another MPI, or variables set by hand)")
     if comm.Get_rank() == 0:
         if addr is None:
             addr = socket.gethostname()

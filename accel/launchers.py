@@ -124,8 +124,8 @@ def expand_tasks_per_node(spec: str) -> list[int]:
     """
     counts = []
     for part in spec.split(","):
-        count, _, repeat = part.partition("(x")
-        if not count.isdigit() or (repeat and not (repeat.endswith(")") and repeat[:-1].isdigit())):
+        count, marker, repeat = part.partition("(x")
+        if not count.isdigit() or (marker and not (repeat.endswith(")") and repeat[:-1].isdigit())):
             raise LaunchError(f"bad part {part!r} in tasks-per-node {spec!r} (expected N or N(xM))")
         counts.extend([int(count)] * (int(repeat[:-1]) if repeat else 1))
     return counts

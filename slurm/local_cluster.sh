@@ -81,7 +81,7 @@ start_cluster() {
 
   local host cpus
   host="$(hostname -s)"
-  cpus="$(nproc)"
+  cpus="$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)"  # nproc obeys OMP_NUM_THREADS
   mkdir -p "$state_dir"/{ctld,spool,log,munge}
   : >"$state_dir/log/munged.log"
 
