@@ -196,7 +196,8 @@ class Engine:
         target = max(worker.profile.target_block(kind, storage) for worker in self.workers)
         return make_plan(m, n, k, memory_per_worker=memory_per_worker, operand_size=operand,
                          accumulator_size=accumulator, output_size=problem.out.element_size(),
-                         workers=len(self.workers), target_block=target, block=block)
+                         workers=len(self.workers), target_block=target, block=block,
+                         blocks_per_worker=max(worker.profile.blocks_per_worker for worker in self.workers))
 
     def run(self, problem: Problem, block: int | None = None) -> GemmStats:
         """Compute ``problem.out``; on an out-of-memory failure re-plan with half the memory and retry once.

@@ -34,11 +34,14 @@ class DeviceProfile:
             ``"half"`` for float16/bfloat16).
         bytes_per_second (float): host-to-device bandwidth (pinned).
         min_block (int): smallest block side that runs its matmul efficiently on this device.
+        blocks_per_worker (int): blocks each worker should get at least (a GPU overlaps one block's
+            write-back with the next block; a CPU worker gains nothing from more).
     """
 
     flops_per_second: dict = field(default_factory=dict)
     bytes_per_second: float = 1e10
     min_block: int = 256
+    blocks_per_worker: int = 2
 
     def target_block(self, compute_kind: str, element_size: int) -> int:
         """Smallest block side that hides transfers behind arithmetic: ``element_size * F / BW``."""
@@ -47,7 +50,7 @@ class DeviceProfile:
 
 
 #: Host worker: copies into its tile buffers run at memory speed, so transfers are never the bottleneck.
-CPU_PROFILE = DeviceProfile({"float64": 5e10, "float32": 1e11, "tf32": 1e11, "half": 5e10}, 1e10, 256)
+CPU_PROFILE = DeviceProfile({"float64": 5e10, "float32": 1e11, "tf32": 1e11, "half": 5e10}, 1e10, 256, 1)
 
 # Dense peak rates by CUDA compute capability (major, minor); PCIe bandwidth as measured pinned.
 _CUDA_PROFILES = {
@@ -177,12 +180,14 @@ def _largest_side(limit, fits) -> int:
 
 
 def make_plan(m: int, n: int, k: int, *, memory_per_worker: int, operand_size: int, accumulator_size: int,
-              output_size: int, workers: int = 1, target_block: int = 256, block: int | None = None) -> Plan:
+              output_size: int, workers: int = 1, target_block: int = 256, block: int | None = None,
+              blocks_per_worker: int = 2) -> Plan:
     r"""Choose block and slab sizes for ``C (m x n) = op(A) (m x k) @ op(B) (k x n)``.
 
     The block side ``b`` is the largest that fits ``memory_per_worker`` (with slabs as deep as the
     block, ``t = min(k, b)``), capped at ``max(target_block, b_balance)`` where ``b_balance`` still
-    gives every worker two blocks: past the transfer-hiding size, more blocks balance the load better.
+    gives every worker ``blocks_per_worker`` blocks: past the transfer-hiding size, more blocks balance
+    the load better. Slabs then take the memory left, up to the whole of ``k`` (fewer, larger multiplies).
 
     Args:
         m, n, k (int): problem size, each ``>= 1``.
@@ -193,6 +198,7 @@ def make_plan(m: int, n: int, k: int, *, memory_per_worker: int, operand_size: i
         workers (int): number of workers sharing the blocks.
         target_block (int): block side that hides transfers (:meth:`DeviceProfile.target_block`).
         block (int, optional): force this block side (still checked against the memory).
+        blocks_per_worker (int): blocks each worker should get at least (load balance).
 
     Raises:
         ValueError: when ``memory_per_worker`` is below :func:`minimum_memory` or below what a forced
@@ -220,9 +226,12 @@ def make_plan(m: int, n: int, k: int, *, memory_per_worker: int, operand_size: i
                                  f"memory_limit of {memory_per_worker} bytes")
     else:
         side_memory = _largest_side(max(m, n), fits)
-        side_balance = _largest_side(max(m, n), lambda b: math.ceil(m / b) * math.ceil(n / b) >= 2 * workers)
+        wanted = blocks_per_worker * workers
+        side_balance = _largest_side(max(m, n), lambda b: math.ceil(m / b) * math.ceil(n / b) >= wanted)
         side = min(side_memory, max(target_block, side_balance))
         slab = min(k, side)
+        if slab < k:  # deepen the slabs with the memory the block left over
+            slab = max(slab, _largest_side(k, lambda t: fits(side, t)))
     row_parts, col_parts, slab_parts = math.ceil(m / side), math.ceil(n / side), math.ceil(k / slab)
     return Plan(m, n, k, split(m, row_parts), split(n, col_parts), split(k, slab_parts),
                 operand_size, accumulator_size, output_size, memory_per_worker)
