@@ -54,12 +54,19 @@ stop_cluster() {
     SLURM_CONF="$conf" timeout 5 scancel --full --quiet --user="$(id -un)" 2>/dev/null || true
   fi
   local name pid waited
-  # Reverse start order: slurmd, slurmctld, then munged (the others authenticate through it).
+  # All at once (each takes ~2 s to exit), then KILL whatever is left after 10 s.
   while read -r name pid; do
-    alive "$name" "$pid" && kill -TERM "$pid" 2>/dev/null || true
-    for waited in $(seq 50); do alive "$name" "$pid" || break; sleep 0.1; done
-    alive "$name" "$pid" && kill -KILL "$pid" 2>/dev/null || true
-  done < <(tac "$pids")
+    if alive "$name" "$pid"; then kill -TERM "$pid" 2>/dev/null || true; fi
+  done <"$pids"
+  for waited in $(seq 100); do
+    local running=0
+    while read -r name pid; do alive "$name" "$pid" && running=1; done <"$pids"
+    ((running)) || break
+    sleep 0.1
+  done
+  while read -r name pid; do
+    if alive "$name" "$pid"; then kill -KILL "$pid" 2>/dev/null || true; fi
+  done <"$pids"
   rm -f "$pids"
   echo "stopped cluster in $state_dir"
 }
