@@ -42,13 +42,21 @@ RESULTS = ROOT / "results"
 
 def best_of(function, repeats: int) -> float:
     """Median wall time of ``repeats`` runs after one warm-up run."""
-    function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    return interleaved([function], repeats)[0]
+
+
+def interleaved(functions, repeats: int) -> list[float]:
+    """Median wall time of each function, runs interleaved (a, b, c, a, b, c, ...) after one warm-up
+    each, so that load from other processes on a shared machine hits every contender alike."""
+    for function in functions:
         function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times = [[] for _ in functions]
+    for _ in range(repeats):
+        for function, samples in zip(functions, times):
+            start = time.perf_counter()
+            function()
+            samples.append(time.perf_counter() - start)
+    return [statistics.median(samples) for samples in times]
 
 
 def problem_bytes(m, n, k, element_size) -> int:
@@ -61,13 +69,12 @@ def cpu_section(shapes, repeats: int) -> list[dict]:
     for m, n, k in tqdm(shapes, desc="CPU shapes"):
         A, B = torch.randn(m, k), torch.randn(k, n)
         flops = 2 * m * n * k
-        baseline = best_of(lambda: torch.matmul(A, B), repeats)
         engine = Engine(["cpu"])
-        default = best_of(lambda: engine.gemm(A, B), repeats)
-        default_plan = engine.stats.plan.grid
         limit = problem_bytes(m, n, k, 4) // 4
         limited_engine = Engine(["cpu"], memory_limit=limit)
-        limited = best_of(lambda: limited_engine.gemm(A, B), repeats)
+        baseline, default, limited = interleaved(
+            [lambda: torch.matmul(A, B), lambda: engine.gemm(A, B), lambda: limited_engine.gemm(A, B)], repeats)
+        default_plan = engine.stats.plan.grid
         stats = limited_engine.stats
         error = (engine.gemm(A, B) - A @ B).abs().max().item()
         row = dict(m=m, n=n, k=k, torch_matmul_s=baseline, accel_s=default, accel_limited_s=limited,
@@ -158,7 +165,7 @@ def plot(rows, path, x_key, series, title):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-cpu", action="store_true")
     parser.add_argument("--gpu-sizes", type=int, nargs="+", default=[8192, 16384, 32768])
     parser.add_argument("--block-dims", type=int, nargs="+", default=[2048, 4096, 8192, 16384])

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from accel.nn.ooc_linear import OutOfCoreLinear
+from accel.ooc import Engine
 
 ENGINE = dict(devices=["cpu", "cpu"], memory_limit=2 * 40_000)  # small: many blocks and slabs
 
@@ -44,8 +45,9 @@ def test_optimizer_steps_match(optimizer, seed):
     torch.manual_seed(seed)
     reference = nn.Sequential(nn.Linear(23, 41), nn.Tanh(), nn.Linear(41, 7)).double()
     model = copy.deepcopy(reference)
-    model[0] = OutOfCoreLinear.from_linear(reference[0], **ENGINE)
-    model[2] = OutOfCoreLinear.from_linear(reference[2], **ENGINE)
+    shared = Engine(**ENGINE)  # one engine (one memory budget) for both layers
+    model[0] = OutOfCoreLinear.from_linear(reference[0], engine=shared)
+    model[2] = OutOfCoreLinear.from_linear(reference[2], engine=shared)
     opt, opt_ref = optimizer(model.parameters()), optimizer(reference.parameters())
     for _ in range(4):
         x, target = torch.randn(16, 23, dtype=torch.float64), torch.randn(16, 7, dtype=torch.float64)
@@ -98,6 +100,8 @@ def test_dtype_conversion_applies_but_parameters_stay_on_the_host():
 def test_errors():
     with pytest.raises(ValueError, match="in_features"):
         OutOfCoreLinear(0, 3)
+    with pytest.raises(ValueError, match="to the Engine"):
+        OutOfCoreLinear(3, 3, devices=["cpu"], engine=Engine(["cpu"]))
     with pytest.raises(TypeError, match="nn.Linear"):
         OutOfCoreLinear.from_linear(nn.Conv1d(3, 3, 1))
     layer = OutOfCoreLinear(8, 4, devices=["cpu"])

@@ -59,6 +59,12 @@ class OutOfCoreLinear(nn.Module):
             every visible GPU, else the CPU.
         memory_limit (int, optional): bytes per device the layer's engine may hold.
         dtype (torch.dtype, optional): parameter dtype (default: torch's default dtype).
+        engine (accel.ooc.Engine, optional): share one engine (and its memory budget) among layers;
+            then ``devices`` and ``memory_limit`` stay unset.
+
+    The layer's engine keeps weight tiles on the devices between calls (up to ``memory_limit`` per
+    device; they are dropped when the optimizer changes the weight). Several layers on one GPU should
+    share an ``engine`` or get limits that leave room for the rest of the model.
 
     Example::
 
@@ -68,7 +74,7 @@ class OutOfCoreLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, devices=None,
-                 memory_limit: int | None = None, dtype: torch.dtype | None = None):
+                 memory_limit: int | None = None, dtype: torch.dtype | None = None, engine: Engine | None = None):
         super().__init__()
         for name, value in (("in_features", in_features), ("out_features", out_features)):
             if not isinstance(value, int) or value < 1:
@@ -80,7 +86,9 @@ class OutOfCoreLinear(nn.Module):
             self.bias = nn.Parameter(torch.empty(out_features, **factory))
         else:
             self.register_parameter("bias", None)
-        self.engine = Engine(devices, memory_limit)
+        if engine is not None and (devices is not None or memory_limit is not None):
+            raise ValueError("pass devices and memory_limit to the Engine, not with engine=")
+        self.engine = engine if engine is not None else Engine(devices, memory_limit)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -96,8 +104,8 @@ class OutOfCoreLinear(nn.Module):
 
         Args:
             linear (nn.Linear): the layer to copy.
-            **kwargs: ``devices``, ``memory_limit``, ``dtype`` as in the constructor (``dtype`` defaults
-                to the linear layer's).
+            **kwargs: ``devices``, ``memory_limit``, ``dtype``, ``engine`` as in the constructor
+                (``dtype`` defaults to the linear layer's).
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")

@@ -193,10 +193,18 @@ class Worker:
             raise
         return a, b
 
+    def accumulator(self, problem: Problem, block: Block) -> torch.Tensor:
+        """Where the block's sum is accumulated: a view of the flat buffer (always contiguous)."""
+        rows, cols = block.rows[1] - block.rows[0], block.cols[1] - block.cols[0]
+        return self._acc_buffer[: rows * cols].view(rows, cols)
+
+    def _release(self, tiles) -> None:
+        for tile in tiles or ():  # (a helper, so no loop variable keeps a tile alive in run_block's frame)
+            self.cache.release(tile)
+
     def run_block(self, problem: Problem, block: Block) -> None:
         """Compute ``out[block] = alpha * sum_slabs a_tile @ b_tile + beta * c[block]``."""
-        rows, cols = block.rows[1] - block.rows[0], block.cols[1] - block.cols[0]
-        acc = self._acc_buffer[: rows * cols].view(rows, cols)  # flat buffer: every block view is contiguous
+        acc = self.accumulator(problem, block)
         slabs = problem.plan.slabs
         current = self._fetch(problem, block, slabs[0])
         following = None
@@ -208,14 +216,13 @@ class Worker:
                     following = self._fetch(problem, block, slabs[index + 1])
                 try:
                     self.multiply_accumulate(acc, current[0], current[1], index > 0, problem)
-                finally:
-                    self.cache.release(current[0])
-                    self.cache.release(current[1])
+                finally:  # drop our references too: an evicted tile's memory must really be freed
+                    self._release(current)
+                    current = None
                 current, following = following, None
         finally:
-            for tiles in (current, following):
-                for tile in tiles or ():
-                    self.cache.release(tile)
+            self._release(current)
+            self._release(following)
         self.write_block(problem, block, acc)
         self.blocks_done += 1
 
@@ -266,6 +273,12 @@ class CPUWorker(Worker):
         tile.copy_(view)
         return Tile(key, tile, nbytes)
 
+    def accumulator(self, problem, block) -> torch.Tensor:
+        destination = problem.out[block.rows[0]:block.rows[1], block.cols[0]:block.cols[1]]
+        if destination.dtype == problem.accumulator_dtype and destination.stride(1) == 1:
+            return destination  # host memory is this worker's memory: accumulate in the result itself
+        return super().accumulator(problem, block)
+
     def multiply_accumulate(self, acc, a, b, accumulate, problem) -> None:
         if accumulate:
             acc.addmm_(a.tensor, b.tensor)
@@ -275,12 +288,14 @@ class CPUWorker(Worker):
     def write_block(self, problem, block, acc) -> None:
         (r0, r1), (c0, c1) = block.rows, block.cols
         c_tile = None
-        if problem.c is not None:
+        if problem.c is not None:  # staged like a device would, so the accounting matches a GPU's
             c_tile = self._out_buffer[: acc.numel()].view(acc.shape)
             c_tile.copy_(problem.c[r0:r1, c0:c1])
             self.bytes_to_device += c_tile.numel() * c_tile.element_size()
         epilogue(acc, c_tile, problem.alpha, problem.beta)
-        problem.out[r0:r1, c0:c1].copy_(acc)
+        destination = problem.out[r0:r1, c0:c1]
+        if acc.data_ptr() != destination.data_ptr():
+            destination.copy_(acc)
         self.bytes_to_host += acc.numel() * problem.out.element_size()
 
 
