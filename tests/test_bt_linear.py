@@ -138,3 +138,18 @@ def test_errors_name_the_numbers():
     with pytest.raises(ValueError, match="contraction must be one of"):
         BTLinear(20, 6, contraction="fast")
     assert BTLinear(20, 6, in_shape=(4, 5), out_shape=(2, 3), ranks=100).ranks == (8, 15)  # an int is capped
+
+
+def test_cpu_pieces_match_one_piece(seed):
+    """The batch is split on CPU to bound intermediates; the result must not depend on the split."""
+    torch.manual_seed(seed)
+    layer = BTLinear(120, 24, in_shape=(4, 5, 6), out_shape=(2, 3, 4), ranks=2, num_blocks=2,
+                     contraction="factorized", dtype=torch.float64)
+    x = torch.randn(37, 120, dtype=torch.float64)
+    whole = layer(x)
+    layer.max_intermediate_bytes = 1  # one row per piece
+    assert layer.chunk_size(37, x) == 1
+    torch.testing.assert_close(layer(x), whole, rtol=1e-12, atol=1e-12)
+    layer.max_intermediate_bytes = 3000
+    assert 1 < layer.chunk_size(37, x) < 37
+    torch.testing.assert_close(layer(x), whole, rtol=1e-12, atol=1e-12)
