@@ -288,7 +288,7 @@ class BTLinear(nn.Module):
         if batch <= 1 or (input is not None and input.device.type != "cpu"):
             return max(batch, 1)
         element = (input.element_size() if input is not None else self.core.element_size())
-        per_row = _factorized(*self._key(), 1)[2] * element
+        per_row = _factorized(*self._key(), batch)[2] * element / batch
         rows = max(1, int(self.max_intermediate_bytes // max(per_row, 1)))
         pieces = math.ceil(batch / rows)
         return math.ceil(batch / pieces)  # equal pieces: at most two cached expressions
