@@ -34,7 +34,6 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 sys.path.insert(0, str(ROOT))
 
-import accel  # noqa: E402
 from accel.ooc import Engine  # noqa: E402
 
 RESULTS = ROOT / "results"
@@ -101,21 +100,22 @@ def gpu_section(sizes, repeats: int, block_dims) -> list[dict]:
             B = torch.randn(n, n, dtype=dtype).pin_memory()
             flops = 2 * n ** 3
             row = dict(n=n, precision=name)
-            try:  # in-core baseline on device-resident data
-                previous = torch.backends.cuda.matmul.allow_tf32
-                torch.backends.cuda.matmul.allow_tf32 = name == "tf32"
+            previous = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = name == "tf32"
+            try:  # in-core baseline on device-resident data, same precision
                 dA, dB = A.cuda(), B.cuda()
                 row["in_core_s"] = best_of(lambda: (torch.matmul(dA, dB), torch.cuda.synchronize()), repeats)
-                torch.backends.cuda.matmul.allow_tf32 = previous
-                del dA, dB
-                torch.cuda.empty_cache()
             except torch.OutOfMemoryError:
                 row["in_core_s"] = None
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = previous
+                dA = dB = None  # free the device copies before the out-of-core runs
+                torch.cuda.empty_cache()
             limit = problem_bytes(n, n, n, A.element_size()) // 4
             for label, devices in [("one", ["cuda:0"]), ("two_on_one_gpu", ["cuda:0", "cuda:0"]),
                                    ("gpu_cpu", ["cuda:0", "cpu"])]:
-                if label == "gpu_cpu" and n > 16384:
-                    continue  # the CPU worker would take minutes per block
+                if label == "gpu_cpu" and n > 8192:
+                    continue  # one GPU-sized block takes the CPU worker longer than the GPU takes for all
                 engine = Engine(devices, memory_limit=limit)
                 seconds = best_of(lambda: engine.gemm(A, B, compute_dtype=compute), repeats)
                 stats = engine.stats

@@ -4,11 +4,12 @@ The block algorithm lives in :class:`Worker` (fetch the A and B tiles of a slab 
 fetch the next slab's tiles while this one is multiplied, then write the block back); a device type only
 says how a tile is loaded, multiplied and written back:
 
-* :class:`CPUWorker` computes tiles with torch on the host. It copies tiles into its own buffers, as a
-  GPU would, so the whole engine (plan, cache, memory limit, scheduling) runs and is tested without a GPU.
-* :class:`~accel.ooc.cuda.CUDAWorker` (in ``cuda.py``) copies in, computes and copies out on three streams ordered by events, through
-  pinned staging buffers allocated once and reused across calls. Pinned host operands with a unit stride
-  go straight to the device with ``cudaMemcpy2DAsync`` (CuPy), with no host-side packing copy.
+* :class:`CPUWorker` computes tiles with torch on the host. It copies operand tiles into its own buffers,
+  as a GPU would, so the whole engine (plan, cache, memory limit, scheduling) runs and is tested without
+  a GPU; it accumulates straight into the host result, which is its own memory.
+* :class:`~accel.ooc.cuda.CUDAWorker` (``cuda.py``) copies in, computes and copies out on three streams
+  ordered by events, through pinned staging buffers allocated once and reused across calls. Pinned host
+  operands with a unit stride go straight to the device with ``cudaMemcpy2DAsync`` (CuPy), unpacked.
 """
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ from typing import Any
 
 import torch
 
-from accel.ooc.cache import MemoryAccount, SourceKey, Tile, TileCache
+from accel.ooc.cache import MemoryAccount, Tile, TileCache
 from accel.ooc.plan import CPU_PROFILE, Block, DeviceProfile, Plan
+
 
 class Cancelled(Exception):
     """Raised inside a worker when another worker failed and the call is being abandoned."""
