@@ -135,9 +135,10 @@ class CUDAWorker(Worker):
         if self._cupy is None or view.dtype != dtype or not self.is_pinned(view):
             return None
         rows, cols = view.shape
-        if view.stride(1) == 1 or cols == 1:
+        # the pitch must cover a whole row: not so for broadcast (stride 0) or overlapping views
+        if (view.stride(1) == 1 or cols == 1) and (rows == 1 or view.stride(0) >= cols):
             return "rows"
-        if view.stride(0) == 1 or rows == 1:
+        if (view.stride(0) == 1 or rows == 1) and (cols == 1 or view.stride(1) >= rows):
             return "columns"
         return None
 

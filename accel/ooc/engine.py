@@ -23,7 +23,13 @@ from accel.ooc.cache import MemoryBudgetExceeded
 from accel.ooc.devices import Cancelled, Problem, Worker, make_worker
 from accel.ooc.plan import Block, Plan, compute_kind, make_plan, minimum_memory
 
-_OUT_OF_MEMORY = (torch.OutOfMemoryError, MemoryError, MemoryBudgetExceeded)
+_OUT_OF_MEMORY_TYPES = (torch.OutOfMemoryError, MemoryError, MemoryBudgetExceeded)
+_OUT_OF_MEMORY_TEXT = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "cudaErrorMemoryAllocation")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` means a device ran out of memory (torch's, cuBLAS's or CuPy's way of saying it)."""
+    return isinstance(error, _OUT_OF_MEMORY_TYPES) or any(text in str(error) for text in _OUT_OF_MEMORY_TEXT)
 _tf32_lock = threading.Lock()  # torch's TF32 switch is process-wide: one call at a time may set it
 
 
@@ -223,7 +229,9 @@ class Engine:
                     try:
                         self._execute(problem)
                         break
-                    except _OUT_OF_MEMORY as error:
+                    except Exception as error:
+                        if not is_out_of_memory(error):
+                            raise
                         self.clear_cache()
                         if torch.cuda.is_available():
                             torch.cuda.empty_cache()
