@@ -233,5 +233,5 @@ class ChaseEngine:
         self.max_chase = int(state_dict["max_chase"])
         self.epsilon = float(state_dict["epsilon"])
         self.nonfinite = state_dict["nonfinite"]
-        if self.history is not None and state_dict.get("history") is not None:
-            self.history = [dict(h) for h in state_dict["history"]]
+        history = state_dict.get("history")  # the checkpoint decides, as it does for the other settings
+        self.history = None if history is None else [dict(h) for h in history]

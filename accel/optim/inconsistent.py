@@ -110,5 +110,9 @@ class Inconsistent(Optimizer):
         self.param_groups = self.optimizer.param_groups
         self.state = self.optimizer.state
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim.Optimizer pickles only defaults, state and param_groups: keep the base and the chart too
+        return {**super().__getstate__(), "_chase": self._chase, "optimizer": self.optimizer}
+
     def __repr__(self) -> str:
         return f"Inconsistent({self.optimizer!r}, chart={self.chart!r})"

@@ -208,6 +208,10 @@ class ISGD(Optimizer):
         self._chase.load_state_dict(state_dict.pop("chase"))
         super().load_state_dict(state_dict)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim.Optimizer pickles only defaults, state and param_groups: keep the chart too
+        return {**super().__getstate__(), "_chase": self._chase}
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
