@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from accel.nn import BTLinear
-from accel.nn.bt import balanced_factors
+from accel.nn.bt import FACTORIZED_FLOP_PENALTY, balanced_factors
 
 SHAPES = {  # d -> (in_shape, out_shape)
     2: ((6, 5), (4, 3)),
@@ -56,9 +56,12 @@ def test_auto_picks_dense_when_cheaper_and_factorized_at_ucf11():
     assert cost["dense"] > 10 * cost["factorized"]
     # nearly full ranks on a tiny layer: rebuilding W once beats contracting factors for a big batch
     small = BTLinear(16, 16, in_shape=(4, 4), out_shape=(4, 4), ranks=16, num_blocks=3)
-    assert small.uses_dense(4096) and not small.uses_dense(1)
+    assert small.uses_dense(4096) and not big.uses_dense(1)
     assert small.cost(4096)["dense"] <= small.cost(4096)["factorized"]
-    assert small.cost(1)["dense"] > small.cost(1)["factorized"]
+    for layer in (big, small, BTLinear(4096, 1024, ranks=2, num_blocks=2)):  # the documented rule
+        for batch in (1, 64, 4096):
+            cost = layer.cost(batch)
+            assert layer.uses_dense(batch) == (cost["dense"] <= FACTORIZED_FLOP_PENALTY * cost["factorized"])
 
 
 def test_ucf11_parameter_count():

@@ -113,6 +113,12 @@ def _rebuild(in_shape, out_shape, ranks, num_blocks):
     return opt_einsum.contract_expression(eq, *shapes, optimize=info.path), int(info.opt_cost)
 
 
+# The factorized path's pairwise contractions are small and memory-bound; they run at a fraction of
+# a dense GEMM's speed (measured 3.5x-11x slower per flop on the development CPU, experiments/bt_speed.py).
+# Its flops are counted this many times over before comparing with rebuilding W.
+FACTORIZED_FLOP_PENALTY = 4.0
+
+
 def _costs(in_shape, out_shape, ranks, num_blocks, batch) -> tuple[int, int]:
     """opt_einsum flop estimates of the forward pass: (factorized, rebuild W then one dense matmul).
 
@@ -138,7 +144,8 @@ class BTLinear(nn.Module):
             entry per mode, each at most ``I_k * J_k``. Default: 4.
         num_blocks (int): the number ``N`` of Tucker blocks. Default: 2.
         bias (bool): if ``False``, the layer learns no additive bias. Default: ``True``.
-        contraction (str): ``"auto"`` (a cost model picks per batch size), ``"factorized"`` (always
+        contraction (str): ``"auto"`` (per batch size, the factorized path unless rebuilding ``W`` costs
+            fewer than ``FACTORIZED_FLOP_PENALTY`` (4) times its flops), ``"factorized"`` (always
             contract through the factors) or ``"dense"`` (always rebuild ``W``). Default: ``"auto"``.
         device, dtype: of the parameters, as for ``nn.Linear``.
 
@@ -248,9 +255,9 @@ class BTLinear(nn.Module):
         if self.contraction != "auto":
             return self.contraction == "dense"
         factorized, dense = _costs(*self._key(), batch)
-        # opt_einsum's path space includes "rebuild W first", so at large batches the two costs tie;
-        # then one dense GEMM (F.linear) runs faster than the same flops spread over pairwise steps.
-        return dense <= factorized
+        # opt_einsum's path space includes "rebuild W first", so at large batches the raw costs tie;
+        # one dense GEMM (F.linear) then runs faster than the same flops spread over pairwise steps.
+        return dense <= FACTORIZED_FLOP_PENALTY * factorized
 
     def cost(self, batch: int) -> dict:
         """opt_einsum flop estimates of the forward pass: ``{"factorized": ..., "dense": ...}``."""

@@ -1,0 +1,165 @@
+"""Forward+backward time of BTLinear vs dense nn.Linear vs tednet's BTTLinear.
+
+Settings: the paper's UCF11 input layer (57600 -> 4x256 gates, R=4, N=2, batch 16 x 6 frames) and
+two more. All layers of a setting are timed in one run with interleaved repetitions; the median of
+each is reported, with the ratios dense/BT and tednet/BT. The input does not require grad (as for an
+RNN's input layer): backward computes the weight gradients only. Wall time and this process's CPU
+time are both recorded: the development machine is shared, and CPU time is less disturbed by other
+processes. A GPU section runs when CUDA is available.
+
+    python experiments/bt_speed.py            # full run (a few minutes on 2 cores)
+    python experiments/bt_speed.py --quick    # fewer repetitions
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from accel.nn import BTLinear  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SETTINGS = [
+    # name, in_shape, out_shape, ranks, num_blocks, batch
+    ("UCF11 input layer", (8, 20, 20, 18), (16, 4, 4, 4), 4, 2, 16 * 6),
+    ("Hollywood2 input layer", (10, 18, 13, 30), (16, 4, 4, 4), 4, 2, 16 * 6),
+    ("64x64x3 frames, N=4", (16, 12, 8, 8), (16, 4, 4, 4), 4, 4, 128),
+]
+
+
+def make_tednet(in_shape, out_shape, ranks, num_blocks):
+    try:
+        from tednet.tnn.bt_tucker import BTTLinear
+    except ImportError:
+        return None
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints its compression ratio
+        return BTTLinear(list(in_shape), list(out_shape), [ranks] * len(in_shape), num_blocks)
+
+
+def time_step(module, x, device):
+    """One forward+backward; returns (wall seconds, process CPU seconds)."""
+    module.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    wall, cpu = time.perf_counter(), time.process_time()
+    module(x).sum().backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def run_setting(setting, device, repetitions, warmup=2):
+    name, in_shape, out_shape, ranks, num_blocks, batch = setting
+    in_features, out_features = math.prod(in_shape), math.prod(out_shape)
+    torch.manual_seed(0)
+    layers = {
+        "bt": BTLinear(in_features, out_features, in_shape=in_shape, out_shape=out_shape, ranks=ranks,
+                       num_blocks=num_blocks),
+        "dense": torch.nn.Linear(in_features, out_features),
+    }
+    tednet = make_tednet(in_shape, out_shape, ranks, num_blocks)
+    if tednet is not None:
+        layers["tednet"] = tednet
+    layers = {k: v.to(device) for k, v in layers.items()}
+    x = torch.randn(batch, in_features, device=device)
+    for _ in range(warmup):
+        for layer in layers.values():
+            time_step(layer, x, device)
+    walls = {k: [] for k in layers}
+    cpus = {k: [] for k in layers}
+    for _ in tqdm(range(repetitions), desc=f"{name} [{device.type}]", leave=False):
+        for key, layer in layers.items():  # interleaved: drifts in machine load hit all alike
+            wall, cpu = time_step(layer, x, device)
+            walls[key].append(wall)
+            cpus[key].append(cpu)
+    bt = layers["bt"]
+    row = {
+        "setting": name, "device": device.type, "in_shape": in_shape, "out_shape": out_shape, "ranks": ranks,
+        "num_blocks": num_blocks, "batch": batch, "bt_parameters": bt.num_weight_parameters,
+        "dense_parameters": in_features * out_features, "compression_ratio": bt.compression_ratio,
+        "bt_path": "dense" if bt.uses_dense(batch) else f"factorized, pieces of {bt.chunk_size(batch, x)} rows",
+        "flops_ratio_dense_over_bt": bt.cost(batch)["dense"] / bt.cost(batch)["factorized"],
+        "median_wall_s": {k: statistics.median(v) for k, v in walls.items()},
+        "median_cpu_s": {k: statistics.median(v) for k, v in cpus.items()},
+        "repetitions": repetitions,
+    }
+    for clock in ("wall", "cpu"):
+        times = row[f"median_{clock}_s"]
+        row[f"dense_over_bt_{clock}"] = times["dense"] / times["bt"]
+        if "tednet" in times:
+            row[f"tednet_over_bt_{clock}"] = times["tednet"] / times["bt"]
+    return row
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    keys = ["dense", "tednet", "bt"]
+    width = 0.25
+    for i, key in enumerate(keys):
+        values = [r["median_wall_s"].get(key, float("nan")) * 1e3 for r in rows]
+        ax.bar([j + (i - 1) * width for j in range(len(rows))], values, width, label=key)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([f"{r['setting']}\n[{r['device']}, {r['threads']} thr]" for r in rows], fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("forward+backward, median ms (wall)")
+    ax.set_title("BTLinear vs nn.Linear vs tednet BTTLinear")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="3 repetitions instead of 9")
+    parser.add_argument("--threads", type=int, nargs="*", default=None,
+                        help="CPU thread counts to run (default: torch's default, then 1)")
+    args = parser.parse_args()
+    repetitions = 3 if args.quick else 9
+    default_threads = torch.get_num_threads()
+    thread_counts = args.threads or sorted({default_threads, 1}, reverse=True)
+    rows = []
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        for setting in SETTINGS:
+            row = run_setting(setting, torch.device("cpu"), repetitions)
+            row["threads"] = threads
+            row["load_average_1min"] = os.getloadavg()[0]
+            rows.append(row)
+            print(f"[cpu, {threads} thr] {row['setting']:24s} dense/BT wall {row['dense_over_bt_wall']:5.2f}x "
+                  f"cpu {row['dense_over_bt_cpu']:5.2f}x | tednet/BT wall {row.get('tednet_over_bt_wall', 0):5.2f}x "
+                  f"cpu {row.get('tednet_over_bt_cpu', 0):5.2f}x | flop ratio {row['flops_ratio_dense_over_bt']:.1f}x"
+                  f" | BT {row['median_wall_s']['bt'] * 1e3:.1f} ms ({row['bt_path']})", flush=True)
+    torch.set_num_threads(default_threads)
+    if torch.cuda.is_available():
+        for setting in SETTINGS:
+            row = run_setting(setting, torch.device("cuda"), repetitions * 3)
+            row["threads"] = default_threads
+            row["gpu"] = torch.cuda.get_device_name()
+            rows.append(row)
+            print(f"[cuda] {row['setting']:24s} dense/BT {row['dense_over_bt_wall']:5.2f}x | "
+                  f"tednet/BT {row.get('tednet_over_bt_wall', 0):5.2f}x", flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    meta = {"torch": torch.__version__, "cpu_count": os.cpu_count(), "quick": args.quick,
+            "note": "shared machine: other processes ran concurrently; see load_average_1min per row"}
+    (RESULTS / "bt_speed.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    plot(rows, RESULTS / "bt_speed.png")
+    print(f"wrote {RESULTS / 'bt_speed.json'} and bt_speed.png")
+
+
+if __name__ == "__main__":
+    main()
