@@ -237,6 +237,34 @@ def test_block_queue_prefers_blocks_whose_panels_the_worker_holds():
     assert taken == 9 and queue.take(w1) is None
 
 
+def test_block_queue_end_game_leaves_the_rest_to_faster_workers():
+    class W:
+        def __init__(self, name, rate):
+            self.name, self.flops_per_second = name, rate
+
+    blocks = [Block(i, i, 0, (i, i + 1), (0, 1)) for i in range(10)]
+    gpu, cpu = W("gpu", 100.0), W("cpu", 1.0)
+    queue = BlockQueue(blocks, lambda worker, block: 0, [gpu, cpu], lambda block: 1.0)
+    assert queue.take(cpu) is None  # the GPU does all 10 blocks in 0.1 s; one block takes the CPU 1 s
+    assert sum(1 for _ in iter(lambda: queue.take(gpu), None)) == 10  # the fastest never declines
+    pair = [W("a", 1.0), W("b", 1.0)]
+    even = BlockQueue(blocks, lambda worker, block: 0, pair, lambda block: 1.0)
+    assert all(even.take(worker) is not None for worker in pair * 5)  # equals share to the end
+    slow, fast = W("slow", 1.0), W("fast", 2.0)
+    racing = BlockQueue(blocks[:3], lambda worker, block: 0, [slow, fast], lambda block: 1.0)
+    slow.flops_per_second = 100.0  # measured mid-call: the rule keeps the speeds of the call's start
+    assert racing.take(fast) is not None and racing.take(fast) is not None and racing.take(fast) is not None
+    unknown = BlockQueue(blocks, lambda worker, block: 0, [gpu, W("new", None)], lambda block: 1.0)
+    assert unknown.take(cpu) is not None  # unmeasured speeds: nobody declines
+
+
+def test_engine_measures_worker_speed(seed):
+    engine = Engine(["cpu", "cpu"], memory_limit=2 * 60_000)
+    assert all(worker.flops_per_second is None for worker in engine.workers)
+    engine.gemm(torch.randn(120, 64), torch.randn(64, 120))
+    assert all(worker.flops_per_second > 0 for worker in engine.workers if worker.blocks_done)
+
+
 # -- errors ---------------------------------------------------------------------------------------------------
 class CountingWorker(CPUWorker):
     def __init__(self):
@@ -289,25 +317,51 @@ def test_device_that_does_not_exist(device, pattern):
 
 # -- failures -------------------------------------------------------------------------------------------------
 class FailingWorker(CPUWorker):
-    """Test hook: raises ``error`` on its ``after``-th multiply, ``times`` times in all."""
+    """Test hook: raises ``error`` on its ``after``-th multiply (or in ``begin``), ``times`` times in all."""
 
-    def __init__(self, error, after=1, times=1):
+    def __init__(self, error, after=1, times=1, in_begin=False):
         super().__init__("cpu")
-        self.error, self.after, self.times, self.calls = error, after, times, 0
+        self.error, self.after, self.times, self.in_begin, self.calls = error, after, times, in_begin, 0
+        self.reached = threading.Event()  # set once it is about to fail
 
-    def multiply_accumulate(self, acc, a, b, accumulate, problem):
+    def _maybe_fail(self):
         self.calls += 1
         if self.calls >= self.after and self.times > 0:
             self.times -= 1
+            self.reached.set()
             raise self.error
+        if self.times == 0:
+            self.reached.set()
+
+    def begin(self, problem):
+        if self.in_begin:
+            self._maybe_fail()
+        super().begin(problem)
+
+    def multiply_accumulate(self, acc, a, b, accumulate, problem):
+        if not self.in_begin:
+            self._maybe_fail()
         super().multiply_accumulate(acc, a, b, accumulate, problem)
+
+
+class PartnerWorker(CPUWorker):
+    """Test hook: starts its blocks only once ``other`` has reached its failure (so the failing worker
+    surely gets a block however the threads are scheduled)."""
+
+    def __init__(self, other):
+        super().__init__("cpu")
+        self.other = other
+
+    def run_block(self, problem, block):
+        self.other.reached.wait(timeout=30)
+        super().run_block(problem, block)
 
 
 def test_worker_failure_stops_every_worker_and_returns_nothing(seed):
     A, B = torch.randn(90, 50), torch.randn(50, 90)
     before = set(engine_threads())
-    failing = FailingWorker(RuntimeError("device fell off the bus"), after=2)
-    engine = Engine([failing, "cpu"], memory_limit=2 * 30_000)
+    failing = FailingWorker(RuntimeError("device fell off the bus"), after=1)
+    engine = Engine([failing, PartnerWorker(failing)], memory_limit=2 * 30_000)
     with pytest.raises(RuntimeError, match="fell off the bus"):
         engine.gemm(A, B)
     assert set(engine_threads()) <= before  # this engine's threads are gone
@@ -318,7 +372,7 @@ def test_worker_failure_stops_every_worker_and_returns_nothing(seed):
 def test_out_of_memory_shrinks_the_plan_and_retries_once(seed):
     A, B = torch.randn(90, 50), torch.randn(50, 90)
     failing = FailingWorker(torch.OutOfMemoryError("CUDA out of memory"), after=1, times=1)
-    engine = Engine([failing, "cpu"], memory_limit=2 * 60_000)
+    engine = Engine([failing, PartnerWorker(failing)], memory_limit=2 * 60_000)
     result = engine.gemm(A, B)
     torch.testing.assert_close(result, A @ B, rtol=1e-5, atol=1e-5)
     assert engine.stats.retries == 1
@@ -326,14 +380,17 @@ def test_out_of_memory_shrinks_the_plan_and_retries_once(seed):
     assert engine.workers[0].account.limit == 60_000  # the limit is restored after the call
 
 
-def test_out_of_memory_twice_fails_naming_the_limit(seed):
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory"),
+                                   RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate")])
+def test_out_of_memory_twice_fails_naming_the_limit(error, seed):
     A, B = torch.randn(90, 50), torch.randn(50, 90)
     before = set(engine_threads())
-    failing = FailingWorker(torch.OutOfMemoryError("CUDA out of memory"), after=1, times=2)
+    failing = FailingWorker(error, times=2, in_begin=True)
     engine = Engine([failing, "cpu"], memory_limit=2 * 60_000)
     with pytest.raises(RuntimeError, match=re.escape("memory_limit {'cpu#0': 60000, 'cpu#1': 60000}")):
         engine.gemm(A, B)
-    assert set(engine_threads()) <= before  # this engine's threads are gone
+    assert failing.times == 0  # it failed on the first try and on the retry
+    assert set(engine_threads()) <= before
 
 
 def test_engine_threads_stop_when_engine_is_collected():

@@ -64,6 +64,7 @@ class Worker:
         self.name = str(self.device)
         self.account: MemoryAccount | None = None
         self.cache: TileCache | None = None
+        self.flops_per_second: float | None = None  # measured by the engine over past calls
         self.reset_counters()
 
     # -- configuration -------------------------------------------------------------------------------

@@ -36,12 +36,20 @@ _tf32_lock = threading.Lock()  # torch's TF32 switch is process-wide: one call a
 class BlockQueue:
     """Blocks not yet taken, handed out to workers with panel affinity. Thread-safe.
 
+    End game: a worker gets no more blocks once the other workers, at their measured speeds, would
+    finish everything left before it finished one block (so a CPU worker beside GPUs does not hold the
+    call up with a last GPU-sized block). The fastest worker never declines; speeds come from earlier
+    calls (``worker.flops_per_second``), so a first call shares blocks by arrival alone.
+
     Args:
         blocks (list[Block]): the plan's blocks.
         held (callable): ``held(worker, block) -> int``, how many of the block's tiles ``worker`` holds.
+        workers (list, optional): every worker taking from the queue (each with ``flops_per_second``,
+            ``None`` while unknown); needed for the end-game rule.
+        block_flops (callable, optional): ``block_flops(block) -> float``.
     """
 
-    def __init__(self, blocks: list[Block], held):
+    def __init__(self, blocks: list[Block], held, workers=(), block_flops=None):
         self._pending: OrderedDict[int, Block] = OrderedDict((block.index, block) for block in blocks)
         self._by_row: dict[int, dict[int, Block]] = {}
         self._by_col: dict[int, dict[int, Block]] = {}
@@ -49,6 +57,10 @@ class BlockQueue:
             self._by_row.setdefault(block.panel_row, {})[block.index] = block
             self._by_col.setdefault(block.panel_col, {})[block.index] = block
         self._held = held
+        # speeds as of the call's start: they must not change under the rule while workers still decide
+        self._rates = {id(worker): getattr(worker, "flops_per_second", None) for worker in workers}
+        self._block_flops = block_flops
+        self._remaining_flops = sum(block_flops(block) for block in blocks) if block_flops else 0.0
         self._previous: dict[int, Block] = {}
         self._lock = threading.Lock()
 
@@ -58,14 +70,26 @@ class BlockQueue:
     def take(self, worker) -> Block | None:
         """The next block for ``worker``, or ``None`` when all are taken."""
         with self._lock:
-            if not self._pending:
+            if not self._pending or self._others_finish_first(worker):
                 return None
             block = self._affine(worker) or self._unclaimed_row(worker) or next(iter(self._pending.values()))
+            if self._block_flops:
+                self._remaining_flops -= self._block_flops(block)
             del self._pending[block.index]
             del self._by_row[block.panel_row][block.index]
             del self._by_col[block.panel_col][block.index]
             self._previous[id(worker)] = block
             return block
+
+    def _others_finish_first(self, worker) -> bool:
+        rate = self._rates.get(id(worker))
+        others = [other for owner, other in self._rates.items() if owner != id(worker)]
+        if not rate or not self._block_flops or not others or any(not other for other in others):
+            return False
+        if rate >= max(others):  # the fastest always takes: somebody must
+            return False
+        one_block = self._remaining_flops / len(self._pending) / rate
+        return self._remaining_flops / sum(others) < one_block
 
     def _affine(self, worker) -> Block | None:
         previous = self._previous.get(id(worker))
@@ -256,7 +280,10 @@ class Engine:
 
     def _execute(self, problem: Problem) -> None:
         problem.cancelled = threading.Event()
-        queue = BlockQueue(problem.plan.blocks, lambda worker, block: worker.held_panels(problem, block))
+        k = problem.plan.k
+        queue = BlockQueue(problem.plan.blocks, lambda worker, block: worker.held_panels(problem, block),
+                           self.workers, lambda block: 2.0 * k * (block.rows[1] - block.rows[0]) *
+                           (block.cols[1] - block.cols[0]))
         errors: list[BaseException] = []
         set_tf32 = any(worker.kind == "cuda" for worker in self.workers)
         with _tf32_lock if set_tf32 else contextlib.nullcontext():
@@ -289,6 +316,8 @@ class Engine:
 
     @staticmethod
     def _work(worker: Worker, queue: BlockQueue, problem: Problem, errors: list) -> None:
+        start = time.perf_counter()
+        flops = 0.0
         try:
             worker.begin(problem)
             try:
@@ -297,9 +326,14 @@ class Engine:
                     if block is None:
                         break
                     worker.run_block(problem, block)
+                    flops += 2.0 * problem.plan.k * (block.rows[1] - block.rows[0]) * (block.cols[1] - block.cols[0])
                 worker.flush(problem)
             finally:
-                worker.end(problem)
+                worker.end(problem)  # waits for the device: the time below is real work, not queueing
+            if flops:  # measured speed, for the end-game rule of later calls (smoothed over calls)
+                rate = flops / (time.perf_counter() - start)
+                worker.flops_per_second = rate if worker.flops_per_second is None else \
+                    0.5 * (worker.flops_per_second + rate)
         except BaseException as error:  # noqa: BLE001 - reported by the main thread
             errors.append(error)
             problem.cancelled.set()
