@@ -151,6 +151,13 @@ def _ddp_step(device: torch.device, rank: int, learning_rate: float = 0.1) -> tu
     return reference_difference, replica_difference(model)
 
 
+def _say(line: str) -> None:
+    # One write per line: ranks share the launcher's pipe, and print() writes the newline
+    # separately, so with unbuffered output two ranks' lines could interleave.
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def run_check(args: argparse.Namespace) -> int:
     """Launcher self-check: init(), an all_reduce, one DDP step; one line per rank; 0 if all agree."""
     info = distributed.init(backend=args.backend, timeout=timedelta(seconds=args.timeout))
@@ -166,15 +173,15 @@ def run_check(args: argparse.Namespace) -> int:
         ok = total.item() == expected and reference_difference < 1e-5 and replica_diff == 0.0
         everyone = torch.tensor([1.0 if ok else 0.0], device=info.device)
         dist.all_reduce(everyone, op=dist.ReduceOp.MIN)  # every rank exits with the same status
-        print(f"rank {info.rank}/{info.world_size} local {info.local_rank}/{info.local_world_size} "
+        _say(f"rank {info.rank}/{info.world_size} local {info.local_rank}/{info.local_world_size} "
               f"on {socket.gethostname()}: launcher {info.launcher}, backend {dist.get_backend()}, "
               f"device {info.device}; all_reduce {total.item():g} (expected {expected:g}); "
               f"DDP step vs full-batch reference: max diff {reference_difference:.1e}; "
               f"replicas identical: {'yes' if replica_diff == 0.0 else f'no (max diff {replica_diff:.1e})'}; "
-              f"{'ok' if ok else 'FAILED'}", flush=True)
+              f"{'ok' if ok else 'FAILED'}")
         passed = everyone.item() == 1.0
         if info.is_main:
-            print(f"check {'passed' if passed else 'FAILED'} on {info.world_size} process(es)", flush=True)
+            _say(f"check {'passed' if passed else 'FAILED'} on {info.world_size} process(es)")
         return 0 if passed else 1
     finally:
         if own_group:

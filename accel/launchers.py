@@ -169,8 +169,9 @@ class _Reader:
             raise LaunchError(f"{name}={self.environ[name]!r} is not a TCP port (1-65535)")
         return port
 
-    def launch(self, launcher, rank, world_size, local_rank, local_world_size, *, names,
-               master_addr=None, master_port=None) -> Launch:
+    def launch(self, launcher: str, rank: int, world_size: int, local_rank: int, local_world_size: int, *,
+               names: tuple[str, str, str, str], master_addr: str | None = None,
+               master_port: int | None = None) -> Launch:
         """Check the numbers against each other; ``names`` are (rank, world, local, local world) variables."""
         rank_name, world_name, local_name, local_world_name = names
         if rank >= world_size:

@@ -28,8 +28,9 @@ def test_torchrun_check_command_takes_a_ddp_step_with_identical_replicas():
            "-m", "accel", "check"]
     output = procs.check(procs.run(cmd, timeout=120))
     for rank in (0, 1):
-        line = next(line for line in output.splitlines() if line.startswith(f"rank {rank}/2 "))
-        assert "launcher torchrun, backend gloo" in line and "all_reduce 3 (expected 3)" in line
-        assert "replicas identical: yes" in line and line.endswith("; ok")
+        lines = [line for line in output.splitlines() if line.startswith(f"rank {rank}/2 ")]
+        assert len(lines) == 1, output
+        assert "launcher torchrun, backend gloo" in lines[0] and "all_reduce 3 (expected 3)" in lines[0]
+        assert "replicas identical: yes" in lines[0] and lines[0].endswith("; ok"), output
     assert "check passed on 2 process(es)" in output
 
