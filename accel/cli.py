@@ -1,4 +1,4 @@
-"""``python -m accel <command>``: ``info``, ``check`` and ``demo``.
+"""``python -m accel <command>``: ``info``, ``check`` and ``demo`` (the training job in :mod:`accel.demo`).
 
 Each command is a :class:`Command`: a help line, a function that adds its arguments to an
 ``argparse`` parser, and a function that runs it and returns the exit status.
@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from accel import __version__
-from accel import distributed
+from accel import demo, distributed
 
 
 class Command(NamedTuple):
@@ -196,8 +196,8 @@ COMMANDS: dict[str, Command] = {
                     _no_arguments, run_info),
     "check": Command("launcher self-check: init(), an all_reduce and one DDP step on every rank",
                      _check_arguments, run_check),
-    # Until the training demo exists the demo is the self-check; swap this one entry for it.
-    "demo": Command("run the demo job (for now the launcher self-check)", _check_arguments, run_check),
+    "demo": Command("train a BT-LSTM + out-of-core head with ISGD, data-parallel under any launcher",
+                    demo.add_arguments, demo.run),
     # "bench": a later command; the same three parts plug in here.
 }
 

@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nproc", type=int, default=1,
                         help="processes to train on; > 1 relaunches through torchrun (default: 1, or the "
                              "processes a launcher such as srun or mpiexec started)")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs (default: 12, or 2 with --quick)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs (default: 12, or 3 with --quick)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
                         help="default: cuda when a GPU is visible, else cpu")
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="directory for the report and plots")
@@ -61,18 +61,15 @@ class DemoModel(nn.Module):
         return self.head(hidden[-1])
 
 
-def _relaunch_through_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
+def _relaunch_through_torchrun(args: argparse.Namespace) -> int:
     """Start ``args.nproc`` copies of this demo under torchrun and wait for them."""
     import subprocess
 
-    forwarded, skip = [], False
-    for item in argv:  # drop --nproc (and its value): the children are the processes
-        if skip:
-            skip = False
-        elif item == "--nproc":
-            skip = True
-        elif not item.startswith("--nproc="):
-            forwarded.append(item)
+    forwarded = ["--out", str(args.out), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
+                 "--hidden-size", str(args.hidden_size), "--seed", str(args.seed)]
+    forwarded += ["--epochs", str(args.epochs)] if args.epochs is not None else []
+    forwarded += ["--device", args.device] if args.device is not None else []
+    forwarded += ["--quick"] if args.quick else []
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={args.nproc}", "-m", "accel", "demo", *forwarded]
     print("launching:", " ".join(command), flush=True)
@@ -144,13 +141,10 @@ def _train(args: argparse.Namespace, info) -> dict:
     device = torch.device(info.device if args.device is None else args.device)
     if device.type == "cuda" and info.device.startswith("cuda"):
         device = torch.device(info.device)  # this rank's GPU
-    epochs = args.epochs if args.epochs is not None else (2 if args.quick else 12)
+    epochs = args.epochs if args.epochs is not None else (3 if args.quick else 12)
     per_rank_batch = max(1, args.batch_size // info.world_size)
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     train, test = moving_digits(sequences_per_image=1 if args.quick else 2, seed=args.seed)
-    if args.quick:  # a first look in seconds: a third of the clips
-        train, test = (type(split)(split.inputs[:len(split) // 3], split.labels[:len(split) // 3])
-                       for split in (train, test))
     features = train.inputs.shape[-1]
 
     model = DemoModel(features, args.hidden_size, memory_limit=64 << 20).to(device)
@@ -191,7 +185,7 @@ def _train(args: argparse.Namespace, info) -> dict:
 
             loss = optimizer.step(closure)
             losses.append(loss.item())
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", chased=optimizer.stats["chased_batches"])
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", chased=optimizer.stats["chased_batches"], refresh=False)
         scheduler.step()
         accuracy = _accuracy(model, test, _shard(len(test), info), device, 256, info)
         history.append({"epoch": epoch, "train_loss": sum(losses) / len(losses), "test_accuracy": accuracy,
@@ -202,7 +196,7 @@ def _train(args: argparse.Namespace, info) -> dict:
 
     seconds = time.perf_counter() - start
     bt = model.encoder.input_projection
-    engine_totals = model.head.engine.totals
+    engine_totals = model.head.engine.totals.as_dict()
     report = {
         "launcher": info.launcher, "world_size": info.world_size, "backend": info.backend,
         "device": str(device), "epochs": epochs, "global_batch_size": per_rank_batch * info.world_size,
@@ -244,13 +238,13 @@ def _summary(report: dict, out: Path) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+def run(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise SystemExit(f"--nproc must be >= 1, got {args.nproc}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda asked for, but torch sees no CUDA GPU")
     if args.nproc > 1 and distributed.detect().launcher == "single":
-        return _relaunch_through_torchrun(args, sys.argv[2:] if argv is None else argv)
+        return _relaunch_through_torchrun(args)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     with distributed.init() as info:
         if info.rank == 0:

@@ -416,3 +416,20 @@ def test_stats_report_traffic_against_the_lower_bound(seed):
     assert (stats.bytes_to_device == without_cache) == (stats.cache_hits == 0)
     assert stats.traffic_ratio == pytest.approx((stats.bytes_to_device + stats.bytes_to_host) / stats.lower_bound_bytes)
     assert stats.traffic_ratio > 1.0
+
+
+def test_totals_sum_the_calls_and_count_cache_hits():
+    engine = Engine(["cpu"], memory_limit=1 << 20)
+    A, B = torch.randn(40, 30), torch.randn(30, 20)
+    engine.gemm(A, B)
+    first = engine.stats
+    engine.gemm(A, B)  # the same operands again: served from the tile cache
+    second = engine.stats
+    totals = engine.totals
+    assert totals.calls == 2
+    assert totals.bytes_to_device == first.bytes_to_device + second.bytes_to_device
+    assert totals.cache_hits == first.cache_hits + second.cache_hits and second.cache_hits > 0
+    assert 0.0 < totals.cache_hit_rate < 1.0
+    assert totals.as_dict()["cache_hit_rate"] == totals.cache_hit_rate
+    engine.reset_totals()
+    assert engine.totals.calls == 0 and engine.totals.cache_hit_rate == 0.0

@@ -9,10 +9,10 @@
 """
 from accel.ooc.cache import MemoryAccount, MemoryBudgetExceeded, TileCache
 from accel.ooc.devices import CPUWorker, Worker, make_worker
-from accel.ooc.engine import BlockQueue, Engine, GemmStats
+from accel.ooc.engine import BlockQueue, Engine, EngineTotals, GemmStats
 from accel.ooc.gemm import gemm
 from accel.ooc.plan import Block, DeviceProfile, Plan, make_plan, minimum_memory
 
-__all__ = ["gemm", "Engine", "GemmStats", "BlockQueue", "Plan", "Block", "make_plan", "minimum_memory",
+__all__ = ["gemm", "Engine", "EngineTotals", "GemmStats", "BlockQueue", "Plan", "Block", "make_plan", "minimum_memory",
            "DeviceProfile", "TileCache", "MemoryAccount", "MemoryBudgetExceeded", "Worker", "CPUWorker",
            "make_worker"]

@@ -15,7 +15,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -141,6 +141,42 @@ class GemmStats:
     traffic_ratio: float = 0.0
 
 
+@dataclass
+class EngineTotals:
+    """What an engine did over all its calls since it was made or :meth:`Engine.reset_totals` (``Engine.totals``).
+
+    Attributes:
+        calls (int): finished GEMM calls.
+        seconds (float): engine wall time summed over the calls.
+        bytes_to_device, bytes_to_host (int): bytes copied in and back, summed (see :class:`GemmStats`).
+        cache_hits, cache_misses (int): operand tile lookups served from / missing in the caches, summed.
+    """
+
+    calls: int = 0
+    seconds: float = 0.0
+    bytes_to_device: int = 0
+    bytes_to_host: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+
+    @property
+    def cache_hit_rate(self) -> float:
+        """Fraction of operand tile lookups served from a cache (0 before any lookup)."""
+        lookups = self.cache_hits + self.cache_misses
+        return self.cache_hits / lookups if lookups else 0.0
+
+    def add(self, stats: GemmStats) -> None:
+        self.calls += 1
+        self.seconds += stats.seconds
+        self.bytes_to_device += stats.bytes_to_device
+        self.bytes_to_host += stats.bytes_to_host
+        self.cache_hits += stats.cache_hits
+        self.cache_misses += stats.cache_misses
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "cache_hit_rate": self.cache_hit_rate}
+
+
 class Engine:
     r"""Out-of-core GEMM engine over a set of devices; reusable, and its tile caches persist across calls.
 
@@ -158,7 +194,7 @@ class Engine:
 
         >>> engine = accel.ooc.Engine(["cuda:0", "cuda:1"], memory_limit=8 << 30)
         >>> C = engine.gemm(A, B)            # same as accel.gemm(A, B, engine=engine)
-        >>> engine.stats.traffic_ratio
+        >>> engine.stats.traffic_ratio       # the last call; engine.totals sums all calls
     """
 
     def __init__(self, devices=None, memory_limit: int | None = None, *, persist_cache: bool = True):
@@ -191,6 +227,7 @@ class Engine:
         self.memory_limit = memory_limit
         self.persist_cache = persist_cache
         self.stats: GemmStats | None = None
+        self.totals = EngineTotals()
         self._lock = threading.Lock()
         # one long-lived thread per worker: torch pays a per-thread setup cost on a new thread's first op
         self._threads: dict[int, _WorkerThread] = {}
@@ -208,6 +245,10 @@ class Engine:
         from accel.ooc.gemm import gemm
 
         return gemm(A, B, C, engine=self, **kwargs)
+
+    def reset_totals(self) -> None:
+        """Start :attr:`totals` again from zero."""
+        self.totals = EngineTotals()
 
     def clear_cache(self) -> None:
         """Drop every cached tile on every worker."""
@@ -276,6 +317,7 @@ class Engine:
                 if not self.persist_cache:
                     self.clear_cache()
             self.stats = self._collect(plan, time.perf_counter() - start, retries)
+            self.totals.add(self.stats)
             return self.stats
 
     def _execute(self, problem: Problem) -> None:
