@@ -41,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="global batch size (default: 64)")
     parser.add_argument("--lr", type=float, default=0.1, help="peak learning rate (default: 0.1)")
     parser.add_argument("--hidden-size", type=int, default=64, help="LSTM hidden size (default: 64)")
+    parser.add_argument("--sigma", type=float, default=3.0,
+                        help="ISGD control limit in standard deviations (default: 3.0, the paper's)")
     parser.add_argument("--seed", type=int, default=0, help="seed for data and initialisation (default: 0)")
 
 
@@ -66,7 +68,7 @@ def _relaunch_through_torchrun(args: argparse.Namespace) -> int:
     import subprocess
 
     forwarded = ["--out", str(args.out), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
-                 "--hidden-size", str(args.hidden_size), "--seed", str(args.seed)]
+                 "--hidden-size", str(args.hidden_size), "--sigma", str(args.sigma), "--seed", str(args.seed)]
     forwarded += ["--epochs", str(args.epochs)] if args.epochs is not None else []
     forwarded += ["--device", args.device] if args.device is not None else []
     forwarded += ["--quick"] if args.quick else []
@@ -158,7 +160,8 @@ def _train(args: argparse.Namespace, info) -> dict:
 
     train_indices = _shard(len(train), info)
     batches_per_epoch = -(-len(train_indices) // per_rank_batch)
-    optimizer = ISGD(model.parameters(), lr=args.lr, momentum=0.9, window=batches_per_epoch,
+    # the paper's window: one epoch of batch losses
+    optimizer = ISGD(model.parameters(), lr=args.lr, momentum=0.9, sigma=args.sigma, window=batches_per_epoch,
                      max_chase=3, history=info.rank == 0)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
     loss_fn = nn.CrossEntropyLoss()
