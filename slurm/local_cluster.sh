@@ -140,6 +140,9 @@ start_cluster() {
     echo "AccountingStorageType=accounting_storage/none"
     echo "JobAcctGatherType=jobacct_gather/none"
     echo "JobCompType=jobcomp/none"
+    # Job ids (and so the rendezvous ports init() derives from them) differ between clusters
+    # started side by side on one machine.
+    echo "FirstJobId=$((1000 + RANDOM))"
     echo "MinJobAge=600"          # finished jobs stay visible to `scontrol show job` for 10 min
     echo "SlurmdTimeout=60"
     echo "InactiveLimit=0"
