@@ -138,3 +138,12 @@ def test_errors_name_the_numbers():
         lstm(torch.randn(3, 2, 24, dtype=torch.float64), (h, h))
     with pytest.raises(ValueError, match="nonlinearity must be 'tanh' or 'relu', got 'gelu'"):
         BTRNN(24, 6, nonlinearity="gelu")
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_parity_without_bias(seed, kind):
+    torch.manual_seed(seed)
+    bt = make(kind, bias=False, num_layers=2)
+    assert bt.input_projection.bias is None and not hasattr(bt, "bias_hh_l0")
+    x = torch.randn(4, 3, INPUT, dtype=torch.float64)
+    torch.testing.assert_close(bt(x)[0], bt.to_dense_module()(x)[0], rtol=1e-9, atol=1e-10)
