@@ -362,3 +362,19 @@ def test_public_names_and_plot(tmp_path, seed):
     assert path.stat().st_size > 1000
     with pytest.raises(ValueError, match="history=True"):
         plot_control_chart([], path)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_foreach_default_matches_cpu_for_loop(seed):
+    """On CUDA foreach is the default (as in torch.optim.SGD); it must agree with the CPU for-loop path, chases included."""
+    batches = regression_batches(seed)
+    settings = dict(lr=0.05, momentum=0.9, window=N_BATCHES, max_chase=3, history=True)
+    cpu_model, cuda_model = mlp(seed), mlp(seed).cuda()
+    cpu_opt = ISGD(cpu_model.parameters(), foreach=False, **settings)
+    cuda_opt = ISGD(cuda_model.parameters(), **settings)
+    train(cpu_opt, cpu_model, batches)
+    train(cuda_opt, cuda_model, [(x.cuda(), y.cuda()) for x, y in batches])
+    assert cuda_opt.stats["chased_batches"] == cpu_opt.stats["chased_batches"] > 0
+    for a, b in zip(cpu_model.parameters(), cuda_model.parameters()):
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-4, atol=1e-5)
