@@ -17,3 +17,7 @@ def seed():
     value = int.from_bytes(os.urandom(4), "little")
     print(f"seed={value}")
     return value
+
+
+# The local SLURM cluster is one session fixture for every test module that needs it (started once).
+from slurm_cluster import cluster  # noqa: E402,F401

@@ -13,7 +13,6 @@ import pytest
 import procs
 from accel.distributed import slurm_port
 from scripts.dist_report import read_reports
-from slurm_cluster import cluster  # noqa: F401  (the session fixture)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.multiprocess]
 REPORT = "tests/scripts/dist_report.py"
