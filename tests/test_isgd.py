@@ -1,3 +1,4 @@
+import copy
 import io
 import itertools
 import math
@@ -378,3 +379,21 @@ def test_cuda_foreach_default_matches_cpu_for_loop(seed):
     assert cuda_opt.stats["chased_batches"] == cpu_opt.stats["chased_batches"] > 0
     for a, b in zip(cpu_model.parameters(), cuda_model.parameters()):
         torch.testing.assert_close(b.cpu(), a, rtol=1e-4, atol=1e-5)
+
+
+def test_inconsistent_around_plain_sgd_is_isgd(seed):
+    """With momentum-free SGD as the base, the wrapper's chase (SGD.step on the subproblem gradient) is ISGD's."""
+    batches = regression_batches(seed)
+    settings = dict(window=N_BATCHES, max_chase=3, epsilon=0.1)
+    isgd_model, wrapped_model = mlp(seed), mlp(seed)
+    isgd = ISGD(isgd_model.parameters(), lr=0.05, **settings)
+    wrapped = Inconsistent(torch.optim.SGD(wrapped_model.parameters(), lr=0.05), **settings)
+    train(isgd, isgd_model, batches)
+    train(wrapped, wrapped_model, batches)
+    assert isgd.stats["chased_batches"] > 0 and repr(wrapped.stats) == repr(isgd.stats)
+    for a, b in zip(isgd_model.parameters(), wrapped_model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+    # pickling (deepcopy, torch.save of the optimizer object) keeps the chart
+    clone = copy.deepcopy(isgd)
+    assert repr(clone.stats) == repr(isgd.stats) and clone.chart.values == isgd.chart.values
+    assert copy.deepcopy(wrapped).chart.values == wrapped.chart.values
