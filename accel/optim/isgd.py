@@ -132,8 +132,9 @@ class ISGD(Optimizer):
 
     @property
     def stats(self) -> dict[str, Any]:
-        """Batches seen, batches chased, extra forward/backward passes (and their fraction of batches),
-        non-finite losses, and the chart's current mean, std, limit and warm flag."""
+        """Batches seen, batches chased (flagged by the chart; with ``max_chase=0`` ISGD only monitors and this
+        counts the flags), extra forward/backward passes (and their fraction of batches), non-finite losses, and
+        the chart's current mean, std, limit and warm flag."""
         return self._chase.stats
 
     @property
