@@ -33,6 +33,40 @@ def child_env(**overrides: str) -> dict[str, str]:
     return env
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (torchrun puts its workers in sessions of their own, so the
+    process group alone does not reach them)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parent = int(stat.rsplit(")", 1)[1].split()[1])
+            parents.setdefault(parent, []).append(int(entry.name))
+    found, frontier = [], [pid]
+    while frontier:
+        children = parents.get(frontier.pop(), [])
+        found += children
+        frontier += children
+    return found
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL ``pid``'s process group and every descendant: only what this test started."""
+    victims = _descendants(pid)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for victim in victims:
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def run(cmd: list[str], *, timeout: float, env: dict[str, str] | None = None,
         cwd: str | Path | None = None) -> subprocess.CompletedProcess:
     """Run ``cmd`` to completion; on timeout kill its process group and raise with its output."""
@@ -42,8 +76,11 @@ def run(cmd: list[str], *, timeout: float, env: dict[str, str] | None = None,
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
+        _kill_tree(proc.pid)
+        try:
+            out, _ = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:  # a grandchild we could not see still holds the pipe
+            out = "(output unavailable: the pipe is still held open)"
         raise AssertionError(f"{' '.join(map(str, cmd))} did not finish in {timeout}s; output:\n{out}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, None)
 
