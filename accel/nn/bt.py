@@ -126,20 +126,19 @@ def _rebuild(in_shape, out_shape, ranks, num_blocks):
     return opt_einsum.contract_expression(eq, *shapes, optimize=info.path), int(info.opt_cost)
 
 
-# The factorized path's pairwise contractions are small and memory-bound; they run at a fraction of
-# a dense GEMM's speed (measured 3.5x-11x slower per flop on the development CPU, experiments/bt_speed.py).
-# Its flops are counted this many times over before comparing with rebuilding W.
+# Pairwise contractions of cores, factors and input are small and memory-bound: per flop they run
+# several times slower than one dense GEMM (3.5x-11x measured on the development CPU,
+# experiments/bt_speed.py). Their flops (the factorized path, and the rebuild of W) count this many
+# times over when compared with the GEMM of the dense path.
 FACTORIZED_FLOP_PENALTY = 4.0
 
 
-def _costs(in_shape, out_shape, ranks, num_blocks, batch) -> tuple[int, int]:
-    """opt_einsum flop estimates of the forward pass: (factorized, rebuild W then one dense matmul).
-
-    The backward pass costs about twice the forward for either choice, so the forward decides.
-    """
-    factorized = _factorized(in_shape, out_shape, ranks, num_blocks, batch)[1]
-    rebuild = _rebuild(in_shape, out_shape, ranks, num_blocks)[1]
-    return factorized, rebuild + 2 * batch * math.prod(in_shape) * math.prod(out_shape)
+def _costs(in_shape, out_shape, ranks, num_blocks, batch) -> dict:
+    """opt_einsum flop estimates of the forward pass: the factorized contraction, the rebuild of W,
+    and the dense matmul with W. The backward pass costs about twice the forward for either choice."""
+    return {"factorized": _factorized(in_shape, out_shape, ranks, num_blocks, batch)[1],
+            "rebuild": _rebuild(in_shape, out_shape, ranks, num_blocks)[1],
+            "matmul": 2 * batch * math.prod(in_shape) * math.prod(out_shape)}
 
 
 class BTLinear(nn.Module):
@@ -157,8 +156,8 @@ class BTLinear(nn.Module):
             entry per mode, each at most ``I_k * J_k``. Default: 4.
         num_blocks (int): the number ``N`` of Tucker blocks. Default: 2.
         bias (bool): if ``False``, the layer learns no additive bias. Default: ``True``.
-        contraction (str): ``"auto"`` (per batch size, the factorized path unless rebuilding ``W`` costs
-            fewer than ``FACTORIZED_FLOP_PENALTY`` (4) times its flops), ``"factorized"`` (always
+        contraction (str): ``"auto"`` (per batch size, by flops, where those of the small contractions
+            count ``FACTORIZED_FLOP_PENALTY`` (4) times those of a dense GEMM), ``"factorized"`` (always
             contract through the factors) or ``"dense"`` (always rebuild ``W``). Default: ``"auto"``.
         device, dtype: of the parameters, as for ``nn.Linear``.
 
@@ -267,15 +266,16 @@ class BTLinear(nn.Module):
         """Whether a forward pass over ``batch`` rows rebuilds the dense weight."""
         if self.contraction != "auto":
             return self.contraction == "dense"
-        factorized, dense = _costs(*self._key(), batch)
-        # opt_einsum's path space includes "rebuild W first", so at large batches the raw costs tie;
-        # one dense GEMM (F.linear) then runs faster than the same flops spread over pairwise steps.
-        return dense <= FACTORIZED_FLOP_PENALTY * factorized
+        cost = _costs(*self._key(), batch)
+        # opt_einsum's path space includes "rebuild W first", so at large batches the factorized path
+        # is the rebuild plus the matmul; ties go to the dense path (one GEMM through F.linear).
+        return (FACTORIZED_FLOP_PENALTY * cost["rebuild"] + cost["matmul"]
+                <= FACTORIZED_FLOP_PENALTY * cost["factorized"])
 
     def cost(self, batch: int) -> dict:
-        """opt_einsum flop estimates of the forward pass: ``{"factorized": ..., "dense": ...}``."""
-        factorized, dense = _costs(*self._key(), batch)
-        return {"factorized": factorized, "dense": dense}
+        """opt_einsum flop estimates of the forward pass over ``batch`` rows:
+        ``{"factorized": ..., "rebuild": ..., "matmul": ...}`` (the dense path is rebuild + matmul)."""
+        return _costs(*self._key(), batch)
 
     def to_dense(self) -> torch.Tensor:
         """The weight as an ``(out_features, in_features)`` matrix, like ``nn.Linear.weight``."""
