@@ -9,7 +9,8 @@
 """
 from accel.ooc.cache import MemoryAccount, MemoryBudgetExceeded, TileCache
 from accel.ooc.devices import CPUWorker, Worker, make_worker
-from accel.ooc.engine import BlockQueue, Engine, EngineTotals, GemmStats
+from accel.ooc.engine import BlockQueue, Engine
+from accel.ooc.stats import EngineTotals, GemmStats
 from accel.ooc.gemm import gemm
 from accel.ooc.plan import Block, DeviceProfile, Plan, make_plan, minimum_memory
 
