@@ -19,7 +19,9 @@ def test_low_rank_recovers_true_block_term_structure(seed):
     torch.manual_seed(seed)
     source = BTLinear(64, 64, in_shape=(4, 4, 4), out_shape=(4, 4, 4), ranks=2, num_blocks=2, dtype=torch.float64)
     weight = source.to_dense().detach()
-    layer = BTLinear.from_dense(weight, in_shape=(4, 4, 4), out_shape=(4, 4, 4), ranks=2, num_blocks=2)
+    # BTD is non-convex: with 8 random starts 2 of 30 random instances stalled at 2-8% error, with 24 none did
+    layer = BTLinear.from_dense(weight, in_shape=(4, 4, 4), out_shape=(4, 4, 4), ranks=2, num_blocks=2,
+                                num_restarts=24)
     measured = (layer.to_dense() - weight).norm() / weight.norm()
     assert abs(measured.item() - layer.reconstruction_error) < 1e-9  # the reported error is the true one
     assert layer.reconstruction_error < 1e-2

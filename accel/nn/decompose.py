@@ -125,7 +125,7 @@ def _refine(tensor, blocks, n_iter, tol) -> float:
 def block_term_decomposition(weight, *, in_shape: Sequence[int] | None = None,
                              out_shape: Sequence[int] | None = None, ranks: int | Sequence[int] = 4,
                              num_blocks: int = 2, n_iter: int = 50, tol: float = 1e-10,
-                             num_restarts: int = 8, tucker_iter: int = 10, random_state: int | None = 0):
+                             num_restarts: int = 16, tucker_iter: int = 10, random_state: int | None = 0):
     r"""Approximate a weight as a sum of ``num_blocks`` Tucker blocks.
 
     Args:
@@ -142,7 +142,7 @@ def block_term_decomposition(weight, *, in_shape: Sequence[int] | None = None,
         tol (float): stop a refinement when a sweep improves the error by less than this fraction,
             or when the relative error falls below it. Default: 1e-10.
         num_restarts (int): random starts tried besides the greedy one, in the compressed space;
-            the best is kept. Default: 8.
+            the best is kept (cheap: they run in the small compressed core). Default: 16.
         tucker_iter (int): HOOI iterations per Tucker fit. Default: 10.
         random_state (int, optional): passed to tensorly. Default: 0.
 
