@@ -49,14 +49,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 class DemoModel(nn.Module):
     """BT-LSTM encoder -> last hidden state -> out-of-core linear head."""
 
-    def __init__(self, input_size: int, hidden_size: int, *, memory_limit: int):
+    def __init__(self, input_size: int, hidden_size: int, *, device: torch.device, memory_limit: int):
         super().__init__()
         from accel.nn import BTLSTM, OutOfCoreLinear
 
-        self.encoder = BTLSTM(input_size, hidden_size, batch_first=True, ranks=8, num_blocks=2)
-        # devices=["cpu"]: the head is small; the point is that its weight stays in host memory and
-        # its three matmuls per step go through the engine, tile cache included.
-        self.head = OutOfCoreLinear(hidden_size, NUM_CLASSES, devices=["cpu"], memory_limit=memory_limit)
+        self.encoder = BTLSTM(input_size, hidden_size, batch_first=True, ranks=8, num_blocks=2, device=device)
+        # The head's weight stays in host memory whatever the device; its three matmuls per step run
+        # on this rank's device through the out-of-core engine (tile cache included).
+        self.head = OutOfCoreLinear(hidden_size, NUM_CLASSES, devices=[str(device)], memory_limit=memory_limit)
 
     def forward(self, clips: torch.Tensor) -> torch.Tensor:
         _, (hidden, _) = self.encoder(clips)
@@ -149,7 +149,7 @@ def _train(args: argparse.Namespace, info) -> dict:
     train, test = moving_digits(sequences_per_image=1 if args.quick else 2, seed=args.seed)
     features = train.inputs.shape[-1]
 
-    model = DemoModel(features, args.hidden_size, memory_limit=64 << 20).to(device)
+    model = DemoModel(features, args.hidden_size, device=device, memory_limit=64 << 20)
     encoder = model.encoder
     head_group = None
     if info.world_size > 1:
@@ -249,7 +249,8 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc > 1 and distributed.detect().launcher == "single":
         return _relaunch_through_torchrun(args)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    with distributed.init() as info:
+    # --device cpu on a GPU machine: gloo, since nccl cannot reduce host tensors
+    with distributed.init(backend="gloo" if args.device == "cpu" else None) as info:
         if info.rank == 0:
             print(f"accel demo: rank 0 of {info.world_size} ({info.launcher}, {info.backend or 'no process group'})",
                   flush=True)
