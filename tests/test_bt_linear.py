@@ -17,7 +17,7 @@ SHAPES = {  # d -> (in_shape, out_shape)
 
 @pytest.mark.parametrize("d", sorted(SHAPES))
 @pytest.mark.parametrize("num_blocks,ranks", [(1, 2), (2, 3), (3, 1)])
-@pytest.mark.parametrize("contraction", ["factorized", "dense", "auto"])
+@pytest.mark.parametrize("contraction", ["factorized", "gemm", "einsum", "dense", "auto"])
 def test_contraction_equals_dense_weight(seed, d, num_blocks, ranks, contraction):
     torch.manual_seed(seed)
     in_shape, out_shape = SHAPES[d]
@@ -35,7 +35,7 @@ def test_contraction_equals_dense_weight(seed, d, num_blocks, ranks, contraction
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-11)
 
 
-@pytest.mark.parametrize("contraction", ["factorized", "dense"])
+@pytest.mark.parametrize("contraction", ["gemm", "einsum", "dense"])
 def test_gradcheck(seed, contraction):
     torch.manual_seed(seed)
     layer = BTLinear(24, 12, in_shape=(2, 3, 4), out_shape=(3, 2, 2), ranks=2, num_blocks=2,
@@ -145,16 +145,77 @@ def test_errors_name_the_numbers():
     assert BTLinear(20, 6, in_shape=(4, 5), out_shape=(2, 3), ranks=100).ranks == (8, 15)  # an int is capped
 
 
-def test_cpu_pieces_match_one_piece(seed):
+@pytest.mark.parametrize("contraction", ["gemm", "einsum"])
+def test_cpu_pieces_match_one_piece(seed, contraction):
     """The batch is split on CPU to bound intermediates; the result must not depend on the split."""
     torch.manual_seed(seed)
     layer = BTLinear(120, 24, in_shape=(4, 5, 6), out_shape=(2, 3, 4), ranks=2, num_blocks=2,
-                     contraction="factorized", dtype=torch.float64)
+                     contraction=contraction, dtype=torch.float64)
     x = torch.randn(37, 120, dtype=torch.float64)
     whole = layer(x)
     layer.max_intermediate_bytes = 1  # one row per piece
     assert layer.chunk_size(37, x) == 1
     torch.testing.assert_close(layer(x), whole, rtol=1e-12, atol=1e-12)
-    layer.max_intermediate_bytes = 20_000  # about 10 rows (8,880 float64 intermediates for 37 rows)
+    layer.max_intermediate_bytes = 20_000  # several rows (each row's largest intermediate is 480-960 bytes)
     assert 1 < layer.chunk_size(37, x) < 37
     torch.testing.assert_close(layer(x), whole, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("d", sorted(SHAPES))
+def test_gemm_chain_gradcheck_every_order(seed, d):
+    """The hand-written backward of the GEMM chain, input gradient included, for d = 2..5."""
+    from accel.nn.bt_contract import gemm_chain_contract
+
+    torch.manual_seed(seed)
+    in_shape, out_shape = SHAPES[d]
+    layer = BTLinear(math.prod(in_shape), math.prod(out_shape), in_shape=in_shape, out_shape=out_shape, ranks=2,
+                     num_blocks=2, contraction="gemm", dtype=torch.float64)
+    x = torch.randn(3, layer.in_features, dtype=torch.float64, requires_grad=True)
+
+    def f(x, core, *factors):
+        return gemm_chain_contract(x, core, factors, layer.in_shape, layer.out_shape, layer.ranks)
+    assert torch.autograd.gradcheck(f, (x, layer.core, *layer.factors))
+
+
+@pytest.mark.parametrize("d", sorted(SHAPES))
+def test_gemm_chain_matches_einsum_twin(seed, d):
+    """The GEMM chain against the opt_einsum path on the same weights: outputs and all gradients."""
+    torch.manual_seed(seed)
+    in_shape, out_shape = SHAPES[d]
+    gemm = BTLinear(math.prod(in_shape), math.prod(out_shape), in_shape=in_shape, out_shape=out_shape, ranks=(2,) * d,
+                    num_blocks=3, contraction="gemm", dtype=torch.float64)
+    einsum = BTLinear(gemm.in_features, gemm.out_features, in_shape=in_shape, out_shape=out_shape, ranks=(2,) * d,
+                      num_blocks=3, contraction="einsum", dtype=torch.float64)
+    einsum.load_state_dict(gemm.state_dict())
+    x = torch.randn(5, 2, gemm.in_features, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(5, 2, gemm.out_features, dtype=torch.float64)
+    results = []
+    for layer in (gemm, einsum):
+        y = layer(x)
+        results.append((y, *torch.autograd.grad(y, [x, layer.core, *layer.factors, layer.bias], grad_out)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_factorized_method_rule():
+    ucf11 = BTLinear(57600, 1024, in_shape=(8, 20, 20, 18), out_shape=(16, 4, 4, 4), ranks=4, num_blocks=2)
+    assert ucf11.factorized_method(96) == "gemm" and not ucf11.uses_dense(96)
+    cost = ucf11.cost(96)
+    assert cost["factorized"] == cost["gemm"] <= 1.15 * cost["einsum"]
+    # the last mode (8) grows to N J R = 64 columns: the chain costs 1.4x the flops and is not used
+    frames = BTLinear(12288, 1024, in_shape=(16, 12, 8, 8), out_shape=(16, 4, 4, 4), ranks=4, num_blocks=4)
+    cost = frames.cost(128)
+    assert frames.factorized_method(128) == "einsum"
+    assert cost["gemm"] > 1.15 * cost["einsum"] == 1.15 * cost["factorized"]
+    one_mode = BTLinear(6, 4, in_shape=(6,), out_shape=(4,), contraction="factorized")
+    assert one_mode.factorized_method(8) == "einsum" and one_mode.cost(8)["gemm"] is None
+    assert one_mode(torch.randn(8, 6)).shape == (8, 4)
+    with pytest.raises(ValueError, match=r"needs at least 2 modes, got in_shape=\(6,\)"):
+        BTLinear(6, 4, in_shape=(6,), out_shape=(4,), contraction="gemm")
+
+
+def test_empty_batch_every_contraction(seed):
+    torch.manual_seed(seed)
+    for contraction in ("auto", "gemm", "einsum", "dense"):
+        layer = BTLinear(24, 12, in_shape=(2, 3, 4), out_shape=(3, 2, 2), contraction=contraction)
+        assert layer(torch.randn(0, 24)).shape == (0, 12)

@@ -7,8 +7,9 @@ written as a sum of ``N`` Tucker blocks (Ye et al., CVPR 2018)::
     W[i_1..i_d, j_1..j_d] = sum_n sum_r core[n, r_1..r_d] * prod_k factors[k][n, i_k, j_k, r_k]
 
 The forward pass never rebuilds ``W`` unless a cost model says that is cheaper for the batch at
-hand: it contracts the input with the cores and factors along an ``opt_einsum`` path chosen per
-batch size and cached.
+hand: it contracts the input with the cores and factors, either as a chain of plain GEMMs with a
+hand-written backward (:mod:`accel.nn.bt_contract`) or along an ``opt_einsum`` path chosen per batch
+size and cached (the reference twin, and the fallback where the chain costs many more flops).
 """
 from __future__ import annotations
 
@@ -20,9 +21,11 @@ import opt_einsum
 import torch
 from torch import nn
 
+from accel.nn.bt_contract import gemm_chain_contract, gemm_chain_flops, gemm_chain_largest
+
 __all__ = ["BTLinear", "balanced_factors"]
 
-_CONTRACTIONS = ("auto", "factorized", "dense")
+_CONTRACTIONS = ("auto", "factorized", "gemm", "einsum", "dense")
 
 
 def balanced_factors(n: int, num_factors: int) -> tuple[int, ...]:
@@ -132,11 +135,33 @@ def _rebuild(in_shape, out_shape, ranks, num_blocks):
 # times over when compared with the GEMM of the dense path.
 FACTORIZED_FLOP_PENALTY = 4.0
 
+# The GEMM chain consumes the input modes from the last one, which is not always the flop-optimal
+# order. It is used when it costs at most this many times the flops of the opt_einsum path: measured
+# (experiments/bt_speed.py, CPU) it ran 1.3-1.8x faster than opt_einsum at 1.07x and 1.09x the flops
+# (UCF11, Hollywood2 settings), and 1.5-2.5x slower at 1.38x (16x12x8x8, N=4, whose last mode of 8
+# grows to N J R = 64 columns).
+GEMM_CHAIN_MAX_EXTRA_FLOPS = 1.15
+
+
+@functools.lru_cache(maxsize=256)
+def _factorized_method(in_shape, out_shape, ranks, num_blocks, batch) -> str:
+    """``"gemm"`` or ``"einsum"``: how ``contraction="factorized"`` contracts a batch of this size."""
+    if len(in_shape) < 2:
+        return "einsum"
+    einsum_flops = _factorized(in_shape, out_shape, ranks, num_blocks, batch)[1]
+    chain_flops = gemm_chain_flops(in_shape, out_shape, ranks, num_blocks, batch)
+    return "gemm" if chain_flops <= GEMM_CHAIN_MAX_EXTRA_FLOPS * einsum_flops else "einsum"
+
 
 def _costs(in_shape, out_shape, ranks, num_blocks, batch) -> dict:
-    """opt_einsum flop estimates of the forward pass: the factorized contraction, the rebuild of W,
-    and the dense matmul with W. The backward pass costs about twice the forward for either choice."""
-    return {"factorized": _factorized(in_shape, out_shape, ranks, num_blocks, batch)[1],
+    """Flop estimates of the forward pass: the opt_einsum path (``"einsum"``), the GEMM chain
+    (``"gemm"``, ``None`` for d = 1), the factorized method in use (``"factorized"``, the one of those
+    two that ``_factorized_method`` picks), the rebuild of W and the dense matmul with W. The backward
+    pass costs about twice the forward for any choice."""
+    key = (in_shape, out_shape, ranks, num_blocks, batch)
+    einsum = _factorized(*key)[1]
+    gemm = gemm_chain_flops(*key) if len(in_shape) >= 2 else None
+    return {"factorized": gemm if _factorized_method(*key) == "gemm" else einsum, "einsum": einsum, "gemm": gemm,
             "rebuild": _rebuild(in_shape, out_shape, ranks, num_blocks)[1],
             "matmul": 2 * batch * math.prod(in_shape) * math.prod(out_shape)}
 
@@ -158,7 +183,11 @@ class BTLinear(nn.Module):
         bias (bool): if ``False``, the layer learns no additive bias. Default: ``True``.
         contraction (str): ``"auto"`` (per batch size, by flops, where those of the small contractions
             count ``FACTORIZED_FLOP_PENALTY`` (4) times those of a dense GEMM), ``"factorized"`` (always
-            contract through the factors) or ``"dense"`` (always rebuild ``W``). Default: ``"auto"``.
+            contract through the factors, by ``"gemm"`` or ``"einsum"``: the GEMM chain unless it costs
+            more than ``GEMM_CHAIN_MAX_EXTRA_FLOPS`` (1.15) times the flops of the opt_einsum path, or
+            d = 1), ``"gemm"`` (the chain of GEMMs with a hand-written backward, d >= 2), ``"einsum"``
+            (the opt_einsum path with autograd) or ``"dense"`` (always rebuild ``W``).
+            Default: ``"auto"``.
         device, dtype: of the parameters, as for ``nn.Linear``.
 
     Shape:
@@ -194,6 +223,8 @@ class BTLinear(nn.Module):
             raise ValueError(f"in_shape={self.in_shape} and out_shape={self.out_shape} must have the same "
                              f"number of modes, got {len(self.in_shape)} and {len(self.out_shape)}")
         self.ranks = self._check_ranks(ranks)
+        if contraction == "gemm" and len(self.in_shape) < 2:
+            raise ValueError(f"contraction='gemm' needs at least 2 modes, got in_shape={self.in_shape}")
         self.in_features, self.out_features, self.num_blocks = in_features, out_features, num_blocks
         self.contraction = contraction
         self.max_intermediate_bytes = 8 * 2**20
@@ -273,9 +304,16 @@ class BTLinear(nn.Module):
                 <= FACTORIZED_FLOP_PENALTY * cost["factorized"])
 
     def cost(self, batch: int) -> dict:
-        """opt_einsum flop estimates of the forward pass over ``batch`` rows:
-        ``{"factorized": ..., "rebuild": ..., "matmul": ...}`` (the dense path is rebuild + matmul)."""
+        """Flop estimates of the forward pass over ``batch`` rows: ``{"factorized": ..., "einsum": ...,
+        "gemm": ..., "rebuild": ..., "matmul": ...}`` (the dense path is rebuild + matmul;
+        ``"factorized"`` is the one of ``"gemm"``/``"einsum"`` that ``factorized_method`` uses)."""
         return _costs(*self._key(), batch)
+
+    def factorized_method(self, batch: int) -> str:
+        """``"gemm"`` or ``"einsum"``: how a factorized forward pass over ``batch`` rows contracts."""
+        if self.contraction in ("gemm", "einsum"):
+            return self.contraction
+        return _factorized_method(*self._key(), batch)
 
     def to_dense(self) -> torch.Tensor:
         """The weight as an ``(out_features, in_features)`` matrix, like ``nn.Linear.weight``."""
@@ -291,8 +329,10 @@ class BTLinear(nn.Module):
         if self.uses_dense(batch):
             y = nn.functional.linear(x, self.to_dense(), self.bias)
         else:
+            method = self.factorized_method(batch) if batch else "einsum"  # the chain reshapes by batch
             pieces = x.split(self.chunk_size(batch, x)) if batch else [x]
-            y = torch.cat([self._contract(p) for p in pieces]) if len(pieces) > 1 else self._contract(x)
+            y = self._contract(x, method) if len(pieces) == 1 else torch.cat([self._contract(p, method)
+                                                                               for p in pieces])
             if self.bias is not None:
                 y = y + self.bias
         return y.reshape(*leading, self.out_features)
@@ -308,12 +348,18 @@ class BTLinear(nn.Module):
         if batch <= 1 or (input is not None and input.device.type != "cpu"):
             return max(batch, 1)
         element = (input.element_size() if input is not None else self.core.element_size())
-        per_row = _factorized(*self._key(), batch)[2] * element / batch
+        if self.factorized_method(batch) == "gemm":
+            largest = gemm_chain_largest(*self._key(), batch)
+        else:
+            largest = _factorized(*self._key(), batch)[2]
+        per_row = largest * element / batch
         rows = max(1, int(self.max_intermediate_bytes // max(per_row, 1)))
         pieces = math.ceil(batch / rows)
         return math.ceil(batch / pieces)  # equal pieces: at most two cached expressions
 
-    def _contract(self, x: torch.Tensor) -> torch.Tensor:
+    def _contract(self, x: torch.Tensor, method: str) -> torch.Tensor:
+        if method == "gemm":
+            return gemm_chain_contract(x, self.core, self.factors, self.in_shape, self.out_shape, self.ranks)
         expression = _factorized(*self._key(), x.shape[0])[0]
         y = expression(x.reshape(x.shape[0], *self.in_shape), self.core, *self.factors, backend="torch")
         return y.reshape(x.shape[0], self.out_features)

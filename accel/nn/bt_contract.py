@@ -1,0 +1,181 @@
+"""The block-term contraction ``y = x W`` as a chain of plain GEMMs with a hand-written backward.
+
+Why not ``opt_einsum`` + autograd: its pairwise steps contract over many small indices, and autograd
+copies the gradients of the transposed/strided views between them. Here every step is one
+``mm``/``bmm`` whose large operand is a contiguous reshape (transposed operands are free in BLAS),
+and the only permutes of large tensors are two explicit ones (forward and backward).
+
+Order, for ``x`` of shape ``(B, I_0, .., I_{d-1})``, ``N`` blocks and ``d >= 2`` modes:
+
+1. for ``k = d-1 .. 2``: consume the innermost input mode ``I_k`` with factor ``k``; its output modes
+   ``(J_k, R_k)`` are prepended, so the next input mode becomes innermost. One GEMM each (the
+   first merges the ``N`` blocks into its columns, the others are batched over blocks).
+2. one permute to ``(N, B, I_0, J_2..J_{d-1}, R_2..R_{d-1}, I_1)``, then contract
+   ``(R_2..R_{d-1}, I_1)`` with the core merged into factor 1 (``C``, small).
+3. a small permute and one GEMM with factor 0 that also sums over the blocks.
+
+The small weight reshapes (``C``, the factor matrices) are done by ordinary autograd outside.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["gemm_chain_contract", "gemm_chain_flops", "gemm_chain_largest"]
+
+
+def _mode_matrices(core, factors):
+    """The weights as the matrices the GEMM chain uses (small tensors; differentiable)."""
+    d = len(factors)
+    num_blocks = core.shape[0]
+    # factor k (k >= 2) as (N, J_k R_k, I_k)
+    mode = [f.permute(0, 2, 3, 1).reshape(num_blocks, -1, f.shape[1]) for f in factors[:1:-1]]
+    # core merged with factor 1: (N, R_2..R_{d-1} I_1, R_0 J_1)
+    r0 = core.shape[1]
+    core3 = core.reshape(num_blocks, r0, core.shape[2], -1)  # (N, R_0, R_1, Rmid)
+    merged = torch.einsum("nabm,nijb->nmiaj", core3, factors[1])
+    merged = merged.reshape(num_blocks, -1, r0 * factors[1].shape[2])
+    # factor 0 as (N R_0 I_0, J_0)
+    first = factors[0].permute(0, 3, 1, 2).reshape(-1, factors[0].shape[2])
+    return mode, merged, first
+
+
+class _GemmChain(torch.autograd.Function):
+    """The chain of GEMMs; ``mode``, ``merged`` and ``first`` come from :func:`_mode_matrices`.
+
+    The batch stays the outermost dimension of the mode steps: with the new modes prepended per
+    sample, each GEMM writes rows of a few hundred or thousand contiguous elements (one
+    ``(N J R) x (rest)`` matrix per sample). Prepending to the whole batch at once writes rows of
+    millions of elements, which MKL ran 2-5x slower on the development CPU.
+    """
+
+    @staticmethod
+    def forward(ctx, x, shapes, merged, first, *mode):
+        in_shape, out_shape, ranks, num_blocks = shapes
+        d = len(in_shape)
+        batch = x.shape[0]
+        saved_inputs = []
+        t = x
+        for step, matrix in enumerate(mode):  # k = d-1 .. 2
+            size = in_shape[d - 1 - step]
+            saved_inputs.append(t)
+            if step == 0:  # (N J R, I) @ (B, I, rest) -> (B, N J R, rest)
+                t = torch.matmul(matrix.reshape(-1, size), x.reshape(batch, -1, size).transpose(1, 2))
+            else:  # (N, J R, I) @ (B, N, I, rest) -> (B, N, J R, rest)
+                t = torch.matmul(matrix, t.reshape(batch, num_blocks, -1, size).transpose(2, 3))
+        jmid, rmid = out_shape[2:], ranks[2:]
+        rows = batch * in_shape[0] * math.prod(jmid)
+        if d == 2:
+            p = x.reshape(1, -1, in_shape[1]).expand(num_blocks, -1, -1)
+        else:
+            # t is (B, N, J_2, R_2, .., J_{d-1}, R_{d-1}, I_0, I_1)
+            m = d - 2
+            t = t.reshape(batch, num_blocks, *[s for jr in zip(jmid, rmid) for s in jr], in_shape[0], in_shape[1])
+            order = [1, 0, 2 * m + 2, *range(2, 2 * m + 2, 2), *range(3, 2 * m + 2, 2), 2 * m + 3]
+            p = t.permute(order).reshape(num_blocks, rows, -1)
+        z = torch.bmm(p, merged)  # (N, B I_0 Jmid, R_0 J_1)
+        # -> (B, J_1, Jmid, N, R_0, I_0)
+        z6 = z.reshape(num_blocks, batch, in_shape[0], math.prod(jmid), ranks[0], out_shape[1])
+        zp = z6.permute(1, 5, 3, 0, 4, 2).reshape(batch * out_shape[1] * math.prod(jmid), -1)
+        y = torch.mm(zp, first)  # (B J_1 Jmid, J_0)
+        y = y.reshape(batch, -1, out_shape[0]).transpose(1, 2).reshape(batch, -1)
+        ctx.shapes = shapes
+        ctx.save_for_backward(x, merged, first, p if d > 2 else x, zp, *mode, *saved_inputs[1:])
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        in_shape, out_shape, ranks, num_blocks = ctx.shapes
+        d = len(in_shape)
+        x, merged, first, p, zp, *rest = ctx.saved_tensors
+        mode, saved_inputs = rest[:d - 2], [x, *rest[d - 2:]]
+        batch = x.shape[0]
+        jmid, rmid = out_shape[2:], ranks[2:]
+        g = grad_y.reshape(batch, out_shape[0], -1).transpose(1, 2).reshape(-1, out_shape[0])
+        grad_first = torch.mm(zp.t(), g)
+        gz = torch.mm(g, first.t())  # (B J_1 Jmid, N R_0 I_0)
+        gz = gz.reshape(batch, out_shape[1], math.prod(jmid), num_blocks, ranks[0], in_shape[0])
+        gz = gz.permute(3, 0, 5, 2, 4, 1).reshape(num_blocks, batch * in_shape[0] * math.prod(jmid), -1)
+        if d == 2:
+            p = x.reshape(1, -1, in_shape[1]).expand(num_blocks, -1, -1)
+        grad_merged = torch.bmm(p.transpose(1, 2), gz)
+        need_x = ctx.needs_input_grad[0]
+        grad_mode = [None] * (d - 2)
+        grad_x = None
+        if d == 2:
+            if need_x:
+                grad_x = torch.bmm(gz, merged.transpose(1, 2)).sum(0).reshape(x.shape)
+            return (grad_x, None, grad_merged, grad_first)
+        # the mode steps need the gradient of the big intermediate whether or not x needs one
+        m = d - 2
+        gp = torch.bmm(gz, merged.transpose(1, 2))  # (N, B I_0 Jmid, Rmid I_1)
+        gp = gp.reshape(num_blocks, batch, in_shape[0], *jmid, *rmid, in_shape[1])
+        order = [1, 0, *[a for k in range(m) for a in (3 + k, 3 + m + k)], 2, 3 + 2 * m]
+        gt = gp.permute(order)  # (B, N, J_2, R_2, .., I_0, I_1)
+        for step in range(m - 1, -1, -1):
+            size = in_shape[d - 1 - step]
+            matrix, t_in = mode[step], saved_inputs[step]
+            if step == 0:  # t = F (N J R, I) @ x (B, I, rest)
+                gt3 = gt.reshape(batch, -1, x[0].numel() // size)  # (B, N J R, rest)
+                x3 = x.reshape(batch, -1, size)
+                grad_mode[0] = torch.bmm(gt3, x3).sum(0).reshape(matrix.shape)
+                if need_x:
+                    grad_x = torch.matmul(gt3.transpose(1, 2), matrix.reshape(-1, size)).reshape(x.shape)
+            else:  # t = F (N, J R, I) @ t_in (B, N, I, rest)
+                q = matrix.shape[1]
+                gt4 = gt.reshape(batch * num_blocks, q, -1)
+                t3 = t_in.reshape(batch * num_blocks, -1, size)
+                grad_mode[step] = torch.bmm(gt4, t3).reshape(batch, *matrix.shape).sum(0)
+                gt = torch.matmul(gt4.reshape(batch, num_blocks, q, -1).transpose(2, 3), matrix)
+        return (grad_x, None, grad_merged, grad_first, *grad_mode)
+
+
+def gemm_chain_contract(x, core, factors, in_shape, out_shape, ranks):
+    """``y[b, j] = sum_i x[b, i] W[i, j]`` for the block-term weight given by ``core`` and ``factors``.
+
+    Args:
+        x (Tensor): ``(B, prod(in_shape))``.
+        core (Tensor): ``(N, R_0, .., R_{d-1})``.
+        factors (sequence of Tensor): ``d`` tensors, the k-th ``(N, I_k, J_k, R_k)``; ``d >= 2``.
+        in_shape, out_shape, ranks (tuple of int): the mode sizes.
+
+    Returns:
+        Tensor: ``(B, prod(out_shape))``.
+    """
+    if len(in_shape) < 2:
+        raise ValueError(f"the GEMM chain needs d >= 2 modes, got in_shape={tuple(in_shape)}")
+    mode, merged, first = _mode_matrices(core, list(factors))
+    shapes = (tuple(in_shape), tuple(out_shape), tuple(ranks), core.shape[0])
+    x = x.reshape(x.shape[0], *in_shape).contiguous()
+    return _GemmChain.apply(x, shapes, merged, first, *mode)
+
+
+def _steps(in_shape, out_shape, ranks, num_blocks, batch):
+    """(multiply-adds, output elements) of each GEMM of the forward chain."""
+    d = len(in_shape)
+    steps = []
+    size = batch * math.prod(in_shape)  # elements of the current big tensor
+    for k in range(d - 1, 1, -1):
+        macs = size * num_blocks * out_shape[k] * ranks[k] if k == d - 1 else size * out_shape[k] * ranks[k]
+        size = macs // in_shape[k]
+        steps.append((macs, size))
+    if d == 2:
+        size *= num_blocks
+    jmid, rmid = math.prod(out_shape[2:]), math.prod(ranks[2:])
+    rows = num_blocks * batch * in_shape[0] * jmid
+    macs = rows * rmid * in_shape[1] * ranks[0] * out_shape[1]
+    steps.append((macs, rows * ranks[0] * out_shape[1]))
+    rows = batch * out_shape[1] * jmid
+    steps.append((rows * num_blocks * ranks[0] * in_shape[0] * out_shape[0], rows * out_shape[0]))
+    return steps
+
+
+def gemm_chain_flops(in_shape, out_shape, ranks, num_blocks, batch) -> int:
+    """Forward flops (2 per multiply-add) of the GEMM chain, the weight preparation excluded (tiny)."""
+    return 2 * sum(m for m, _ in _steps(in_shape, out_shape, ranks, num_blocks, batch))
+
+
+def gemm_chain_largest(in_shape, out_shape, ranks, num_blocks, batch) -> int:
+    """The largest intermediate of the forward chain, in elements."""
+    return max(s for _, s in _steps(in_shape, out_shape, ranks, num_blocks, batch))
