@@ -1,5 +1,9 @@
 """Forward+backward time of BTLinear vs dense nn.Linear vs tednet's BTTLinear.
 
+BTLinear runs as configured by default (``contraction="auto"``: the GEMM chain where it is within
+1.15x of opt_einsum's flops) and, as ``bt_einsum``, forced onto the opt_einsum path (the previous
+default), so that both ratios come from the same run.
+
 Settings: the paper's UCF11 input layer (57600 -> 4x256 gates, R=4, N=2, batch 16 x 6 frames) and
 two more. All layers of a setting are timed in one run with interleaved repetitions; the median of
 each is reported, with the ratios dense/BT and tednet/BT. The input does not require grad (as for an
@@ -66,6 +70,8 @@ def run_setting(setting, device, repetitions, warmup=2):
     layers = {
         "bt": BTLinear(in_features, out_features, in_shape=in_shape, out_shape=out_shape, ranks=ranks,
                        num_blocks=num_blocks),
+        "bt_einsum": BTLinear(in_features, out_features, in_shape=in_shape, out_shape=out_shape, ranks=ranks,
+                              num_blocks=num_blocks, contraction="einsum"),
         "dense": torch.nn.Linear(in_features, out_features),
     }
     tednet = make_tednet(in_shape, out_shape, ranks, num_blocks)
@@ -88,7 +94,8 @@ def run_setting(setting, device, repetitions, warmup=2):
         "setting": name, "device": device.type, "in_shape": in_shape, "out_shape": out_shape, "ranks": ranks,
         "num_blocks": num_blocks, "batch": batch, "bt_parameters": bt.num_weight_parameters,
         "dense_parameters": in_features * out_features, "compression_ratio": bt.compression_ratio,
-        "bt_path": "dense" if bt.uses_dense(batch) else f"factorized, pieces of {bt.chunk_size(batch, x)} rows",
+        "bt_path": "dense" if bt.uses_dense(batch) else
+                   f"factorized ({bt.factorized_method(batch)}), pieces of {bt.chunk_size(batch, x)} rows",
         "flops_ratio_dense_over_bt": bt.cost(batch)["matmul"] / bt.cost(batch)["factorized"],
         "median_wall_s": {k: statistics.median(v) for k, v in walls.items()},
         "median_cpu_s": {k: statistics.median(v) for k, v in cpus.items()},
@@ -97,6 +104,7 @@ def run_setting(setting, device, repetitions, warmup=2):
     for clock in ("wall", "cpu"):
         times = row[f"median_{clock}_s"]
         row[f"dense_over_bt_{clock}"] = times["dense"] / times["bt"]
+        row[f"dense_over_bt_einsum_{clock}"] = times["dense"] / times["bt_einsum"]
         if "tednet" in times:
             row[f"tednet_over_bt_{clock}"] = times["tednet"] / times["bt"]
     return row
@@ -108,11 +116,11 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4))
-    keys = ["dense", "tednet", "bt"]
-    width = 0.25
+    keys = ["dense", "tednet", "bt_einsum", "bt"]
+    width = 0.2
     for i, key in enumerate(keys):
         values = [r["median_wall_s"].get(key, float("nan")) * 1e3 for r in rows]
-        ax.bar([j + (i - 1) * width for j in range(len(rows))], values, width, label=key)
+        ax.bar([j + (i - 1.5) * width for j in range(len(rows))], values, width, label=key)
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels([f"{r['setting']}\n[{r['device']}, {r['threads']} thr]" for r in rows], fontsize=8)
     ax.set_yscale("log")
@@ -141,7 +149,8 @@ def main():
             row["load_average_1min"] = os.getloadavg()[0]
             rows.append(row)
             print(f"[cpu, {threads} thr] {row['setting']:24s} dense/BT wall {row['dense_over_bt_wall']:5.2f}x "
-                  f"cpu {row['dense_over_bt_cpu']:5.2f}x | tednet/BT wall {row.get('tednet_over_bt_wall', 0):5.2f}x "
+                  f"cpu {row['dense_over_bt_cpu']:5.2f}x (einsum path {row['dense_over_bt_einsum_wall']:5.2f}x)"
+                  f" | tednet/BT wall {row.get('tednet_over_bt_wall', 0):5.2f}x "
                   f"cpu {row.get('tednet_over_bt_cpu', 0):5.2f}x | flop ratio {row['flops_ratio_dense_over_bt']:.1f}x"
                   f" | BT {row['median_wall_s']['bt'] * 1e3:.1f} ms ({row['bt_path']})", flush=True)
     torch.set_num_threads(default_threads)
