@@ -130,9 +130,10 @@ def _rebuild(in_shape, out_shape, ranks, num_blocks):
 
 
 # Pairwise contractions of cores, factors and input are small and memory-bound: per flop they run
-# several times slower than one dense GEMM (3.5x-11x measured on the development CPU,
-# experiments/bt_speed.py). Their flops (the factorized path, and the rebuild of W) count this many
-# times over when compared with the GEMM of the dense path.
+# several times slower than one dense GEMM (3.5x-11x measured on the development CPU for the
+# opt_einsum path, 2.2-2.3x for the GEMM chain at the UCF11 setting, experiments/bt_speed.py). Their
+# flops (the factorized path, and the rebuild of W) count this many times over when compared with the
+# GEMM of the dense path; the one penalty for both methods errs towards the dense path for the chain.
 FACTORIZED_FLOP_PENALTY = 4.0
 
 # The GEMM chain consumes the input modes from the last one, which is not always the flop-optimal
