@@ -27,7 +27,6 @@ __all__ = ["gemm_chain_contract", "gemm_chain_flops", "gemm_chain_largest"]
 
 def _mode_matrices(core, factors):
     """The weights as the matrices the GEMM chain uses (small tensors; differentiable)."""
-    d = len(factors)
     num_blocks = core.shape[0]
     # factor k (k >= 2) as (N, J_k R_k, I_k)
     mode = [f.permute(0, 2, 3, 1).reshape(num_blocks, -1, f.shape[1]) for f in factors[:1:-1]]
