@@ -81,8 +81,9 @@ def moving_digits(*, num_frames: int = 8, canvas: tuple[int, int] = (40, 40), sc
 
     def build(indices: np.ndarray) -> SequenceSplit:
         clips = np.zeros((len(indices) * sequences_per_image, num_frames, height, width), np.float32)
-        labels = np.repeat(digits.target[indices], sequences_per_image)
-        for n, (index, _) in enumerate((i, r) for i in indices for r in range(sequences_per_image)):
+        sources = np.repeat(indices, sequences_per_image)
+        labels = digits.target[sources]
+        for n, index in enumerate(sources):
             path = _trajectory(rng, num_frames, (height - sprite, width - sprite))
             for t, (row, col) in enumerate(path):
                 clips[n, t, row:row + sprite, col:col + sprite] = images[index]
