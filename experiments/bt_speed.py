@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from accel.nn import BTLinear  # noqa: E402
+from accel.nn.bt_contract import gemm_chain_training_flops  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SETTINGS = [
@@ -61,6 +62,27 @@ def time_step(module, x, device):
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def small_gemm_rate(in_shape, out_shape, ranks, num_blocks, batch, device, repetitions=20):
+    """Flop/s of the GEMM chain's first step run alone with hot operands: ``(rows, I_last) @ (I_last, N J R)``.
+
+    The chain's big GEMMs all have an inner or outer dimension of 16-20 like this one, so no GEMM of the
+    chain is expected to beat this rate; with the training-flop ratio it bounds the achievable speed-up.
+    """
+    size = in_shape[-1]
+    x = torch.randn(batch * math.prod(in_shape) // size, size, device=device)
+    w = torch.randn(size, num_blocks * out_shape[-1] * ranks, device=device)
+    times = []
+    for _ in range(repetitions + 3):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        torch.mm(x, w)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return 2 * x.shape[0] * size * w.shape[1] / statistics.median(times[3:])
 
 
 def run_setting(setting, device, repetitions, warmup=2):
@@ -101,6 +123,16 @@ def run_setting(setting, device, repetitions, warmup=2):
         "median_cpu_s": {k: statistics.median(v) for k, v in cpus.items()},
         "repetitions": repetitions,
     }
+    if row["bt_path"].startswith("factorized (gemm)"):
+        # fwd + weight gradient for dense (the input needs no grad); fwd + bwd of the chain likewise
+        dense_flops = 4 * batch * in_features * out_features
+        bt_flops = gemm_chain_training_flops(bt.in_shape, bt.out_shape, bt.ranks, num_blocks, batch)
+        rates = {"dense": dense_flops / row["median_wall_s"]["dense"], "bt": bt_flops / row["median_wall_s"]["bt"],
+                 "chain_first_gemm_alone": small_gemm_rate(in_shape, out_shape, ranks, num_blocks, batch, device)}
+        row["training_flops_ratio_dense_over_bt"] = dense_flops / bt_flops
+        row["gflops_per_s"] = {k: v / 1e9 for k, v in rates.items()}
+        # the speed-up if every flop of the chain ran at its best GEMM's rate and nothing else took time
+        row["dense_over_bt_ceiling"] = dense_flops / bt_flops * rates["chain_first_gemm_alone"] / rates["dense"]
     for clock in ("wall", "cpu"):
         times = row[f"median_{clock}_s"]
         row[f"dense_over_bt_{clock}"] = times["dense"] / times["bt"]
@@ -153,6 +185,12 @@ def main():
                   f" | tednet/BT wall {row.get('tednet_over_bt_wall', 0):5.2f}x "
                   f"cpu {row.get('tednet_over_bt_cpu', 0):5.2f}x | flop ratio {row['flops_ratio_dense_over_bt']:.1f}x"
                   f" | BT {row['median_wall_s']['bt'] * 1e3:.1f} ms ({row['bt_path']})", flush=True)
+            if "dense_over_bt_ceiling" in row:
+                rates = row["gflops_per_s"]
+                print(f"    fwd+bwd flop ratio {row['training_flops_ratio_dense_over_bt']:.2f}x; GFLOP/s dense "
+                      f"{rates['dense']:.1f}, BT {rates['bt']:.1f}, chain's first GEMM alone "
+                      f"{rates['chain_first_gemm_alone']:.1f} -> ceiling {row['dense_over_bt_ceiling']:.2f}x",
+                      flush=True)
     torch.set_num_threads(default_threads)
     if torch.cuda.is_available():
         for setting in SETTINGS:

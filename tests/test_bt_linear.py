@@ -219,3 +219,24 @@ def test_empty_batch_every_contraction(seed):
     for contraction in ("auto", "gemm", "einsum", "dense"):
         layer = BTLinear(24, 12, in_shape=(2, 3, 4), out_shape=(3, 2, 2), contraction=contraction)
         assert layer(torch.randn(0, 24)).shape == (0, 12)
+
+
+@pytest.mark.parametrize("d", sorted(SHAPES))
+@pytest.mark.parametrize("input_grad", [False, True])
+def test_gemm_chain_training_flops_match_counted(seed, d, input_grad):
+    """The chain's flop model against torch's FlopCounterMode over a real forward+backward; the only
+    difference allowed is the (tiny) weight preparation outside the chain."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from accel.nn.bt_contract import gemm_chain_training_flops
+
+    torch.manual_seed(seed)
+    in_shape, out_shape = SHAPES[d]
+    layer = BTLinear(math.prod(in_shape), math.prod(out_shape), in_shape=in_shape, out_shape=out_shape, ranks=2,
+                     num_blocks=3, bias=False, contraction="gemm")
+    x = torch.randn(256, layer.in_features, requires_grad=input_grad)
+    with FlopCounterMode(display=False) as counter:
+        layer(x).sum().backward()
+    modelled = gemm_chain_training_flops(layer.in_shape, layer.out_shape, layer.ranks, 3, 256, input_grad)
+    counted = counter.get_total_flops()
+    assert modelled <= counted <= modelled * 1.01
