@@ -9,10 +9,7 @@ Order, for ``x`` of shape ``(B, I_0, .., I_{d-1})``, ``N`` blocks and ``d >= 2``
 
 1. for ``k = d-1 .. 2``: consume the innermost input mode ``I_k`` with factor ``k``; its output modes
    ``(J_k, R_k)`` are prepended, so the next input mode becomes innermost. One GEMM each (the
-   first merges the ``N`` blocks into its columns, the others are batched over blocks). The last
-   of them (``k = 2``, when it is not also the first) appends ``(J_2, R_2)`` instead: no mode is
-   consumed after it, and the appending GEMM has the big operand on the left with a contiguous
-   output, which MKL ran 1.5-2x faster per flop than the prepending one (both directions).
+   first merges the ``N`` blocks into its columns, the others are batched over blocks).
 2. one permute to ``(N, B, I_0, J_2..J_{d-1}, R_2..R_{d-1}, I_1)``, then contract
    ``(R_2..R_{d-1}, I_1)`` with the core merged into factor 1 (``C``, small).
 3. a small permute and one GEMM with factor 0 that also sums over the blocks.
@@ -43,25 +40,6 @@ def _mode_matrices(core, factors):
     return mode, merged, first
 
 
-def _mode_layout(d):
-    """Axis labels of the mode steps' result in memory order (see the module docstring)."""
-    pairs = [(f"J{k}", f"R{k}") for k in range(2, d)]
-    prepended, appended = (pairs, []) if d == 3 else (pairs[1:], list(pairs[0]))
-    return ["B", "N", *[a for pair in prepended for a in pair], "I0", "I1", *appended]
-
-
-def _merge_layout(d):
-    """Axis labels of the operand of the merged-core GEMM: rows ``(N, B, I_0, J..)``, columns ``(R.., I_1)``."""
-    return ["N", "B", "I0", *[f"J{k}" for k in range(2, d)], *[f"R{k}" for k in range(2, d)], "I1"]
-
-
-def _axis_sizes(batch, num_blocks, in_shape, out_shape, ranks):
-    sizes = {"B": batch, "N": num_blocks, "I0": in_shape[0], "I1": in_shape[1]}
-    sizes.update({f"J{k}": out_shape[k] for k in range(2, len(in_shape))})
-    sizes.update({f"R{k}": ranks[k] for k in range(2, len(in_shape))})
-    return sizes
-
-
 class _GemmChain(torch.autograd.Function):
     """The chain of GEMMs; ``mode``, ``merged`` and ``first`` come from :func:`_mode_matrices`.
 
@@ -83,19 +61,18 @@ class _GemmChain(torch.autograd.Function):
             saved_inputs.append(t)
             if step == 0:  # (N J R, I) @ (B, I, rest) -> (B, N J R, rest)
                 t = torch.matmul(matrix.reshape(-1, size), x.reshape(batch, -1, size).transpose(1, 2))
-            elif step == len(mode) - 1:  # (B, N, rest, I) @ (N, I, J R) -> (B, N, rest, J R)
-                t = torch.matmul(t.reshape(batch, num_blocks, -1, size), matrix.transpose(1, 2))
             else:  # (N, J R, I) @ (B, N, I, rest) -> (B, N, J R, rest)
                 t = torch.matmul(matrix, t.reshape(batch, num_blocks, -1, size).transpose(2, 3))
-        jmid = out_shape[2:]
+        jmid, rmid = out_shape[2:], ranks[2:]
         rows = batch * in_shape[0] * math.prod(jmid)
         if d == 2:
             p = x.reshape(1, -1, in_shape[1]).expand(num_blocks, -1, -1)
         else:
-            sizes = _axis_sizes(batch, num_blocks, in_shape, out_shape, ranks)
-            layout, target = _mode_layout(d), _merge_layout(d)
-            t = t.reshape([sizes[a] for a in layout])
-            p = t.permute([layout.index(a) for a in target]).reshape(num_blocks, rows, -1)
+            # t is (B, N, J_2, R_2, .., J_{d-1}, R_{d-1}, I_0, I_1)
+            m = d - 2
+            t = t.reshape(batch, num_blocks, *[s for jr in zip(jmid, rmid) for s in jr], in_shape[0], in_shape[1])
+            order = [1, 0, 2 * m + 2, *range(2, 2 * m + 2, 2), *range(3, 2 * m + 2, 2), 2 * m + 3]
+            p = t.permute(order).reshape(num_blocks, rows, -1)
         z = torch.bmm(p, merged)  # (N, B I_0 Jmid, R_0 J_1)
         # -> (B, J_1, Jmid, N, R_0, I_0)
         z6 = z.reshape(num_blocks, batch, in_shape[0], math.prod(jmid), ranks[0], out_shape[1])
@@ -113,7 +90,7 @@ class _GemmChain(torch.autograd.Function):
         x, merged, first, p, zp, *rest = ctx.saved_tensors
         mode, saved_inputs = rest[:d - 2], [x, *rest[d - 2:]]
         batch = x.shape[0]
-        jmid = out_shape[2:]
+        jmid, rmid = out_shape[2:], ranks[2:]
         g = grad_y.reshape(batch, out_shape[0], -1).transpose(1, 2).reshape(-1, out_shape[0])
         grad_first = torch.mm(zp.t(), g)
         gz = torch.mm(g, first.t())  # (B J_1 Jmid, N R_0 I_0)
@@ -132,9 +109,9 @@ class _GemmChain(torch.autograd.Function):
         # the mode steps need the gradient of the big intermediate whether or not x needs one
         m = d - 2
         gp = torch.bmm(gz, merged.transpose(1, 2))  # (N, B I_0 Jmid, Rmid I_1)
-        sizes = _axis_sizes(batch, num_blocks, in_shape, out_shape, ranks)
-        layout, target = _mode_layout(d), _merge_layout(d)
-        gt = gp.reshape([sizes[a] for a in target]).permute([target.index(a) for a in layout])
+        gp = gp.reshape(num_blocks, batch, in_shape[0], *jmid, *rmid, in_shape[1])
+        order = [1, 0, *[a for k in range(m) for a in (3 + k, 3 + m + k)], 2, 3 + 2 * m]
+        gt = gp.permute(order)  # (B, N, J_2, R_2, .., I_0, I_1)
         for step in range(m - 1, -1, -1):
             size = in_shape[d - 1 - step]
             matrix, t_in = mode[step], saved_inputs[step]
@@ -144,11 +121,6 @@ class _GemmChain(torch.autograd.Function):
                 grad_mode[0] = torch.bmm(gt3, x3).sum(0).reshape(matrix.shape)
                 if need_x:
                     grad_x = torch.matmul(gt3.transpose(1, 2), matrix.reshape(-1, size)).reshape(x.shape)
-            elif step == m - 1:  # t = t_in (B, N, rest, I) @ F^T (N, I, J R)
-                gt4 = gt.reshape(batch, num_blocks, -1, matrix.shape[1])
-                t4 = t_in.reshape(batch, num_blocks, -1, size)
-                grad_mode[step] = torch.matmul(gt4.transpose(2, 3), t4).sum(0)
-                gt = torch.matmul(gt4, matrix)
             else:  # t = F (N, J R, I) @ t_in (B, N, I, rest)
                 q = matrix.shape[1]
                 gt4 = gt.reshape(batch * num_blocks, q, -1)
