@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from accel.nn.bt_contract import gemm_chain_contract, gemm_chain_flops, gemm_chain_largest
+from accel.nn.bt_dense import RebuildWorkspace, rebuild_linear
 
 __all__ = ["BTLinear", "balanced_factors"]
 
@@ -136,6 +137,13 @@ def _rebuild(in_shape, out_shape, ranks, num_blocks):
 # GEMM of the dense path; the one penalty for both methods errs towards the dense path for the chain.
 FACTORIZED_FLOP_PENALTY = 4.0
 
+# The dense path rebuilds W with one GEMM of inner size N * R_0 into a reused buffer (bt_dense.py), then
+# multiplies. Its rebuild flops, forward and backward, cost 2.0x (UCF11) to 5.9x (16x12x8x8, N=4) the
+# time per flop of the dense layer's own GEMMs (experiments/bt_speed.py settings, CPU); 2 is the value
+# with which all the measured settings pick their fastest path (the dense path at 16x12x8x8: 98 ms
+# against 172 ms for opt_einsum and 235 ms for the chain; the chain at UCF11: 58 ms against 332 ms).
+REBUILD_FLOP_PENALTY = 2.0
+
 # The GEMM chain consumes the input modes from the last one, which is not always the flop-optimal
 # order. It is used when it costs at most this many times the flops of the opt_einsum path: measured
 # (experiments/bt_speed.py, CPU) it ran 1.3-1.8x faster than opt_einsum at 1.07x and 1.09x the flops
@@ -182,12 +190,14 @@ class BTLinear(nn.Module):
             entry per mode, each at most ``I_k * J_k``. Default: 4.
         num_blocks (int): the number ``N`` of Tucker blocks. Default: 2.
         bias (bool): if ``False``, the layer learns no additive bias. Default: ``True``.
-        contraction (str): ``"auto"`` (per batch size, by flops, where those of the small contractions
-            count ``FACTORIZED_FLOP_PENALTY`` (4) times those of a dense GEMM), ``"factorized"`` (always
+        contraction (str): ``"auto"`` (per batch size, by flops, where those of the factorized path
+            count ``FACTORIZED_FLOP_PENALTY`` (4) and those of rebuilding ``W`` ``REBUILD_FLOP_PENALTY``
+            (2) times those of the dense GEMM), ``"factorized"`` (always
             contract through the factors, by ``"gemm"`` or ``"einsum"``: the GEMM chain unless it costs
             more than ``GEMM_CHAIN_MAX_EXTRA_FLOPS`` (1.15) times the flops of the opt_einsum path, or
             d = 1), ``"gemm"`` (the chain of GEMMs with a hand-written backward, d >= 2), ``"einsum"``
-            (the opt_einsum path with autograd) or ``"dense"`` (always rebuild ``W``).
+            (the opt_einsum path with autograd) or ``"dense"`` (always rebuild ``W``, with one GEMM into
+            ``workspace``, and multiply).
             Default: ``"auto"``.
         device, dtype: of the parameters, as for ``nn.Linear``.
 
@@ -199,6 +209,8 @@ class BTLinear(nn.Module):
         factors (ParameterList): ``d`` tensors, the k-th of shape ``(N, I_k, J_k, R_k)``.
         bias (Parameter or None): ``(out_features,)``.
         reconstruction_error (float or None): relative Frobenius error of ``from_dense``.
+        workspace (RebuildWorkspace): the dense path keeps ``W`` and its gradient here between calls
+            (2 x ``in_features * out_features`` elements once used); ``layer.workspace.clear()`` frees them.
 
     The weight uses ``N * (sum_k I_k J_k R_k + prod_k R_k)`` parameters (``num_weight_parameters``).
     """
@@ -229,6 +241,7 @@ class BTLinear(nn.Module):
         self.in_features, self.out_features, self.num_blocks = in_features, out_features, num_blocks
         self.contraction = contraction
         self.max_intermediate_bytes = 8 * 2**20
+        self.workspace = RebuildWorkspace()  # the dense path's W and grad W, reused across calls
         self.reconstruction_error: float | None = None
         kw = {"device": device, "dtype": dtype}
         self.core = nn.Parameter(torch.empty(num_blocks, *self.ranks, **kw))
@@ -299,9 +312,8 @@ class BTLinear(nn.Module):
         if self.contraction != "auto":
             return self.contraction == "dense"
         cost = _costs(*self._key(), batch)
-        # opt_einsum's path space includes "rebuild W first", so at large batches the factorized path
-        # is the rebuild plus the matmul; ties go to the dense path (one GEMM through F.linear).
-        return (FACTORIZED_FLOP_PENALTY * cost["rebuild"] + cost["matmul"]
+        # ties go to the dense path: its GEMMs are the large, efficient ones
+        return (REBUILD_FLOP_PENALTY * cost["rebuild"] + cost["matmul"]
                 <= FACTORIZED_FLOP_PENALTY * cost["factorized"])
 
     def cost(self, batch: int) -> dict:
@@ -328,7 +340,8 @@ class BTLinear(nn.Module):
         x = input.reshape(-1, self.in_features)
         batch = x.shape[0]
         if self.uses_dense(batch):
-            y = nn.functional.linear(x, self.to_dense(), self.bias)
+            y = rebuild_linear(x, self.core, self.factors, self.workspace)
+            y = y if self.bias is None else y + self.bias
         else:
             method = self.factorized_method(batch) if batch else "einsum"  # the chain reshapes by batch
             pieces = x.split(self.chunk_size(batch, x)) if batch else [x]
