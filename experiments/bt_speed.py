@@ -64,25 +64,27 @@ def time_step(module, x, device):
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def small_gemm_rate(in_shape, out_shape, ranks, num_blocks, batch, device, repetitions=20):
-    """Flop/s of the GEMM chain's first step run alone with hot operands: ``(rows, I_last) @ (I_last, N J R)``.
+def small_gemm_rate(in_shape, out_shape, ranks, num_blocks, rows, device, repetitions=50):
+    """Flop/s of the GEMM chain's first step run alone on one piece of ``rows`` input rows, hot operands and
+    a reused output (no page faults): ``(rows * I_0..I_{d-2}, I_{d-1}) @ (I_{d-1}, N J R)``.
 
-    The chain's big GEMMs all have an inner or outer dimension of 16-20 like this one, so no GEMM of the
-    chain is expected to beat this rate; with the training-flop ratio it bounds the achievable speed-up.
+    The chain's big GEMMs all have an inner or outer dimension of 16-20 like this one, so none of them is
+    expected to beat this rate; with the training-flop ratio it bounds the achievable speed-up.
     """
     size = in_shape[-1]
-    x = torch.randn(batch * math.prod(in_shape) // size, size, device=device)
+    x = torch.randn(rows * math.prod(in_shape) // size, size, device=device)
     w = torch.randn(size, num_blocks * out_shape[-1] * ranks, device=device)
+    out = torch.empty(x.shape[0], w.shape[1], device=device)
     times = []
-    for _ in range(repetitions + 3):
+    for _ in range(repetitions + 5):
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        torch.mm(x, w)
+        torch.mm(x, w, out=out)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return 2 * x.shape[0] * size * w.shape[1] / statistics.median(times[3:])
+    return 2 * x.shape[0] * size * w.shape[1] / statistics.median(times[5:])
 
 
 def run_setting(setting, device, repetitions, warmup=2):
@@ -128,7 +130,8 @@ def run_setting(setting, device, repetitions, warmup=2):
         dense_flops = 4 * batch * in_features * out_features
         bt_flops = gemm_chain_training_flops(bt.in_shape, bt.out_shape, bt.ranks, num_blocks, batch)
         rates = {"dense": dense_flops / row["median_wall_s"]["dense"], "bt": bt_flops / row["median_wall_s"]["bt"],
-                 "chain_first_gemm_alone": small_gemm_rate(in_shape, out_shape, ranks, num_blocks, batch, device)}
+                 "chain_first_gemm_alone": small_gemm_rate(in_shape, out_shape, ranks, num_blocks,
+                                                             bt.chunk_size(batch, x), device)}
         row["training_flops_ratio_dense_over_bt"] = dense_flops / bt_flops
         row["gflops_per_s"] = {k: v / 1e9 for k, v in rates.items()}
         # the speed-up if every flop of the chain ran at its best GEMM's rate and nothing else took time

@@ -6,10 +6,11 @@ written as a sum of ``N`` Tucker blocks (Ye et al., CVPR 2018)::
 
     W[i_1..i_d, j_1..j_d] = sum_n sum_r core[n, r_1..r_d] * prod_k factors[k][n, i_k, j_k, r_k]
 
-The forward pass never rebuilds ``W`` unless a cost model says that is cheaper for the batch at
-hand: it contracts the input with the cores and factors, either as a chain of plain GEMMs with a
-hand-written backward (:mod:`accel.nn.bt_contract`) or along an ``opt_einsum`` path chosen per batch
-size and cached (the reference twin, and the fallback where the chain costs many more flops).
+The forward pass never rebuilds ``W`` unless a cost model (:mod:`accel.nn.bt_paths`) says that is
+cheaper for the batch at hand (then :mod:`accel.nn.bt_dense`): it contracts the input with the cores
+and factors, either as a chain of plain GEMMs with a hand-written backward (:mod:`accel.nn.bt_contract`)
+or along an ``opt_einsum`` path chosen per batch size and cached (the reference twin, and the fallback
+where the chain costs many more flops).
 """
 from __future__ import annotations
 
@@ -17,12 +18,14 @@ import functools
 import math
 from typing import Sequence
 
-import opt_einsum
 import torch
 from torch import nn
 
-from accel.nn.bt_contract import gemm_chain_contract, gemm_chain_flops, gemm_chain_largest
+from accel.nn.bt_contract import gemm_chain_contract, gemm_chain_largest
 from accel.nn.bt_dense import RebuildWorkspace, rebuild_linear
+from accel.nn.bt_paths import (FACTORIZED_FLOP_PENALTY, GEMM_CHAIN_MAX_EXTRA_FLOPS,  # noqa: F401 (re-exported)
+                               REBUILD_FLOP_PENALTY, contraction_costs, factorized_expression, factorized_method,
+                               rebuild_expression)
 
 __all__ = ["BTLinear", "balanced_factors"]
 
@@ -76,103 +79,6 @@ def _check_shape(name: str, shape: Sequence[int], total: int, features_name: str
     if math.prod(shape) != total:
         raise ValueError(f"{name}={shape} has product {math.prod(shape)}, but {features_name}={total}")
     return shape
-
-
-def _einsum_indices(d: int):
-    """Symbols for batch, block, the d input modes, the d output modes and the d rank modes."""
-    s = [opt_einsum.get_symbol(i) for i in range(2 + 3 * d)]
-    return s[0], s[1], s[2:2 + d], s[2 + d:2 + 2 * d], s[2 + 2 * d:]
-
-
-def _operand_terms(d: int) -> tuple[list[str], str, str]:
-    batch, block, ins, outs, ranks = _einsum_indices(d)
-    core = block + "".join(ranks)
-    factors = [block + ins[k] + outs[k] + ranks[k] for k in range(d)]
-    return [core, *factors], batch + "".join(ins), batch + "".join(outs)
-
-
-def _weight_shapes(in_shape, out_shape, ranks, num_blocks):
-    return [(num_blocks, *ranks)] + [(num_blocks, i, j, r) for i, j, r in zip(in_shape, out_shape, ranks)]
-
-
-def _factorized_equation(in_shape, out_shape, ranks, num_blocks, batch):
-    terms, x_term, y_term = _operand_terms(len(in_shape))
-    shapes = [(batch, *in_shape), *_weight_shapes(in_shape, out_shape, ranks, num_blocks)]
-    return ",".join([x_term, *terms]) + "->" + y_term, shapes
-
-
-@functools.lru_cache(maxsize=64)
-def _factorized_path(in_shape, out_shape, ranks, num_blocks, batch_bucket):
-    """The flop-optimal contraction order for batches up to ``batch_bucket`` (a power of two)."""
-    eq, shapes = _factorized_equation(in_shape, out_shape, ranks, num_blocks, batch_bucket)
-    return opt_einsum.contract_path(eq, *shapes, shapes=True, optimize="dp")[0]
-
-
-@functools.lru_cache(maxsize=256)
-def _factorized(in_shape, out_shape, ranks, num_blocks, batch):
-    """The cached contraction of a ``(batch, *in_shape)`` input with core and factors, its flop cost
-    and its largest intermediate (elements). The order is searched once per power-of-two bucket of
-    batch sizes (the search costs 10-30 ms), then compiled for the exact batch."""
-    path = _factorized_path(in_shape, out_shape, ranks, num_blocks, 1 << max(batch - 1, 0).bit_length())
-    eq, shapes = _factorized_equation(in_shape, out_shape, ranks, num_blocks, batch)
-    _, info = opt_einsum.contract_path(eq, *shapes, shapes=True, optimize=path)
-    expression = opt_einsum.contract_expression(eq, *shapes, optimize=path)
-    return expression, int(info.opt_cost), int(info.largest_intermediate)
-
-
-@functools.lru_cache(maxsize=64)
-def _rebuild(in_shape, out_shape, ranks, num_blocks):
-    """The cached contraction of core and factors into the ``(*in_shape, *out_shape)`` tensor, and its cost."""
-    terms, x_term, y_term = _operand_terms(len(in_shape))
-    shapes = _weight_shapes(in_shape, out_shape, ranks, num_blocks)
-    eq = ",".join(terms) + "->" + x_term[1:] + y_term[1:]
-    _, info = opt_einsum.contract_path(eq, *shapes, shapes=True, optimize="dp")
-    return opt_einsum.contract_expression(eq, *shapes, optimize=info.path), int(info.opt_cost)
-
-
-# Pairwise contractions of cores, factors and input are small and memory-bound: per flop they run
-# several times slower than one dense GEMM (3.5x-11x measured on the development CPU for the
-# opt_einsum path, 2.2-2.3x for the GEMM chain at the UCF11 setting, experiments/bt_speed.py). Their
-# flops (the factorized path, and the rebuild of W) count this many times over when compared with the
-# GEMM of the dense path; the one penalty for both methods errs towards the dense path for the chain.
-FACTORIZED_FLOP_PENALTY = 4.0
-
-# The dense path rebuilds W with one GEMM of inner size N * R_0 into a reused buffer (bt_dense.py), then
-# multiplies. Its rebuild flops, forward and backward, cost 2.0x (UCF11) to 5.9x (16x12x8x8, N=4) the
-# time per flop of the dense layer's own GEMMs (experiments/bt_speed.py settings, CPU); 2 is the value
-# with which all the measured settings pick their fastest path (the dense path at 16x12x8x8: 98 ms
-# against 172 ms for opt_einsum and 235 ms for the chain; the chain at UCF11: 58 ms against 332 ms).
-REBUILD_FLOP_PENALTY = 2.0
-
-# The GEMM chain consumes the input modes from the last one, which is not always the flop-optimal
-# order. It is used when it costs at most this many times the flops of the opt_einsum path: measured
-# (experiments/bt_speed.py, CPU) it ran 1.3-1.8x faster than opt_einsum at 1.07x and 1.09x the flops
-# (UCF11, Hollywood2 settings), and 1.5-2.5x slower at 1.38x (16x12x8x8, N=4, whose last mode of 8
-# grows to N J R = 64 columns).
-GEMM_CHAIN_MAX_EXTRA_FLOPS = 1.15
-
-
-@functools.lru_cache(maxsize=256)
-def _factorized_method(in_shape, out_shape, ranks, num_blocks, batch) -> str:
-    """``"gemm"`` or ``"einsum"``: how ``contraction="factorized"`` contracts a batch of this size."""
-    if len(in_shape) < 2:
-        return "einsum"
-    einsum_flops = _factorized(in_shape, out_shape, ranks, num_blocks, batch)[1]
-    chain_flops = gemm_chain_flops(in_shape, out_shape, ranks, num_blocks, batch)
-    return "gemm" if chain_flops <= GEMM_CHAIN_MAX_EXTRA_FLOPS * einsum_flops else "einsum"
-
-
-def _costs(in_shape, out_shape, ranks, num_blocks, batch) -> dict:
-    """Flop estimates of the forward pass: the opt_einsum path (``"einsum"``), the GEMM chain
-    (``"gemm"``, ``None`` for d = 1), the factorized method in use (``"factorized"``, the one of those
-    two that ``_factorized_method`` picks), the rebuild of W and the dense matmul with W. The backward
-    pass costs about twice the forward for any choice."""
-    key = (in_shape, out_shape, ranks, num_blocks, batch)
-    einsum = _factorized(*key)[1]
-    gemm = gemm_chain_flops(*key) if len(in_shape) >= 2 else None
-    return {"factorized": gemm if _factorized_method(*key) == "gemm" else einsum, "einsum": einsum, "gemm": gemm,
-            "rebuild": _rebuild(in_shape, out_shape, ranks, num_blocks)[1],
-            "matmul": 2 * batch * math.prod(in_shape) * math.prod(out_shape)}
 
 
 class BTLinear(nn.Module):
@@ -311,7 +217,7 @@ class BTLinear(nn.Module):
         """Whether a forward pass over ``batch`` rows rebuilds the dense weight."""
         if self.contraction != "auto":
             return self.contraction == "dense"
-        cost = _costs(*self._key(), batch)
+        cost = contraction_costs(*self._key(), batch)
         # ties go to the dense path: its GEMMs are the large, efficient ones
         return (REBUILD_FLOP_PENALTY * cost["rebuild"] + cost["matmul"]
                 <= FACTORIZED_FLOP_PENALTY * cost["factorized"])
@@ -320,17 +226,17 @@ class BTLinear(nn.Module):
         """Flop estimates of the forward pass over ``batch`` rows: ``{"factorized": ..., "einsum": ...,
         "gemm": ..., "rebuild": ..., "matmul": ...}`` (the dense path is rebuild + matmul;
         ``"factorized"`` is the one of ``"gemm"``/``"einsum"`` that ``factorized_method`` uses)."""
-        return _costs(*self._key(), batch)
+        return contraction_costs(*self._key(), batch)
 
     def factorized_method(self, batch: int) -> str:
         """``"gemm"`` or ``"einsum"``: how a factorized forward pass over ``batch`` rows contracts."""
         if self.contraction in ("gemm", "einsum"):
             return self.contraction
-        return _factorized_method(*self._key(), batch)
+        return factorized_method(*self._key(), batch)
 
     def to_dense(self) -> torch.Tensor:
         """The weight as an ``(out_features, in_features)`` matrix, like ``nn.Linear.weight``."""
-        w = _rebuild(*self._key())[0](self.core, *self.factors, backend="torch")
+        w = rebuild_expression(*self._key())[0](self.core, *self.factors, backend="torch")
         return w.reshape(self.in_features, self.out_features).t()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -365,7 +271,7 @@ class BTLinear(nn.Module):
         if self.factorized_method(batch) == "gemm":
             largest = gemm_chain_largest(*self._key(), batch)
         else:
-            largest = _factorized(*self._key(), batch)[2]
+            largest = factorized_expression(*self._key(), batch)[2]
         per_row = largest * element / batch
         rows = max(1, int(self.max_intermediate_bytes // max(per_row, 1)))
         pieces = math.ceil(batch / rows)
@@ -374,7 +280,7 @@ class BTLinear(nn.Module):
     def _contract(self, x: torch.Tensor, method: str) -> torch.Tensor:
         if method == "gemm":
             return gemm_chain_contract(x, self.core, self.factors, self.in_shape, self.out_shape, self.ranks)
-        expression = _factorized(*self._key(), x.shape[0])[0]
+        expression = factorized_expression(*self._key(), x.shape[0])[0]
         y = expression(x.reshape(x.shape[0], *self.in_shape), self.core, *self.factors, backend="torch")
         return y.reshape(x.shape[0], self.out_features)
 

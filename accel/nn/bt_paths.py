@@ -1,0 +1,110 @@
+"""How :class:`~accel.nn.BTLinear` contracts: the ``opt_einsum`` paths, the rebuild of ``W``, and the
+flop-based cost model that picks between them and the GEMM chain per batch size (all cached)."""
+from __future__ import annotations
+
+import functools
+import math
+
+import opt_einsum
+
+from accel.nn.bt_contract import gemm_chain_flops
+
+__all__ = ["FACTORIZED_FLOP_PENALTY", "REBUILD_FLOP_PENALTY", "GEMM_CHAIN_MAX_EXTRA_FLOPS", "contraction_costs",
+           "factorized_expression", "factorized_method", "rebuild_expression"]
+
+
+def _einsum_indices(d: int):
+    """Symbols for batch, block, the d input modes, the d output modes and the d rank modes."""
+    s = [opt_einsum.get_symbol(i) for i in range(2 + 3 * d)]
+    return s[0], s[1], s[2:2 + d], s[2 + d:2 + 2 * d], s[2 + 2 * d:]
+
+
+def _operand_terms(d: int) -> tuple[list[str], str, str]:
+    batch, block, ins, outs, ranks = _einsum_indices(d)
+    core = block + "".join(ranks)
+    factors = [block + ins[k] + outs[k] + ranks[k] for k in range(d)]
+    return [core, *factors], batch + "".join(ins), batch + "".join(outs)
+
+
+def _weight_shapes(in_shape, out_shape, ranks, num_blocks):
+    return [(num_blocks, *ranks)] + [(num_blocks, i, j, r) for i, j, r in zip(in_shape, out_shape, ranks)]
+
+
+def _factorized_equation(in_shape, out_shape, ranks, num_blocks, batch):
+    terms, x_term, y_term = _operand_terms(len(in_shape))
+    shapes = [(batch, *in_shape), *_weight_shapes(in_shape, out_shape, ranks, num_blocks)]
+    return ",".join([x_term, *terms]) + "->" + y_term, shapes
+
+
+@functools.lru_cache(maxsize=64)
+def _factorized_path(in_shape, out_shape, ranks, num_blocks, batch_bucket):
+    """The flop-optimal contraction order for batches up to ``batch_bucket`` (a power of two)."""
+    eq, shapes = _factorized_equation(in_shape, out_shape, ranks, num_blocks, batch_bucket)
+    return opt_einsum.contract_path(eq, *shapes, shapes=True, optimize="dp")[0]
+
+
+@functools.lru_cache(maxsize=256)
+def factorized_expression(in_shape, out_shape, ranks, num_blocks, batch):
+    """The cached contraction of a ``(batch, *in_shape)`` input with core and factors, its flop cost
+    and its largest intermediate (elements). The order is searched once per power-of-two bucket of
+    batch sizes (the search costs 10-30 ms), then compiled for the exact batch."""
+    path = _factorized_path(in_shape, out_shape, ranks, num_blocks, 1 << max(batch - 1, 0).bit_length())
+    eq, shapes = _factorized_equation(in_shape, out_shape, ranks, num_blocks, batch)
+    _, info = opt_einsum.contract_path(eq, *shapes, shapes=True, optimize=path)
+    expression = opt_einsum.contract_expression(eq, *shapes, optimize=path)
+    return expression, int(info.opt_cost), int(info.largest_intermediate)
+
+
+@functools.lru_cache(maxsize=64)
+def rebuild_expression(in_shape, out_shape, ranks, num_blocks):
+    """The cached contraction of core and factors into the ``(*in_shape, *out_shape)`` tensor, and its cost."""
+    terms, x_term, y_term = _operand_terms(len(in_shape))
+    shapes = _weight_shapes(in_shape, out_shape, ranks, num_blocks)
+    eq = ",".join(terms) + "->" + x_term[1:] + y_term[1:]
+    _, info = opt_einsum.contract_path(eq, *shapes, shapes=True, optimize="dp")
+    return opt_einsum.contract_expression(eq, *shapes, optimize=info.path), int(info.opt_cost)
+
+
+# Pairwise contractions of cores, factors and input are small and memory-bound: per flop they run
+# several times slower than one dense GEMM (3.5x-11x measured on the development CPU for the
+# opt_einsum path, 2.2-2.3x for the GEMM chain at the UCF11 setting, experiments/bt_speed.py). Their
+# flops (the factorized path, and the rebuild of W) count this many times over when compared with the
+# GEMM of the dense path; the one penalty for both methods errs towards the dense path for the chain.
+FACTORIZED_FLOP_PENALTY = 4.0
+
+# The dense path rebuilds W with one GEMM of inner size N * R_0 into a reused buffer (bt_dense.py), then
+# multiplies. Its rebuild flops, forward and backward, cost 2.0x (UCF11) to 5.9x (16x12x8x8, N=4) the
+# time per flop of the dense layer's own GEMMs (experiments/bt_speed.py settings, CPU); 2 is the value
+# with which all the measured settings pick their fastest path (the dense path at 16x12x8x8: 98 ms
+# against 172 ms for opt_einsum and 235 ms for the chain; the chain at UCF11: 58 ms against 332 ms).
+REBUILD_FLOP_PENALTY = 2.0
+
+# The GEMM chain consumes the input modes from the last one, which is not always the flop-optimal
+# order. It is used when it costs at most this many times the flops of the opt_einsum path: measured
+# (experiments/bt_speed.py, CPU) it ran 1.3-1.8x faster than opt_einsum at 1.07x and 1.09x the flops
+# (UCF11, Hollywood2 settings), and 1.5-2.5x slower at 1.38x (16x12x8x8, N=4, whose last mode of 8
+# grows to N J R = 64 columns).
+GEMM_CHAIN_MAX_EXTRA_FLOPS = 1.15
+
+
+@functools.lru_cache(maxsize=256)
+def factorized_method(in_shape, out_shape, ranks, num_blocks, batch) -> str:
+    """``"gemm"`` or ``"einsum"``: how ``contraction="factorized"`` contracts a batch of this size."""
+    if len(in_shape) < 2:
+        return "einsum"
+    einsum_flops = factorized_expression(in_shape, out_shape, ranks, num_blocks, batch)[1]
+    chain_flops = gemm_chain_flops(in_shape, out_shape, ranks, num_blocks, batch)
+    return "gemm" if chain_flops <= GEMM_CHAIN_MAX_EXTRA_FLOPS * einsum_flops else "einsum"
+
+
+def contraction_costs(in_shape, out_shape, ranks, num_blocks, batch) -> dict:
+    """Flop estimates of the forward pass: the opt_einsum path (``"einsum"``), the GEMM chain
+    (``"gemm"``, ``None`` for d = 1), the factorized method in use (``"factorized"``, the one of those
+    two that ``factorized_method`` picks), the rebuild of W and the dense matmul with W. The backward
+    pass costs about twice the forward for any choice."""
+    key = (in_shape, out_shape, ranks, num_blocks, batch)
+    einsum = factorized_expression(*key)[1]
+    gemm = gemm_chain_flops(*key) if len(in_shape) >= 2 else None
+    return {"factorized": gemm if factorized_method(*key) == "gemm" else einsum, "einsum": einsum, "gemm": gemm,
+            "rebuild": rebuild_expression(in_shape, out_shape, ranks, num_blocks)[1],
+            "matmul": 2 * batch * math.prod(in_shape) * math.prod(out_shape)}
