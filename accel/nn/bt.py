@@ -299,8 +299,8 @@ class BTLinear(nn.Module):
             weight (Tensor): the ``(out_features, in_features)`` matrix, as ``nn.Linear.weight``.
             bias (Tensor, optional): ``(out_features,)``, copied; without it the layer has no bias.
             in_shape, out_shape, ranks, num_blocks, contraction: as for :class:`BTLinear`.
-            **decomposition_options: ``n_iter``, ``tol``, ``num_restarts``, ``tucker_iter``, ``random_state``
-                of :func:`accel.nn.decompose.block_term_decomposition`.
+            **decomposition_options: ``n_iter``, ``tol``, ``num_restarts``, ``tucker_iter``, ``full_space_iter``,
+                ``random_state``, ``progress`` of :func:`accel.nn.decompose.block_term_decomposition`.
 
         The relative Frobenius error ``||W - W_bt|| / ||W||`` is stored in ``reconstruction_error``.
         """
