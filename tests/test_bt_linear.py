@@ -265,3 +265,21 @@ def test_dense_path_workspace_shared_between_forwards(seed):
     assert "MiB" in repr(first.workspace)
     first.workspace.clear()
     torch.testing.assert_close(first(x1), y1)
+
+
+@pytest.mark.parametrize("contraction", ["gemm", "einsum", "dense"])
+def test_autocast_bfloat16(seed, contraction):
+    """Under CPU autocast the products run in bfloat16 (the weight-side ops come out in mixed dtypes,
+    which every path must reconcile) and match float32 to bfloat16 precision, gradients included."""
+    torch.manual_seed(seed)
+    layer = BTLinear(24, 12, in_shape=(3, 4, 2), out_shape=(2, 3, 2), contraction=contraction)
+    x = torch.randn(5, 24)
+    reference = layer(x)
+    reference_grad = torch.autograd.grad(reference.sum(), layer.core)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    grad = torch.autograd.grad(y.float().sum(), layer.core)[0]
+    scale = reference.abs().max().item()
+    torch.testing.assert_close(y.float(), reference, rtol=0, atol=0.05 * scale)
+    assert grad.dtype == torch.float32
+    torch.testing.assert_close(grad, reference_grad, rtol=0, atol=0.05 * reference_grad.abs().max().item())

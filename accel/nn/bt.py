@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from accel.nn.bt_contract import gemm_chain_contract, gemm_chain_largest
-from accel.nn.bt_dense import RebuildWorkspace, rebuild_linear
+from accel.nn.bt_dense import RebuildWorkspace, matmul_dtype, rebuild_linear
 from accel.nn.bt_paths import (FACTORIZED_FLOP_PENALTY, GEMM_CHAIN_MAX_EXTRA_FLOPS,  # noqa: F401 (re-exported)
                                REBUILD_FLOP_PENALTY, contraction_costs, factorized_expression, factorized_method,
                                rebuild_expression)
@@ -281,7 +281,9 @@ class BTLinear(nn.Module):
         if method == "gemm":
             return gemm_chain_contract(x, self.core, self.factors, self.in_shape, self.out_shape, self.ranks)
         expression = factorized_expression(*self._key(), x.shape[0])[0]
-        y = expression(x.reshape(x.shape[0], *self.in_shape), self.core, *self.factors, backend="torch")
+        dtype = matmul_dtype(x, self.core)  # opt_einsum's pairwise steps refuse autocast's mixed dtypes
+        operands = [t.to(dtype) for t in (self.core, *self.factors)]
+        y = expression(x.reshape(x.shape[0], *self.in_shape).to(dtype), *operands, backend="torch")
         return y.reshape(x.shape[0], self.out_features)
 
     def extra_repr(self) -> str:

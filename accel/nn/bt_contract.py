@@ -22,6 +22,8 @@ import math
 
 import torch
 
+from accel.nn.bt_dense import matmul_dtype
+
 __all__ = ["gemm_chain_contract", "gemm_chain_flops", "gemm_chain_training_flops", "gemm_chain_largest"]
 
 
@@ -144,9 +146,11 @@ def gemm_chain_contract(x, core, factors, in_shape, out_shape, ranks):
     """
     if len(in_shape) < 2:
         raise ValueError(f"the GEMM chain needs d >= 2 modes, got in_shape={tuple(in_shape)}")
-    mode, merged, first = _mode_matrices(core, list(factors))
+    dtype = matmul_dtype(x, core)  # under autocast the weight-side ops come out in mixed dtypes
+    core, factors = core.to(dtype), [f.to(dtype) for f in factors]
+    mode, merged, first = _mode_matrices(core, factors)
     shapes = (tuple(in_shape), tuple(out_shape), tuple(ranks), core.shape[0])
-    x = x.reshape(x.shape[0], *in_shape).contiguous()
+    x = x.reshape(x.shape[0], *in_shape).to(dtype).contiguous()
     return _GemmChain.apply(x, shapes, merged, first, *mode)
 
 

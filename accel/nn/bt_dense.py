@@ -20,7 +20,19 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["RebuildWorkspace", "rebuild_linear", "rebuild_operands"]
+__all__ = ["RebuildWorkspace", "matmul_dtype", "rebuild_linear", "rebuild_operands"]
+
+
+def matmul_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype the products of ``tensors`` should run in: autocast's where it is on for their device
+    (small weight-side ops then come out in mixed dtypes, which ``mm`` refuses), else the promoted one."""
+    device = tensors[0].device.type
+    if hasattr(torch, "get_autocast_dtype") and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
 
 
 class RebuildWorkspace:
@@ -107,4 +119,5 @@ def rebuild_linear(x: torch.Tensor, core: torch.Tensor, factors, workspace: Rebu
     out0 = factors[0].shape[2]
     if x.shape[1] != math.prod(f.shape[1] for f in factors):
         raise ValueError(f"expected {math.prod(f.shape[1] for f in factors)} input features, got {x.shape[1]}")
-    return _RebuildLinear.apply(x.contiguous(), left, right, out0, workspace)
+    dtype = matmul_dtype(x, left, right)
+    return _RebuildLinear.apply(x.to(dtype).contiguous(), left.to(dtype), right.to(dtype), out0, workspace)
