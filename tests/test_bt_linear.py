@@ -278,6 +278,7 @@ def test_autocast_bfloat16(seed, contraction):
     reference_grad = torch.autograd.grad(reference.sum(), layer.core)[0]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
+    assert y.dtype == torch.bfloat16  # like nn.Linear under autocast
     grad = torch.autograd.grad(y.float().sum(), layer.core)[0]
     scale = reference.abs().max().item()
     torch.testing.assert_close(y.float(), reference, rtol=0, atol=0.05 * scale)

@@ -247,14 +247,14 @@ class BTLinear(nn.Module):
         batch = x.shape[0]
         if self.uses_dense(batch):
             y = rebuild_linear(x, self.core, self.factors, self.workspace)
-            y = y if self.bias is None else y + self.bias
+            y = y if self.bias is None else y + self.bias.to(y.dtype)  # autocast: keep its dtype
         else:
             method = self.factorized_method(batch) if batch else "einsum"  # the chain reshapes by batch
             pieces = x.split(self.chunk_size(batch, x)) if batch else [x]
             y = self._contract(x, method) if len(pieces) == 1 else torch.cat([self._contract(p, method)
                                                                                for p in pieces])
             if self.bias is not None:
-                y = y + self.bias
+                y = y + self.bias.to(y.dtype)
         return y.reshape(*leading, self.out_features)
 
     def chunk_size(self, batch: int, input: torch.Tensor | None = None) -> int:
