@@ -115,9 +115,10 @@ class _RebuildLinear(torch.autograd.Function):
 def rebuild_linear(x: torch.Tensor, core: torch.Tensor, factors, workspace: RebuildWorkspace) -> torch.Tensor:
     """``x @ W`` for the block-term weight given by ``core`` ``(N, R_0..)`` and ``factors`` (the k-th
     ``(N, I_k, J_k, R_k)``); ``x`` is ``(B, prod I_k)``, the result ``(B, prod J_k)``."""
+    in_features = math.prod(f.shape[1] for f in factors)
+    if x.shape[1] != in_features:
+        raise ValueError(f"expected {in_features} input features, got {x.shape[1]}")
     left, right = rebuild_operands(core, list(factors))
     out0 = factors[0].shape[2]
-    if x.shape[1] != math.prod(f.shape[1] for f in factors):
-        raise ValueError(f"expected {math.prod(f.shape[1] for f in factors)} input features, got {x.shape[1]}")
     dtype = matmul_dtype(x, left, right)
     return _RebuildLinear.apply(x.to(dtype).contiguous(), left.to(dtype), right.to(dtype), out0, workspace)
