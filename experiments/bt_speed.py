@@ -11,6 +11,11 @@ RNN's input layer): backward computes the weight gradients only. Wall time and t
 time are both recorded: the development machine is shared, and CPU time is less disturbed by other
 processes. A GPU section runs when CUDA is available.
 
+A bound on what BT can reach built from these library ops: every GEMM and copy of one BT step is
+recorded (a ``TorchDispatchMode``, backward included) and replayed alone with hot operands of the
+recorded strides and a preallocated output; dense time over the sum of those is ``dense_over_bt_bound``.
+The gap between that sum and the measured step is data movement between the ops and framework overhead.
+
     python experiments/bt_speed.py            # full run (a few minutes on 2 cores)
     python experiments/bt_speed.py --quick    # fewer repetitions
 """
@@ -28,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -64,27 +70,66 @@ def time_step(module, x, device):
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def small_gemm_rate(in_shape, out_shape, ranks, num_blocks, rows, device, repetitions=50):
-    """Flop/s of the GEMM chain's first step run alone on one piece of ``rows`` input rows, hot operands and
-    a reused output (no page faults): ``(rows * I_0..I_{d-2}, I_{d-1}) @ (I_{d-1}, N J R)``.
+GEMMS = ("aten.mm.default", "aten.bmm.default", "aten.addmm.default", "aten.baddbmm.default", "aten.mm.out",
+         "aten.bmm.out")
+COPIES = ("aten.clone.default", "aten.copy_.default")
 
-    The chain's big GEMMs all have an inner or outer dimension of 16-20 like this one, so none of them is
-    expected to beat this rate; with the training-flop ratio it bounds the achievable speed-up.
-    """
-    size = in_shape[-1]
-    x = torch.randn(rows * math.prod(in_shape) // size, size, device=device)
-    w = torch.randn(size, num_blocks * out_shape[-1] * ranks, device=device)
-    out = torch.empty(x.shape[0], w.shape[1], device=device)
-    times = []
-    for _ in range(repetitions + 5):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        torch.mm(x, w, out=out)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return 2 * x.shape[0] * size * w.shape[1] / statistics.median(times[5:])
+
+class OpRecorder(TorchDispatchMode):
+    """Records the operand layouts (shape, strides, dtype) of every GEMM and copy dispatched while active,
+    the backward's included (the mode sits below autograd)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if str(func) in GEMMS + COPIES:
+            def layout(a):
+                return (a.shape, a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a
+            self.calls.append((func, [layout(a) for a in args], {k: layout(v) for k, v in kwargs.items()}))
+        return func(*args, **kwargs)
+
+
+def _random_strided(shape, stride, dtype, device):
+    """A random tensor with the given strides (zero strides of expanded operands included)."""
+    extent = 1 + sum((size - 1) * step for size, step in zip(shape, stride)) if all(shape) else 0
+    return torch.randn(extent, dtype=dtype, device=device).as_strided(shape, stride)
+
+
+def replay_alone(calls, device, repetitions=30):
+    """Seconds the recorded ops take when each runs alone and hot: operands with the recorded strides
+    (random, already in cache), a preallocated output (no page faults). Returns (gemm_s, copy_s)."""
+    totals = {"gemm": 0.0, "copy": 0.0}
+    signatures = {}
+    for func, layout, kwargs in calls:  # the pieces repeat the same ops: time each signature once
+        key = (str(func), repr(layout), repr(kwargs))
+        signatures.setdefault(key, [func, layout, kwargs, 0])[3] += 1
+    for (name, _, _), (func, layout, kwargs, count) in signatures.items():
+        def tensor(a):
+            return _random_strided(*a, device) if isinstance(a, tuple) else a
+        args, kwargs = [tensor(a) for a in layout], {k: tensor(v) for k, v in kwargs.items()}
+        if name.endswith(".out"):
+            run = lambda: func(*args, **kwargs)  # noqa: E731
+        elif name in GEMMS:
+            out = func(*args, **kwargs)
+            run = lambda: func.overloadpacket.out(*args, **kwargs, out=out)  # noqa: E731
+        else:  # a clone or copy_: the copy into a contiguous buffer of the source's shape
+            src = args[1] if name == "aten.copy_.default" else args[0]
+            out = torch.empty(src.shape, dtype=src.dtype, device=device)
+            run = lambda: out.copy_(src)  # noqa: E731
+        times = []
+        for _ in range(repetitions + 3):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            run()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        totals["gemm" if name in GEMMS else "copy"] += count * statistics.median(times[3:])
+    return totals["gemm"], totals["copy"]
 
 
 def run_setting(setting, device, repetitions, warmup=2):
@@ -125,17 +170,21 @@ def run_setting(setting, device, repetitions, warmup=2):
         "median_cpu_s": {k: statistics.median(v) for k, v in cpus.items()},
         "repetitions": repetitions,
     }
+    # every GEMM and copy of one BT step, replayed alone and hot: what a build from these library ops could
+    # at best reach if moving data between them cost nothing
+    with OpRecorder() as recorder:
+        time_step(bt, x, device)
+    gemm_s, copy_s = replay_alone(recorder.calls, device)
+    row["bt_ops_alone_hot_ms"] = {"gemm": gemm_s * 1e3, "copy": copy_s * 1e3}
+    row["dense_over_bt_bound"] = row["median_wall_s"]["dense"] / (gemm_s + copy_s)
     if row["bt_path"].startswith("factorized (gemm)"):
         # fwd + weight gradient for dense (the input needs no grad); fwd + bwd of the chain likewise
         dense_flops = 4 * batch * in_features * out_features
         bt_flops = gemm_chain_training_flops(bt.in_shape, bt.out_shape, bt.ranks, num_blocks, batch)
-        rates = {"dense": dense_flops / row["median_wall_s"]["dense"], "bt": bt_flops / row["median_wall_s"]["bt"],
-                 "chain_first_gemm_alone": small_gemm_rate(in_shape, out_shape, ranks, num_blocks,
-                                                             bt.chunk_size(batch, x), device)}
         row["training_flops_ratio_dense_over_bt"] = dense_flops / bt_flops
-        row["gflops_per_s"] = {k: v / 1e9 for k, v in rates.items()}
-        # the speed-up if every flop of the chain ran at its best GEMM's rate and nothing else took time
-        row["dense_over_bt_ceiling"] = dense_flops / bt_flops * rates["chain_first_gemm_alone"] / rates["dense"]
+        row["gflops_per_s"] = {"dense": dense_flops / row["median_wall_s"]["dense"] / 1e9,
+                               "bt": bt_flops / row["median_wall_s"]["bt"] / 1e9,
+                               "bt_gemms_alone_hot": bt_flops / gemm_s / 1e9}
     for clock in ("wall", "cpu"):
         times = row[f"median_{clock}_s"]
         row[f"dense_over_bt_{clock}"] = times["dense"] / times["bt"]
@@ -188,12 +237,14 @@ def main():
                   f" | tednet/BT wall {row.get('tednet_over_bt_wall', 0):5.2f}x "
                   f"cpu {row.get('tednet_over_bt_cpu', 0):5.2f}x | flop ratio {row['flops_ratio_dense_over_bt']:.1f}x"
                   f" | BT {row['median_wall_s']['bt'] * 1e3:.1f} ms ({row['bt_path']})", flush=True)
-            if "dense_over_bt_ceiling" in row:
+            hot = row["bt_ops_alone_hot_ms"]
+            print(f"    BT's ops alone and hot: GEMMs {hot['gemm']:.1f} ms + copies {hot['copy']:.1f} ms "
+                  f"-> bound dense/BT {row['dense_over_bt_bound']:.2f}x", flush=True)
+            if "gflops_per_s" in row:
                 rates = row["gflops_per_s"]
                 print(f"    fwd+bwd flop ratio {row['training_flops_ratio_dense_over_bt']:.2f}x; GFLOP/s dense "
-                      f"{rates['dense']:.1f}, BT {rates['bt']:.1f}, chain's first GEMM alone "
-                      f"{rates['chain_first_gemm_alone']:.1f} -> ceiling {row['dense_over_bt_ceiling']:.2f}x",
-                      flush=True)
+                      f"{rates['dense']:.1f}, BT {rates['bt']:.1f}, BT's GEMMs alone and hot "
+                      f"{rates['bt_gemms_alone_hot']:.1f}", flush=True)
     torch.set_num_threads(default_threads)
     if torch.cuda.is_available():
         for setting in SETTINGS:
