@@ -31,6 +31,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -75,6 +76,25 @@ GEMMS = ("aten.mm.default", "aten.bmm.default", "aten.addmm.default", "aten.badd
 COPIES = ("aten.clone.default", "aten.copy_.default")
 
 
+class Layout(NamedTuple):
+    """What a replay needs of a recorded tensor operand."""
+    shape: torch.Size
+    stride: tuple
+    dtype: torch.dtype
+
+
+def _layout(value):
+    return Layout(value.shape, value.stride(), value.dtype) if isinstance(value, torch.Tensor) else value
+
+
+def _random_strided(value, device):
+    """A random tensor of a recorded layout (expanded operands' zero strides included); other values as they are."""
+    if not isinstance(value, Layout):
+        return value
+    extent = 1 + sum((size - 1) * step for size, step in zip(value.shape, value.stride)) if all(value.shape) else 0
+    return torch.randn(extent, dtype=value.dtype, device=device).as_strided(value.shape, value.stride)
+
+
 class OpRecorder(TorchDispatchMode):
     """Records the operand layouts (shape, strides, dtype) of every GEMM and copy dispatched while active,
     the backward's included (the mode sits below autograd)."""
@@ -86,16 +106,8 @@ class OpRecorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if str(func) in GEMMS + COPIES:
-            def layout(a):
-                return (a.shape, a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a
-            self.calls.append((func, [layout(a) for a in args], {k: layout(v) for k, v in kwargs.items()}))
+            self.calls.append((func, [_layout(a) for a in args], {k: _layout(v) for k, v in kwargs.items()}))
         return func(*args, **kwargs)
-
-
-def _random_strided(shape, stride, dtype, device):
-    """A random tensor with the given strides (zero strides of expanded operands included)."""
-    extent = 1 + sum((size - 1) * step for size, step in zip(shape, stride)) if all(shape) else 0
-    return torch.randn(extent, dtype=dtype, device=device).as_strided(shape, stride)
 
 
 def replay_alone(calls, device, repetitions=30):
@@ -107,9 +119,8 @@ def replay_alone(calls, device, repetitions=30):
         key = (str(func), repr(layout), repr(kwargs))
         signatures.setdefault(key, [func, layout, kwargs, 0])[3] += 1
     for (name, _, _), (func, layout, kwargs, count) in signatures.items():
-        def tensor(a):
-            return _random_strided(*a, device) if isinstance(a, tuple) else a
-        args, kwargs = [tensor(a) for a in layout], {k: tensor(v) for k, v in kwargs.items()}
+        args = [_random_strided(a, device) for a in layout]
+        kwargs = {k: _random_strided(v, device) for k, v in kwargs.items()}
         if name.endswith(".out"):
             run = lambda: func(*args, **kwargs)  # noqa: E731
         elif name in GEMMS:
