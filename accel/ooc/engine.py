@@ -149,13 +149,16 @@ class Engine:
             (two workers share it and its memory). Default: every visible GPU, else ``["cpu"]``.
         memory_limit (int, optional): bytes the engine may hold *per device* (split among the device's
             workers). Default: 90% of a GPU's free memory; a quarter of the available host memory for
-            the CPU. A worker given with its own ``memory_limit`` keeps it.
+            the CPU (each worker type's ``default_memory_limit``). A worker given with its own
+            ``memory_limit`` keeps it. ``1e6`` is read as 1000000.
         persist_cache (bool): keep operand tiles between calls (default ``False``: tiles live for one
             call, or for a :meth:`cache_scope`). ``True`` is the caller's promise that **no operand passed
             to this engine is written between calls** unless :meth:`clear_cache` is called after the
             write. torch cannot see every write (fused optimizers, collectives, ``.data``, NumPy views do
             not bump ``tensor._version``), so only the caller can make this promise; a tensor changed
             through a version-bumping op or replaced by another is still detected.
+        default_memory_fraction (float): with no ``memory_limit``, take this share of each device's
+            default (``accel.nn.OutOfCoreLinear``'s shared engine takes 0.25).
 
     Copies (``pickle``, ``copy.deepcopy``, ``torch.save``) of an Engine are new Engines made from the same
     constructor arguments, with empty caches and no statistics; objects sharing one Engine share one
@@ -169,12 +172,16 @@ class Engine:
         >>> engine.stats.traffic_ratio       # the last call; engine.totals sums all calls
     """
 
-    def __init__(self, devices=None, memory_limit: int | None = None, *, persist_cache: bool = False):
+    def __init__(self, devices=None, memory_limit: int | None = None, *, persist_cache: bool = False,
+                 default_memory_fraction: float = 1.0):
         given = devices
         devices = device_list(devices)
         memory_limit = check_memory_limit(memory_limit)
+        if not (isinstance(default_memory_fraction, (int, float)) and 0 < default_memory_fraction <= 1):
+            raise ValueError(f"default_memory_fraction must be in (0, 1], got {default_memory_fraction!r}")
         self._arguments = dict(devices=None if given is None else [_copy_spec(entry) for entry in devices],
-                               memory_limit=memory_limit, persist_cache=bool(persist_cache))
+                               memory_limit=memory_limit, persist_cache=bool(persist_cache),
+                               default_memory_fraction=default_memory_fraction)
         self.workers: list[Worker] = [entry if isinstance(entry, Worker) else make_worker(entry) for entry in devices]
         if len({id(worker) for worker in self.workers}) != len(self.workers):
             raise ValueError("the same Worker object is listed twice; list the device twice instead")
@@ -189,7 +196,10 @@ class Engine:
                 worker.name = f"{worker.device}#{seen[worker.name] - 1}"
             limit = worker.memory_limit
             if limit is None:
-                limit = (memory_limit if memory_limit is not None else worker.default_memory_limit()) // count
+                if memory_limit is None:
+                    limit = int(worker.default_memory_limit() * default_memory_fraction) // count
+                else:
+                    limit = memory_limit // count
             worker.configure(int(limit))
         self.memory_limit = memory_limit
         self.persist_cache = persist_cache
@@ -289,8 +299,6 @@ class Engine:
             finally:
                 for worker in self.workers:
                     worker.account.limit = limits[worker.name]
-                if not self.persist_cache:
-                    self.clear_cache()
             self.stats = self._collect(plan, time.perf_counter() - start, retries)
             self.totals.add(self.stats)
             return self.stats
@@ -467,4 +475,5 @@ def _rebuild_engine(arguments: dict) -> "Engine":
     devices = arguments["devices"]
     if devices is not None:
         devices = [entry[0](entry[1], entry[2]) if isinstance(entry, tuple) else entry for entry in devices]
-    return Engine(devices, arguments["memory_limit"], persist_cache=arguments["persist_cache"])
+    return Engine(devices, arguments["memory_limit"], persist_cache=arguments["persist_cache"],
+                  default_memory_fraction=arguments["default_memory_fraction"])
