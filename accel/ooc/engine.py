@@ -247,13 +247,16 @@ class Engine:
         n = problem.b.shape[1]
         accumulator = torch.empty((), dtype=problem.accumulator_dtype).element_size()
         operand = max(w.storage_size(problem.storage_dtype, problem.accumulator_dtype) for w in self.workers)
+        output = problem.out.element_size() if any(w.needs_output_tile for w in self.workers) else 0
         kind = compute_kind(problem.storage_dtype, problem.allow_tf32)
         storage = torch.empty((), dtype=problem.storage_dtype).element_size()
-        target = max(worker.profile.target_block(kind, storage) for worker in self.workers)
+        profiles = [worker.profile for worker in self.workers]
         return make_plan(m, n, k, memory_per_worker=memory_per_worker, operand_size=operand,
-                         accumulator_size=accumulator, output_size=problem.out.element_size(),
-                         workers=len(self.workers), target_block=target, block=block,
-                         blocks_per_worker=max(worker.profile.blocks_per_worker for worker in self.workers))
+                         accumulator_size=accumulator, output_size=output, workers=len(self.workers),
+                         target_block=max(profile.target_block(kind, storage) for profile in profiles),
+                         block=block, blocks_per_worker=max(profile.blocks_per_worker for profile in profiles),
+                         min_slabs=max(profile.min_slabs for profile in profiles),
+                         min_slab=max(profile.min_slab for profile in profiles))
 
     def run(self, problem: Problem, block: int | None = None) -> GemmStats:
         """Compute ``problem.out``; on an out-of-memory failure re-plan with half the memory and retry once.
@@ -299,7 +302,7 @@ class Engine:
             finally:
                 for worker in self.workers:
                     worker.account.limit = limits[worker.name]
-            self.stats = self._collect(plan, time.perf_counter() - start, retries)
+            self.stats = self._collect(problem, plan, time.perf_counter() - start, retries)
             self.totals.add(self.stats)
             return self.stats
 
@@ -373,7 +376,7 @@ class Engine:
             errors.append(error)
             problem.cancelled.set()
 
-    def _collect(self, plan: Plan, seconds: float, retries: int) -> GemmStats:
+    def _collect(self, problem: Problem, plan: Plan, seconds: float, retries: int) -> GemmStats:
         stats = GemmStats(plan=plan, seconds=seconds, retries=retries)
         for worker in self.workers:
             stats.bytes_to_device += worker.bytes_to_device
@@ -384,9 +387,9 @@ class Engine:
             stats.memory_limit_per_worker[worker.name] = worker.account.limit
             stats.cache_hits += worker.cache_hits
             stats.cache_misses += worker.cache_misses
-        memory_elements = max(stats.peak_bytes_per_worker.values()) / plan.operand_size
-        stats.lower_bound_bytes = 2 * plan.m * plan.n * plan.k / math.sqrt(max(memory_elements, 1)) * plan.operand_size
-        stats.traffic_ratio = (stats.bytes_to_device + stats.bytes_to_host) / max(stats.lower_bound_bytes, 1)
+        stats.set_bounds(storage_size=torch.empty((), dtype=problem.storage_dtype).element_size(),
+                         output_size=problem.out.element_size(),
+                         c_size=problem.c.element_size() if problem.c is not None else 0)
         return stats
 
 
