@@ -12,7 +12,7 @@ import torch
 import accel
 from accel.ooc import BlockQueue, CPUWorker, Engine, MemoryAccount, MemoryBudgetExceeded, TileCache
 from accel.ooc.cache import Tile, source_key
-from accel.ooc.plan import MIN_TILE, Block, make_plan, minimum_memory
+from accel.ooc.plan import Block, make_plan, minimum_memory
 
 SIZES = dict(operand_size=4, accumulator_size=4, output_size=4)
 
