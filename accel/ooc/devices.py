@@ -63,7 +63,7 @@ from accel.ooc.plan import Block, DeviceProfile, Plan
 #: Host worker: copies into its tile buffers run at memory speed, so transfers are never the bottleneck,
 #: and it is synchronous, so neither extra blocks nor extra slabs buy any overlap.
 CPU_PROFILE = DeviceProfile({"float64": 5e10, "float32": 1e11, "tf32": 1e11, "half": 5e10}, 1e10, 256,
-                            blocks_per_worker=1, min_slabs=1, min_slab=32)
+                            blocks_per_worker=1, min_slabs=1, min_slab=64)
 
 
 class Cancelled(Exception):
