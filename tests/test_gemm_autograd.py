@@ -63,15 +63,17 @@ def test_tiles_do_not_outlive_a_call_by_default(seed):
 
 def test_persistent_cache_is_the_callers_promise(seed):
     generator = torch.Generator().manual_seed(seed)
-    A, B = torch.randn(60, 50, generator=generator), torch.randn(50, 40, generator=generator)
+    A = torch.randn(60, 50, generator=generator, dtype=torch.float64)
+    B = torch.randn(50, 40, generator=generator, dtype=torch.float64)
     engine = Engine(["cpu"], memory_limit=1 << 20, persist_cache=True)
-    engine.gemm(A, B)
-    engine.gemm(A, B)
+    options = dict(compute_dtype=torch.float32)  # fp32 products of fp64 data: the CPU tiles are copies
+    engine.gemm(A, B, **options)
+    engine.gemm(A, B, **options)
     assert engine.stats.cache_misses == 0 and engine.stats.bytes_to_device == 0  # the benefit
     A.detach().numpy()[0, 0] += 100.0  # breaks the promise: the stale tile is used, as documented
-    assert not torch.allclose(engine.gemm(A, B), A @ B)
+    assert not torch.allclose(engine.gemm(A, B, **options), A @ B)
     engine.clear_cache()  # what the contract asks after such a write
-    torch.testing.assert_close(engine.gemm(A, B), A @ B)
+    torch.testing.assert_close(engine.gemm(A, B, **options), A @ B, rtol=1e-5, atol=1e-5)
 
 
 def test_cache_scope_reuses_until_closed(seed):

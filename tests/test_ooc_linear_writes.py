@@ -103,11 +103,15 @@ def test_tiles_are_shared_between_forward_and_backward_once_each(seed):
     assert all(len(worker.cache) == 0 for worker in layer.engine.workers)  # the scope closed with the backward
 
 
-def test_default_engine_is_shared_and_modest():
+def test_default_engine_is_shared_and_modest(monkeypatch):
+    import accel.nn.ooc_linear as module
+    from accel.ooc import CPUWorker
+
+    monkeypatch.setattr(module, "_shared_engines", {})
+    monkeypatch.setattr(CPUWorker, "default_memory_limit", lambda self: 1 << 30)  # (free memory moves)
     first, second = OutOfCoreLinear(8, 4, devices=["cpu"]), OutOfCoreLinear(6, 3, devices=["cpu"])
     assert first.engine is second.engine  # one budget for every layer on these devices
-    worker = first.engine.workers[0]
-    assert worker.account.limit == int(worker.default_memory_limit() * 0.25)
+    assert first.engine.workers[0].account.limit == 1 << 28  # a quarter of what accel.gemm would take
     assert OutOfCoreLinear(8, 4, devices=["cpu"], memory_limit=1 << 20).engine is not first.engine
 
 

@@ -5,9 +5,10 @@ fetch the next slab's tiles while this one is multiplied, then write the block b
 how a tile is loaded, multiplied and written back, and owns everything that knows its device. A new
 worker type is one file: a subclass registered with :func:`accel.ooc.registry.register_worker`.
 
-* :class:`CPUWorker` computes tiles with torch on the host. It copies operand tiles into its own buffers,
-  as a GPU would, so the whole engine (plan, cache, memory limit, scheduling) runs and is tested without
-  a GPU; it accumulates straight into the host result, which is its own memory.
+* :class:`CPUWorker` computes tiles with torch on the host, so the whole engine (plan, cache, memory limit,
+  scheduling) runs and is tested without a GPU. Host memory is its own memory: it reads a tile in place
+  when no dtype conversion is needed (else copies it, rounded, into a buffer of the accumulator dtype),
+  reads C and accumulates straight into the host result. Its account is charged as a GPU's would be.
 * :class:`~accel.ooc.cuda.CUDAWorker` (``cuda.py``) copies in, computes and copies out on three streams.
 
 Hooks a worker type defines (``cls`` hooks are class-level: the engine calls them on the class)
@@ -325,9 +326,10 @@ def epilogue(acc: torch.Tensor, c_tile: torch.Tensor | None, alpha: float, beta:
 class CPUWorker(Worker):
     """Computes tiles with torch on the host (uses torch's intra-op threads).
 
-    Tiles are stored in the accumulator dtype holding values already rounded to the compute dtype, so a
-    bfloat16/float16 product is exact and accumulated in float32, as on a GPU. TF32 has no CPU
-    counterpart: ``"tf32"`` computes in exact float32 here.
+    Tiles are the host views themselves when the operand is already in the accumulator dtype (fp32 or
+    fp64 products); otherwise copies in the accumulator dtype holding values already rounded to the
+    compute dtype, so a bfloat16/float16 product is exact and accumulated in float32, as on a GPU. TF32
+    has no CPU counterpart: ``"tf32"`` computes in exact float32 here.
     """
 
     kind = "cpu"
@@ -358,6 +360,8 @@ class CPUWorker(Worker):
         return torch.empty((), dtype=accumulator_dtype).element_size()
 
     def load_tile(self, view, key, nbytes, problem) -> Tile:
+        if view.dtype == problem.storage_dtype == problem.accumulator_dtype and 1 in view.stride():
+            return Tile(key, view, nbytes)  # host memory is this worker's memory: BLAS reads the view in place
         tile = torch.empty(view.shape, dtype=problem.accumulator_dtype)
         if view.dtype != problem.storage_dtype:  # round to the compute dtype first (narrowing compute_dtype)
             view = view.to(problem.storage_dtype)

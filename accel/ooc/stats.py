@@ -15,7 +15,8 @@ class GemmStats:
         plan (Plan): the plan the call finished with.
         seconds (float): wall time of the engine part of the call.
         bytes_to_device, bytes_to_host (int): bytes copied into workers' memory (operand tiles, C tiles)
-            and back (result blocks); for a CPU worker, copies into and out of its tile buffers.
+            and back (result blocks); for a CPU worker, the bytes its tiles, C reads and results cover
+            (what a device would have moved; it reads in place when it can).
         blocks_per_worker, tiles_loaded_per_worker (dict): C blocks computed / operand tiles loaded, by worker.
         cache_hits, cache_misses (int): operand tile lookups served from / missing in the caches.
         peak_bytes_per_worker, memory_limit_per_worker (dict): the most bytes each worker held, and its limit.
