@@ -47,17 +47,26 @@ def operand(rows, cols, transposed, dtype, generator):
 SHAPES = [(1, 1, 1), (7, 13, 5), (31, 17, 29), (64, 1, 33), (1, 40, 23), (37, 41, 53)]
 
 
+BLAS_CASES = [(1.0, 0.0, False), (-0.5, 2.0, True), (1.5, 0.0, True), (0.0, -1.0, True), (2.0, 1.0, False)]
+
+
+def check_blas_grid_case(engine, m, n, k, trans_a, trans_b, dtype, seed):
+    """One point of the BLAS grid on ``engine``: alpha/beta with zeros, C given or not, against NumPy."""
+    generator = torch.Generator().manual_seed(seed)
+    A, B = operand(m, k, trans_a, dtype, generator), operand(k, n, trans_b, dtype, generator)
+    C = torch.randn(m, n, generator=generator, dtype=torch.float64).to(dtype)
+    for alpha, beta, with_c in BLAS_CASES:
+        c = C if with_c else None
+        result = engine.gemm(A, B, c, alpha=alpha, beta=beta, trans_a=trans_a, trans_b=trans_b)
+        assert_close(result, *reference(A, B, c, alpha, beta, trans_a, trans_b), dtype)
+
+
 @pytest.mark.parametrize("trans_a", [False, True])
 @pytest.mark.parametrize("trans_b", [False, True])
 @pytest.mark.parametrize("m,n,k", SHAPES)
 def test_blas_grid_float64(m, n, k, trans_a, trans_b, seed):
-    generator = torch.Generator().manual_seed(seed)
-    A, B = operand(m, k, trans_a, torch.float64, generator), operand(k, n, trans_b, torch.float64, generator)
-    C = torch.randn(m, n, generator=generator, dtype=torch.float64)
     engine = Engine(["cpu", "cpu"], memory_limit=2 * 13_000)  # tiny: forces many blocks and slabs
-    for alpha, beta, c in [(1.0, 0.0, None), (-0.5, 2.0, C), (1.5, 0.0, C), (0.0, -1.0, C), (2.0, 1.0, None)]:
-        result = engine.gemm(A, B, c, alpha=alpha, beta=beta, trans_a=trans_a, trans_b=trans_b)
-        assert_close(result, *reference(A, B, c, alpha, beta, trans_a, trans_b), torch.float64)
+    check_blas_grid_case(engine, m, n, k, trans_a, trans_b, torch.float64, seed)
 
 
 def test_tiny_memory_forces_many_blocks_and_slabs(seed):
