@@ -23,7 +23,7 @@ from accel.ooc.plan import Plan, compute_kind, make_plan, minimum_memory
 from accel.ooc.stats import EngineTotals, GemmStats
 
 class Engine:
-    r"""Out-of-core GEMM engine over a set of devices; reusable, and its tile caches persist across calls.
+    r"""Out-of-core GEMM engine over a set of devices; reusable (threads, staging buffers, statistics).
 
     Args:
         devices (sequence, optional): device names (``"cuda:0"``, ``"cpu"``, :class:`torch.device`) or
