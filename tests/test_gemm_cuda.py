@@ -1,12 +1,12 @@
 """The same checks on CUDA workers: the BLAS grid on cuda:0 and on two workers sharing cuda:0, TF32/bf16
 compute dtypes, pinned and strided host operands, the memory limit measured by the CUDA allocator.
 
-Without a GPU those are skipped; the CUDA worker's own logic (staging rings, deferred write-back, the
-cudaMemcpy2DAsync layouts, C loading, failure cleanup) still runs here on an emulated device: streams and
-events become synchronous no-ops and "device" memory is host memory (see ``emulated_cuda``).
+Without a GPU those are skipped; the CUDA worker's own logic (staging rings, write-back on its host thread,
+the cudaMemcpy2DAsync layouts, the multiply-accumulate calls, C loading, failure cleanup) still runs here
+on an emulated device that checks what the CUDA runtime and torch's CUDA kernels check (see
+``emulated_cuda.py``): pitches, ``out_dtype`` rules, events waited on before a staging buffer is reused,
+and device memory including the cuBLAS workspace against the limit.
 """
-import contextlib
-import ctypes
 import types
 
 import numpy as np
@@ -16,103 +16,237 @@ import torch
 import accel
 import accel.ooc.cuda as cuda_module
 from accel.ooc import Engine
-from accel.ooc.cuda import CUDAWorker
+from accel.ooc.cuda import CUDAWorker, cublas_workspace_bytes
+from emulated_cuda import Checks, DeviceMemory, Runtime, _extent, install
 from test_gemm import SHAPES, assert_close, operand, reference
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+WORKSPACE = 4096 + 2048  # the emulated cuBLAS + cuBLASLt workspace (CUBLAS_WORKSPACE_CONFIG=:4:1, 2 KiB)
 
 
 # -- the CUDA worker's logic on an emulated device (always runs) ---------------------------------------------
-class _FakeStream:
-    cuda_stream = 0
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def wait_event(self, event):
-        pass
-
-    def synchronize(self):
-        pass
-
-
-class _FakeEvent:
-    def record(self, stream=None):
-        pass
-
-    def synchronize(self):
-        pass
-
-
-def _fake_memcpy_2d(dst, dpitch, src, spitch, width, height, kind, stream):
-    """cudaMemcpy2DAsync semantics on host memory: ``height`` rows of ``width`` bytes."""
-    for row in range(height):
-        ctypes.memmove(dst + row * dpitch, src + row * spitch, width)
-
-
 @pytest.fixture
-def emulated_cuda(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "Stream", _FakeStream)
-    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
-    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None)
-    monkeypatch.setattr(cuda_module, "pinned_bytes", lambda nbytes: torch.empty(nbytes, dtype=torch.uint8))
-    monkeypatch.setattr(cuda_module, "_HAS_OUT_DTYPE", False)  # mm(out_dtype=) exists for CUDA only
+def runtime(monkeypatch):
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4:1")
+    monkeypatch.setenv("CUBLASLT_WORKSPACE_SIZE", "2")
+    monkeypatch.delenv("TORCH_CUBLASLT_UNIFIED_WORKSPACE", raising=False)
+    emulated = Runtime()
+    install(monkeypatch, emulated)
+    return emulated
 
 
 class EmulatedCUDAWorker(CUDAWorker):
-    """A CUDAWorker whose "device" is the host; host operands listed in ``pinned`` count as pinned and go
-    through the (emulated) cudaMemcpy2DAsync path."""
+    """A CUDAWorker whose "device" is the host, watched by ``emulated_cuda.Checks`` on every thread it uses;
+    host operands listed in ``pinned`` count as pinned and go through the emulated cudaMemcpy2DAsync."""
 
-    def __init__(self, memory_limit, pinned=()):
+    def __init__(self, runtime, memory_limit, pinned=()):
+        self.runtime, self.memory = runtime, DeviceMemory()
         super().__init__("cpu", memory_limit)
         self.pinned = {t.untyped_storage().data_ptr() for t in pinned}
-        runtime = types.SimpleNamespace(memcpy2DAsync=_fake_memcpy_2d, memcpyHostToDevice=1)
+        for tensor in pinned:
+            runtime.pin(tensor)
         self._cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=runtime))
         self.direct_copies = 0
+        self.unstaged_on: set[str] = set()
 
     def is_pinned(self, view):
         return view.untyped_storage().data_ptr() in self.pinned
 
-    def _memcpy_2d(self, view, target):
+    def allocate(self, shape, dtype):
+        return self.memory.track(super().allocate(shape, dtype))
+
+    def _memcpy_2d(self, view, target, stream):
         self.direct_copies += 1
-        super()._memcpy_2d(view, target)
+        super()._memcpy_2d(view, target, stream)
+
+    def _watched(self, method, *arguments):
+        with Checks(self.runtime, self.memory):
+            return method(*arguments)
+
+    def begin(self, problem):
+        self.runtime.host_only = [_extent(problem.out)] + ([_extent(problem.c)] if problem.c is not None else [])
+        self._watched(super().begin, problem)
+
+    def run_block(self, problem, block):
+        self._watched(super().run_block, problem, block)
+
+    def flush(self, problem):
+        self._watched(super().flush, problem)
+
+    def end(self, problem):
+        self._watched(super().end, problem)
+
+    def _pack(self, *arguments):
+        self._watched(super()._pack, *arguments)
+
+    def _unstage(self, *arguments):
+        import threading
+
+        self.unstaged_on.add(threading.current_thread().name)
+        self._watched(super()._unstage, *arguments)
+
+
+def _check_run(engine, workers, shares, A, B, C, alpha, beta, trans_a, trans_b, dtype, **kwargs):
+    result = engine.gemm(A, B, C, alpha=alpha, beta=beta, trans_a=trans_a, trans_b=trans_b, **kwargs)
+    assert_close(result, *reference(A, B, C, alpha, beta, trans_a, trans_b, kwargs.get("compute_dtype")), dtype)
+    for worker, share in zip(workers, shares):
+        assert worker.memory.peak <= share, (worker.memory.peak, share)  # cuBLAS workspace included
+        assert worker.account.peak <= share - WORKSPACE
+    return result
 
 
 @pytest.mark.parametrize("trans_a", [False, True])
 @pytest.mark.parametrize("trans_b", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_cuda_worker_logic_on_emulated_device(emulated_cuda, trans_a, trans_b, dtype, seed):
+def test_cuda_worker_logic_on_emulated_device(runtime, trans_a, trans_b, dtype, seed):
     generator = torch.Generator().manual_seed(seed)
     A, B = operand(61, 47, trans_a, dtype, generator), operand(47, 53, trans_b, dtype, generator)
     C = torch.randn(61, 53, generator=generator).to(dtype)
-    limit = 20_000 if dtype == torch.float64 else 6_000  # small: many blocks and slabs
-    workers = [EmulatedCUDAWorker(limit, pinned=[A]), EmulatedCUDAWorker(limit)]
+    limit = WORKSPACE + (20_000 if dtype == torch.float64 else 6_000)  # small: many blocks and slabs
+    workers = [EmulatedCUDAWorker(runtime, limit, pinned=[A]), EmulatedCUDAWorker(runtime, limit)]
     engine = Engine(workers)
     for alpha, beta, c in [(1.0, 0.0, None), (-0.5, 2.0, C)]:
-        result = engine.gemm(A, B, c, alpha=alpha, beta=beta, trans_a=trans_a, trans_b=trans_b)
-        assert_close(result, *reference(A, B, c, alpha, beta, trans_a, trans_b), dtype)
+        _check_run(engine, workers, [limit, limit], A, B, c, alpha, beta, trans_a, trans_b, dtype)
         assert engine.stats.plan.grid[0] * engine.stats.plan.grid[1] >= 6 and engine.stats.plan.grid[2] >= 2
-        assert max(engine.stats.peak_bytes_per_worker.values()) <= limit
     assert workers[0].direct_copies > 0  # A's tiles skipped the packing copy (row or column layout)
     assert workers[1].direct_copies == 0 or workers[1].blocks_done == 0
+    # results reached the host matrix on each worker's host thread, never on its engine thread
+    assert all(name.startswith("accel-cuda-host") for w in workers for name in w.unstaged_on)
 
 
-def test_cuda_worker_failure_cleanup_on_emulated_device(emulated_cuda, seed):
+@pytest.mark.parametrize("compute_dtype", [torch.float32, "tf32", torch.bfloat16, torch.float16])
+def test_narrow_operands_into_a_float64_accumulator_on_emulated_device(runtime, compute_dtype, seed):
+    """fp64 operands multiplied in a narrower dtype: CUDA has no mm(out_dtype=float64) for them (issue 17.3)."""
+    generator = torch.Generator().manual_seed(seed)
+    A, B = torch.randn(40, 70, generator=generator, dtype=torch.float64), torch.randn(70, 30, generator=generator,
+                                                                                     dtype=torch.float64)
+    C = torch.randn(40, 30, generator=generator, dtype=torch.float64)
+    limit = WORKSPACE + 12_000
+    workers = [EmulatedCUDAWorker(runtime, limit)]
+    engine = Engine(workers)
+    rounding = torch.float32 if compute_dtype == "tf32" else compute_dtype
+    for c, beta in [(None, 0.0), (C, -1.5)]:
+        result = engine.gemm(A, B, c, beta=beta, compute_dtype=compute_dtype)
+        assert result.dtype == torch.float64 and engine.stats.plan.grid[2] >= 2
+        exact = reference(A, B, c, 1.0, beta, False, False, rounding=rounding)
+        # each slab's product is rounded once to float32, then summed in float64
+        assert_close(result, *exact, torch.float32)
+        assert workers[0].memory.peak <= limit
+
+
+@pytest.mark.parametrize("wider_self", [True, False], ids=["torch-with-167931", "older-torch"])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_half_operands_accumulate_in_float32_under_either_addmm_rule(monkeypatch, runtime, wider_self, out_dtype,
+                                                                     seed):
+    """addmm(fp32 acc, bf16, bf16, out_dtype=fp32) is refused by torch before pytorch#167931 (issue 17.3)."""
+    runtime.wider_self = wider_self
+    generator = torch.Generator().manual_seed(seed)
+    A, B = torch.randn(48, 300, generator=generator), torch.randn(300, 40, generator=generator)
+    C = torch.randn(48, 40, generator=generator).to(out_dtype)
+    limit = WORKSPACE + 20_000
+    workers = [EmulatedCUDAWorker(runtime, limit)]
+    engine = Engine(workers)
+    result = engine.gemm(A.bfloat16(), B.bfloat16(), C, beta=0.5, compute_dtype=torch.bfloat16)
+    assert engine.stats.plan.grid[2] >= 2 and result.dtype == out_dtype
+    assert workers[0]._fast_accumulate == wider_self  # one addmm per slab where torch takes it
+    exact = reference(A.bfloat16(), B.bfloat16(), C, 1.0, 0.5, False, False)
+    assert_close(result, *exact, torch.bfloat16)
+    assert workers[0].memory.peak <= limit
+
+
+def test_memory_limit_counts_the_cublas_workspace_on_emulated_device(runtime, seed):
+    """Two workers share one device: each holds its own workspace inside its half (issue 17.4)."""
+    generator = torch.Generator().manual_seed(seed)
+    A, B = torch.randn(90, 70, generator=generator), torch.randn(70, 80, generator=generator)
+    C = torch.randn(90, 80, generator=generator)
+    share = WORKSPACE + 9_000
+    workers = [EmulatedCUDAWorker(runtime, None), EmulatedCUDAWorker(runtime, None)]
+    for worker in workers:
+        worker.name = "cuda:0"  # the engine then splits one device's memory_limit between them
+    engine = Engine(workers, memory_limit=2 * share)
+    _check_run(engine, workers, [share, share], A, B, C, 1.0, 0.5, False, False, torch.float32)
+    assert all(worker.account.limit == share - WORKSPACE for worker in workers)
+    assert len(runtime.workspaces) == 2  # one per worker: its own thread and compute stream
+    with pytest.raises(ValueError, match="cuBLAS workspace"):
+        Engine([EmulatedCUDAWorker(runtime, WORKSPACE)])
+
+
+@pytest.mark.parametrize("which", ["A", "B"])
+def test_one_row_pinned_tile_passes_a_valid_pitch_on_emulated_device(runtime, which, seed):
+    """op(A) = A.T of a (k, 1) A: a one-row tile whose row stride (1) is below its width (issue 17.8)."""
+    generator = torch.Generator().manual_seed(seed)
+    if which == "A":
+        A, B, trans_a, trans_b = torch.randn(70, 1, generator=generator), torch.randn(70, 30, generator=generator), \
+            True, False
+    else:  # k == 1: op(B) = B.T of an (n, 1) B
+        A, B, trans_a, trans_b = torch.randn(30, 1, generator=generator), torch.randn(50, 1, generator=generator), \
+            False, True
+    pinned = A if which == "A" else B
+    worker = EmulatedCUDAWorker(runtime, WORKSPACE + 4_000, pinned=[pinned])
+    result = Engine([worker]).gemm(A, B, trans_a=trans_a, trans_b=trans_b)
+    assert_close(result, *reference(A, B, None, 1.0, 0.0, trans_a, trans_b), torch.float32)
+    assert worker.direct_copies > 0
+
+
+def test_staging_is_pinned_lazily_and_sized_to_the_plan(runtime, seed):
+    """Direct copies and beta == 0 pin nothing for operands or C (issue 17.11)."""
+    generator = torch.Generator().manual_seed(seed)
+    A, B = torch.randn(64, 90, generator=generator), torch.randn(90, 50, generator=generator)
+    worker = EmulatedCUDAWorker(runtime, WORKSPACE + 16_000, pinned=[A, B])
+    engine = Engine([worker])
+    engine.gemm(A, B)
+    plan = engine.stats.plan
+    block = plan.block_rows * plan.block_cols * 4
+    assert worker._operand_ring.nbytes == 0 and worker._c_ring.nbytes == 0
+    assert worker._out_ring.nbytes == min(2, plan.grid[0] * plan.grid[1]) * block
+    C = torch.randn(64, 50, generator=generator)
+    engine.gemm(A.t().contiguous().t().clone(), B, C, beta=1.0)  # unpinned A, and C: those rings fill
+    operand_tile = max(plan.block_rows, plan.block_cols) * plan.slab * 4
+    assert 0 < worker._operand_ring.nbytes <= 4 * operand_tile and 0 < worker._c_ring.nbytes <= 2 * block
+
+
+def test_cuda_worker_failure_cleanup_on_emulated_device(runtime, seed):
     class Failing(EmulatedCUDAWorker):
         def write_block(self, problem, block, acc):
             if self.blocks_done == 1:
                 raise torch.OutOfMemoryError("CUDA out of memory (emulated)")
             super().write_block(problem, block, acc)
 
-    A, B = torch.randn(80, 40), torch.randn(40, 80)
-    worker = Failing(30_000)
+    A, B, C = torch.randn(80, 40), torch.randn(40, 80), torch.randn(80, 80)
+    worker = Failing(runtime, WORKSPACE + 30_000)
     engine = Engine([worker])
     with pytest.raises(RuntimeError, match="memory_limit"):
-        engine.gemm(A, B)  # fails on the first try and on the retry
+        engine.gemm(A, B, C, beta=1.0)  # fails on the first try and on the retry
     assert worker.account.held == 0 and worker._pending == [] and len(worker.cache) == 0
+
+
+# -- the emulator itself catches what it claims to ---------------------------------------------------------------
+def test_emulator_catches_a_staging_buffer_reused_before_its_event(monkeypatch, runtime, seed):
+    monkeypatch.setattr(cuda_module._Slot, "wait_device", lambda self: None)
+    A, B = torch.randn(64, 90), torch.randn(90, 50)
+    with pytest.raises(AssertionError, match="was not waited for"):
+        Engine([EmulatedCUDAWorker(runtime, WORKSPACE + 16_000)]).gemm(A, B)
+
+
+def test_emulator_checks_pitches_and_out_dtype_rules(runtime):
+    source, target = torch.randn(4, 8), torch.empty(4, 8)
+    with pytest.raises(RuntimeError, match="InvalidPitch"):
+        runtime.memcpy2DAsync(target.data_ptr(), 32, source.data_ptr(), 4, 32, 1, 1, runtime.default_stream.cuda_stream)
+    checks = Checks(runtime, DeviceMemory())
+    for operands in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+        a, b = torch.randn(3, 5).to(operands), torch.randn(5, 2).to(operands)
+        for out_dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+            try:  # torch's meta kernel applies CUDA's rule: the emulator must agree with it
+                torch.mm(a.to("meta"), b.to("meta"), out_dtype=out_dtype)
+                allowed = True
+            except RuntimeError:
+                allowed = False
+            with checks:
+                if allowed:
+                    assert torch.mm(a, b, out_dtype=out_dtype).dtype == out_dtype
+                else:
+                    with pytest.raises(RuntimeError, match="out_dtype must be"):
+                        torch.mm(a, b, out_dtype=out_dtype)
 
 
 # -- on a real GPU ------------------------------------------------------------------------------------------
