@@ -7,6 +7,7 @@ on an emulated device that checks what the CUDA runtime and torch's CUDA kernels
 ``emulated_cuda.py``): pitches, ``out_dtype`` rules, events waited on before a staging buffer is reused,
 and device memory including the cuBLAS workspace against the limit.
 """
+import contextlib
 import types
 
 import numpy as np
@@ -220,6 +221,25 @@ def test_cuda_worker_failure_cleanup_on_emulated_device(runtime, seed):
     assert worker.account.held == 0 and worker._pending == [] and len(worker.cache) == 0
 
 
+# -- the cuBLAS-XT baseline finds CUDA 13's library ---------------------------------------------------------------
+def test_cublasxt_looks_for_the_cuda_13_wheel_first(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "baselines" / "cublasxt.py"
+    spec = importlib.util.spec_from_file_location("cublasxt_baseline", path)
+    cublasxt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cublasxt)
+    for relative in ("nvidia/cu13/lib/libcublas.so.13", "nvidia/cublas/lib/libcublas.so.12"):
+        (tmp_path / relative).parent.mkdir(parents=True)
+        (tmp_path / relative).write_bytes(b"not a library")
+    cu13, cu12 = str(tmp_path / "nvidia/cu13/lib/libcublas.so.13"), str(tmp_path / "nvidia/cublas/lib/libcublas.so.12")
+    found = cublasxt.library_candidates("13", [str(tmp_path)], [])
+    assert found[:2] == [cu13, cu12] and "libcublas.so.13" in found
+    assert cublasxt.library_candidates("12", [str(tmp_path)], [])[0] == cu12
+    assert str(tmp_path / "nvidia/cu11/lib/libcublas.so.11") not in found  # absent files are not tried
+
+
 # -- the emulator itself catches what it claims to ---------------------------------------------------------------
 def test_emulator_catches_a_staging_buffer_reused_before_its_event(monkeypatch, runtime, seed):
     monkeypatch.setattr(cuda_module._Slot, "wait_device", lambda self: None)
@@ -254,6 +274,11 @@ def test_emulator_checks_pitches_and_out_dtype_rules(runtime):
 DEVICE_SETS = [["cuda:0"], ["cuda:0", "cuda:0"]]
 
 
+def gpu_limit(workers_on_gpu: int, engine_bytes: int) -> int:
+    """A device memory_limit giving each of its workers ``engine_bytes`` beside its cuBLAS workspace."""
+    return workers_on_gpu * (cublas_workspace_bytes(torch.cuda.get_device_capability()) + engine_bytes)
+
+
 @needs_gpu
 @pytest.mark.parametrize("devices", DEVICE_SETS, ids=["one-worker", "two-workers"])
 @pytest.mark.parametrize("trans_a", [False, True])
@@ -263,7 +288,7 @@ def test_blas_grid_float64_cuda(m, n, k, trans_a, trans_b, devices, seed):
     generator = torch.Generator().manual_seed(seed)
     A, B = operand(m, k, trans_a, torch.float64, generator), operand(k, n, trans_b, torch.float64, generator)
     C = torch.randn(m, n, generator=generator, dtype=torch.float64)
-    engine = Engine(devices, memory_limit=len(devices) * 13_000)
+    engine = Engine(devices, memory_limit=gpu_limit(len(devices), 13_000))
     for alpha, beta, c in [(1.0, 0.0, None), (-0.5, 2.0, C), (0.0, -1.0, C), (2.0, 1.0, None)]:
         result = engine.gemm(A, B, c, alpha=alpha, beta=beta, trans_a=trans_a, trans_b=trans_b)
         assert_close(result, *reference(A, B, c, alpha, beta, trans_a, trans_b), torch.float64)
@@ -276,7 +301,8 @@ def test_each_dtype_cuda(dtype, devices, seed):
     generator = torch.Generator().manual_seed(seed)
     A, B = operand(300, 257, False, dtype, generator), operand(257, 190, True, dtype, generator)
     C = torch.randn(300, 190, generator=generator).to(dtype)
-    result = accel.gemm(A, B, C, alpha=0.75, beta=-1.25, trans_b=True, devices=devices, memory_limit=1 << 20)
+    limit = gpu_limit(devices.count("cuda:0"), 1 << 20)
+    result = accel.gemm(A, B, C, alpha=0.75, beta=-1.25, trans_b=True, devices=devices, memory_limit=limit)
     assert result.dtype == dtype and result.device.type == "cpu"
     assert_close(result, *reference(A, B, C, 0.75, -1.25, False, True), dtype)
 
@@ -299,7 +325,7 @@ def test_float32_is_exact_by_default_and_tf32_on_request(seed):
 def test_half_compute_dtype_accumulates_in_float32_cuda(compute_dtype, seed):
     generator = torch.Generator().manual_seed(seed)
     A, B = operand(128, 4096, False, torch.float32, generator), operand(4096, 96, False, torch.float32, generator)
-    engine = Engine(["cuda:0"], memory_limit=1 << 21)  # several slabs: the cross-slab sum is fp32
+    engine = Engine(["cuda:0"], memory_limit=gpu_limit(1, 1 << 21))  # several slabs: the cross-slab sum is fp32
     result = engine.gemm(A, B, compute_dtype=compute_dtype)
     assert engine.stats.plan.grid[2] > 1
     # each slab's product is rounded at most once to fp32 (or to the half dtype without mm(out_dtype=))
@@ -315,16 +341,77 @@ def test_pinned_strided_operands(transposed, seed):
     B = torch.randn(600, 333, generator=generator).pin_memory()
     if transposed:  # column-major tiles: the transposed copy path
         A = A.t().contiguous().pin_memory().t()
-    result = accel.gemm(A, B, devices=["cuda:0"], memory_limit=1 << 20)
+    result = accel.gemm(A, B, devices=["cuda:0"], memory_limit=gpu_limit(1, 1 << 20))
     assert_close(result, *reference(A, B, None, 1.0, 0.0, False, False), torch.float32)
 
 
 @needs_gpu
-@pytest.mark.parametrize("limit", [1 << 20, 4 << 20])
-def test_memory_limit_measured_by_the_allocator(limit, seed):
+def test_one_row_pinned_tile_cuda(seed):
+    """A pinned (k, 1) A with trans_a: one-row tiles whose row stride is below their width (issue 17.8)."""
+    generator = torch.Generator().manual_seed(seed)
+    A, B = torch.randn(700, 1, generator=generator).pin_memory(), torch.randn(700, 300, generator=generator)
+    result = accel.gemm(A, B, trans_a=True, devices=["cuda:0"], memory_limit=gpu_limit(1, 1 << 16))
+    assert_close(result, *reference(A, B, None, 1.0, 0.0, True, False), torch.float32)
+
+
+@needs_gpu
+@pytest.mark.parametrize("compute_dtype", [torch.float32, "tf32", torch.bfloat16, torch.float16])
+def test_narrow_compute_dtype_into_float64_cuda(compute_dtype, seed):
+    """fp64 operands and result with narrower products: no mm(out_dtype=float64) on CUDA (issue 17.3)."""
+    generator = torch.Generator().manual_seed(seed)
+    A, B = operand(300, 2000, False, torch.float64, generator), operand(2000, 200, False, torch.float64, generator)
+    C = torch.randn(300, 200, generator=generator, dtype=torch.float64)
+    engine = Engine(["cuda:0"], memory_limit=gpu_limit(1, 1 << 21))
+    result = engine.gemm(A, B, C, beta=-1.0, compute_dtype=compute_dtype)
+    assert engine.stats.plan.grid[2] > 1 and result.dtype == torch.float64
+    rounding = torch.float32 if compute_dtype == "tf32" else compute_dtype
+    # TF32 rounds the fp32 operands again on the tensor cores (10-bit mantissa)
+    tolerance = torch.bfloat16 if compute_dtype == "tf32" else torch.float32
+    assert_close(result, *reference(A, B, C, 1.0, -1.0, False, False, rounding=rounding), tolerance)
+
+
+@needs_gpu
+def test_emulator_agrees_with_cuda():
+    """What the emulator (emulated_cuda.py) assumes of this machine's CUDA torch, checked on it."""
+    device = torch.device("cuda:0")
+    checks = Checks(Runtime(wider_self=cuda_module.addmm_accumulates_into_float32(device, torch.bfloat16)),
+                    DeviceMemory())
+    for operands in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+        a, b = torch.randn(3, 5).to(operands), torch.randn(5, 2).to(operands)
+        for out_dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+            outcomes = []
+            for x, y, context in ((a.cuda(), b.cuda(), contextlib.nullcontext()), (a, b, checks)):
+                with context:
+                    try:
+                        torch.mm(x, y, out_dtype=out_dtype)
+                        outcomes.append(True)
+                    except RuntimeError:
+                        outcomes.append(False)
+            assert outcomes[0] == outcomes[1], (operands, out_dtype, outcomes)
+    # the cuBLAS workspace a new stream gets: at most what each worker reserves
+    x = torch.randn(256, 256, device=device)
+    out = torch.empty(256, 256, device=device)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated(device)
+    stream = torch.cuda.Stream(device)
+    with torch.cuda.stream(stream):
+        torch.mm(x, x, out=out)
+        torch.mm(x.bfloat16(), x.bfloat16(), out_dtype=torch.float32, out=out)
+    torch.cuda.synchronize()
+    grown = torch.cuda.memory_allocated(device) - before
+    print(f"cuBLAS workspace of a new stream: {grown} bytes; reserved per worker: "
+          f"{cublas_workspace_bytes(torch.cuda.get_device_capability(device))}")
+    assert 0 < grown <= cublas_workspace_bytes(torch.cuda.get_device_capability(device))
+
+
+@needs_gpu
+@pytest.mark.parametrize("engine_bytes", [1 << 20, 4 << 20])
+def test_memory_limit_measured_by_the_allocator(engine_bytes, seed):
+    """The limit covers each worker's cuBLAS workspace (allocated on its first multiply) (issue 17.4)."""
     generator = torch.Generator().manual_seed(seed)
     A, B = torch.randn(1000, 800, generator=generator), torch.randn(800, 900, generator=generator)
     C = torch.randn(1000, 900, generator=generator)
+    limit = gpu_limit(2, engine_bytes)
     engine = Engine(["cuda:0", "cuda:0"], memory_limit=limit)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
