@@ -90,11 +90,11 @@ def test_cache_lru_eviction_respects_references_and_budget():
 def test_cache_drops_tiles_of_changed_and_collected_tensors():
     cache = TileCache(MemoryAccount(10_000))
     tensor = torch.randn(4, 4)
-    key = source_key(tensor)
+    key = source_key(tensor, ("persistent",))
     cache.track(tensor, key)
     cache.release(cache.acquire((key, 0), 64, _loader("t", 64)))
     tensor.mul_(2)  # in place: a new version
-    new_key = source_key(tensor)
+    new_key = source_key(tensor, ("persistent",))
     assert new_key != key
     cache.track(tensor, new_key)
     assert len(cache) == 0
@@ -108,7 +108,7 @@ def test_second_call_moves_fewer_bytes_and_in_place_change_invalidates(seed):
     generator = torch.Generator().manual_seed(seed)
     A = torch.randn(120, 90, generator=generator)
     B = torch.randn(90, 110, generator=generator)
-    engine = Engine(["cpu"], memory_limit=400_000)  # room for every tile: the second call hits only
+    engine = Engine(["cpu"], memory_limit=400_000, persist_cache=True)  # room for every tile: the second call hits only
     first = engine.gemm(A, B, block=40)
     moved_first = engine.stats.bytes_to_device
     second = engine.gemm(A, B, block=40)
@@ -317,7 +317,12 @@ def test_device_that_does_not_exist(device, pattern):
 
 # -- failures -------------------------------------------------------------------------------------------------
 class FailingWorker(CPUWorker):
-    """Test hook: raises ``error`` on its ``after``-th multiply (or in ``begin``), ``times`` times in all."""
+    """Test hook: raises ``error`` on its ``after``-th multiply (or in ``begin``), ``times`` times in all.
+    Its device type reads cuBLAS's allocation failure as out of memory (as the CUDA worker's does)."""
+
+    @classmethod
+    def is_out_of_memory(cls, error):
+        return super().is_out_of_memory(error) or "CUBLAS_STATUS_ALLOC_FAILED" in str(error)
 
     def __init__(self, error, after=1, times=1, in_begin=False):
         super().__init__("cpu")
@@ -419,7 +424,7 @@ def test_stats_report_traffic_against_the_lower_bound(seed):
 
 
 def test_totals_sum_the_calls_and_count_cache_hits():
-    engine = Engine(["cpu"], memory_limit=1 << 20)
+    engine = Engine(["cpu"], memory_limit=1 << 20, persist_cache=True)
     A, B = torch.randn(40, 30), torch.randn(30, 20)
     engine.gemm(A, B)
     first = engine.stats

@@ -1,47 +1,98 @@
 """``OutOfCoreLinear``: a linear layer whose weight (and its gradient) live in host memory.
 
-Forward and backward are out-of-core GEMMs (:func:`accel.gemm`) through one :class:`accel.ooc.Engine`
-per layer, so a weight larger than any GPU trains with an ordinary torch optimizer. The engine's tile
-cache keeps weight tiles between forward and backward, and drops them when the optimizer changes the
-weight in place.
+Forward and backward are out-of-core GEMMs on an :class:`accel.ooc.Engine`, so a weight larger than any
+GPU trains with an ordinary torch optimizer.
+
+Tiles and their lifetime: each forward opens a :class:`~accel.ooc.engine.CacheScope` and the matching
+backward closes it. Within it the tiles of the weight, the input and the output gradient are loaded
+once and reused (forward reads ``W^T``, backward ``W``: tiles are keyed in the weight's own coordinates
+and cut on one square grid, so they match). Nothing is reused across an optimizer step or any other
+boundary where the weight may change, so no write path (fused optimizers, ``.data``, NumPy views,
+collectives, ``load_state_dict``) can make a tile stale.
 """
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 from torch import nn
 
 from accel.ooc import Engine
+from accel.ooc.call import gemm_call
+from accel.ooc.plan import MIN_TILE, working_set_bytes
+
+#: share of each device's default budget that the layers' shared default engine takes
+DEFAULT_MEMORY_FRACTION = 0.25
+_shared_engines: dict = {}
+_shared_engines_lock = threading.Lock()
+
+
+def shared_engine(devices=None) -> Engine:
+    """The engine all ``OutOfCoreLinear`` layers on ``devices`` share when given no ``memory_limit``:
+    a quarter of what :func:`accel.gemm` would take on each device, one budget for all of them."""
+    key = None if devices is None else tuple(str(device) for device in devices)
+    with _shared_engines_lock:
+        if key not in _shared_engines:
+            _shared_engines[key] = Engine(devices, default_memory_fraction=DEFAULT_MEMORY_FRACTION)
+        return _shared_engines[key]
+
+
+def tile_side(engine: Engine, rows: int, in_features: int, out_features: int, dtype: torch.dtype) -> int:
+    """Side of the square tile grid shared by the layer's three GEMMs (forward ``x W^T``, backward
+    ``g W`` and ``g^T x``): the largest whose working set takes at most half of the smallest worker budget,
+    the other half caching the call's tiles for reuse."""
+    element = torch.empty((), dtype=dtype).element_size()
+    accumulator = max(element, 4)
+    operand = max(worker.storage_size(dtype, torch.float64 if element == 8 else torch.float32)
+                  for worker in engine.workers)
+    budget = min(worker.account.limit for worker in engine.workers) // 2
+    sizes = dict(operand_size=operand, accumulator_size=accumulator, output_size=element)
+    shapes = [(rows, out_features, in_features), (rows, in_features, out_features),
+              (out_features, in_features, rows)]
+
+    def fits(side):
+        return all(working_set_bytes(min(m, side), min(n, side), min(k, side), **sizes) <= budget
+                   for m, n, k in shapes)
+
+    low, high = MIN_TILE, max(rows, in_features, out_features, MIN_TILE)
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle - 1)
+    return low
 
 
 class _OutOfCoreLinearFunction(torch.autograd.Function):
-    """``y = x @ W^T + b`` with the three matmuls (forward, grad input, grad weight) on the engine."""
+    """``y = x W^T + b`` on the engine; the backward's GEMMs are differentiable (double backward)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, engine):
-        rows = x.reshape(-1, x.shape[-1]).detach().cpu()
-        if bias is not None:  # beta * C with C the bias broadcast over rows: added inside the epilogue
-            out = engine.gemm(rows, weight, bias, beta=1.0, trans_b=True)
-        else:
-            out = engine.gemm(rows, weight, trans_b=True)
+    def forward(ctx, rows, weight, bias, engine, side, backward_follows):
+        scope = engine.cache_scope()
+        out = gemm_call(engine, rows, weight, bias, beta=0.0 if bias is None else 1.0, trans_b=True, block=side,
+                        cache_scope=scope)
         ctx.save_for_backward(rows, weight)
-        ctx.engine, ctx.has_bias, ctx.input_shape, ctx.input_device = engine, bias is not None, x.shape, x.device
-        return out.reshape(*x.shape[:-1], out.shape[-1]).to(x.device)
+        ctx.engine, ctx.side, ctx.scope, ctx.has_bias = engine, side, scope, bias is not None
+        if not backward_follows:  # no graph: nothing will read these tiles again
+            scope.close()
+        return out
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad):
         rows, weight = ctx.saved_tensors
-        engine = ctx.engine
-        grad_rows = grad_out.reshape(-1, grad_out.shape[-1]).cpu()
-        grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = engine.gemm(grad_rows, weight).reshape(ctx.input_shape).to(ctx.input_device)
-        if ctx.needs_input_grad[1]:
-            grad_weight = engine.gemm(grad_rows, rows, trans_a=True)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad_rows.sum(0)
-        return grad_x, grad_weight, grad_bias, None
+        engine, scope = ctx.engine, ctx.scope
+        scope = None if scope.closed else scope
+        grad_rows = grad_weight = grad_bias = None
+        try:  # grad_rows first: it reads the weight tiles the forward left in the scope
+            if ctx.needs_input_grad[0]:
+                grad_rows = gemm_call(engine, grad, weight, block=ctx.side, cache_scope=scope)
+            if ctx.needs_input_grad[1]:
+                grad_weight = gemm_call(engine, grad, rows, trans_a=True, block=ctx.side, cache_scope=scope)
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                grad_bias = grad.sum(0)
+        finally:  # the weight may change from here on (the optimizer step): its tiles go
+            if scope is not None:
+                scope.close()
+        return grad_rows, grad_weight, grad_bias, None, None, None
 
 
 class OutOfCoreLinear(nn.Module):
@@ -57,14 +108,19 @@ class OutOfCoreLinear(nn.Module):
         bias (bool): learn an additive bias (default ``True``).
         devices (sequence, optional): devices for the GEMMs (see :class:`accel.ooc.Engine`); default
             every visible GPU, else the CPU.
-        memory_limit (int, optional): bytes per device the layer's engine may hold.
+        memory_limit (int, optional): bytes per device for this layer's own engine. Default: the layer
+            uses the engine shared by every ``OutOfCoreLinear`` on the same ``devices`` made without a
+            limit, which takes a quarter of what :func:`accel.gemm` would (a quarter of 90% of a GPU's
+            free memory), one budget for all those layers, leaving the rest to the model.
         dtype (torch.dtype, optional): parameter dtype (default: torch's default dtype).
-        engine (accel.ooc.Engine, optional): share one engine (and its memory budget) among layers;
-            then ``devices`` and ``memory_limit`` stay unset.
+        engine (accel.ooc.Engine, optional): use this engine (and its budget); then ``devices`` and
+            ``memory_limit`` stay unset.
 
-    The layer's engine keeps weight tiles on the devices between calls (up to ``memory_limit`` per
-    device; they are dropped when the optimizer changes the weight). Several layers on one GPU should
-    share an ``engine`` or get limits that leave room for the rest of the model.
+    Tiles live from a forward to the end of its backward (see the module docstring): nothing is cached
+    across optimizer steps. Autograd: double backward (``create_graph=True``) works, the backward's
+    GEMMs being differentiable engine GEMMs. Copies (``copy.deepcopy``, ``pickle``, ``torch.save``,
+    ``AveragedModel``) get a new Engine built from the same arguments (see :class:`accel.ooc.Engine`);
+    layers sharing an engine share one new engine in the copy.
 
     Example::
 
@@ -88,7 +144,12 @@ class OutOfCoreLinear(nn.Module):
             self.register_parameter("bias", None)
         if engine is not None and (devices is not None or memory_limit is not None):
             raise ValueError("pass devices and memory_limit to the Engine, not with engine=")
-        self.engine = engine if engine is not None else Engine(devices, memory_limit)
+        if engine is not None and not isinstance(engine, Engine):
+            raise TypeError(f"engine must be an accel.ooc.Engine, got {engine!r} (to name devices, pass "
+                            f"devices=[...])")
+        if engine is None:
+            engine = shared_engine(devices) if memory_limit is None else Engine(devices, memory_limit)
+        self.engine = engine
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -118,11 +179,17 @@ class OutOfCoreLinear(nn.Module):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"expected input with last dimension {self.in_features}, got shape {tuple(x.shape)}")
+        if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] != self.in_features:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"expected input with last dimension {self.in_features}, got shape {shape}")
         if x.dtype != self.weight.dtype:
             raise TypeError(f"input dtype {x.dtype} does not match the weight dtype {self.weight.dtype}")
-        return _OutOfCoreLinearFunction.apply(x, self.weight, self.bias, self.engine)
+        rows = x.reshape(-1, self.in_features).cpu()  # differentiable: gradients flow back to x's device
+        parameters = [p for p in (self.weight, self.bias) if p is not None]
+        backward_follows = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *parameters))
+        side = tile_side(self.engine, rows.shape[0], self.in_features, self.out_features, x.dtype)
+        out = _OutOfCoreLinearFunction.apply(rows, self.weight, self.bias, self.engine, side, backward_follows)
+        return out.reshape(*x.shape[:-1], self.out_features).to(x.device)
 
     def _apply(self, fn, recurse=True):
         """Parameters stay in host memory whatever ``.to()`` / ``.cuda()`` asks (that is the point of the

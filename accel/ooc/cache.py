@@ -4,13 +4,22 @@ Every byte a worker holds on its device (accumulator, output tile, cached operan
 its :class:`MemoryAccount`, which refuses to go past the limit and records the peak: that is how the
 "memory limit is never exceeded" promise is kept and measured.
 
-:class:`TileCache` keeps operand tiles between blocks and, unlike BLASX, between calls. A tile is keyed
-by its source tensor's *identity and state*: object id, data pointer, shape, strides, dtype and
-``tensor._version`` (bumped by every in-place op on the tensor or any view of it). Changing a tensor in
-place therefore changes its key; the stale tiles are dropped the next time the tensor is used, and all
-of a tensor's tiles are dropped when the tensor is garbage collected (so a recycled ``id`` or address
-cannot hit stale data). NumPy arrays have no version counter: their tiles live for one call only.
-Writes that bypass torch's version counter (through a NumPy view or ``.data``) are not seen either.
+:class:`TileCache` keeps operand tiles between blocks of a call and, when the caller allows it, between
+calls. Validity rests on *lifetime*, not on detecting writes: torch does not see every write (fused
+optimizers and c10d collectives do not bump ``tensor._version``, nor do writes through ``.data``'s own
+counter or a NumPy view), so no key can prove a tile current. Each tile key therefore carries a *scope*:
+
+* ``("call", n)`` -- the default: tiles live for one call and are dropped at its end. Within a call the
+  operands cannot change (a concurrent write would be a race in any BLAS).
+* ``("scope", n)`` -- a :class:`~accel.ooc.engine.CacheScope`: the caller declares the operands unchanged
+  until it closes the scope (``OutOfCoreLinear`` opens one per forward and closes it at the end of the
+  matching backward); then its tiles are dropped.
+* ``("persistent",)`` -- an ``Engine(persist_cache=True)``: the caller declares its operands unchanged
+  between calls unless it calls :meth:`~accel.ooc.engine.Engine.clear_cache`.
+
+Keys also hold the source's identity and visible state (object id, data pointer, shape, strides, dtype,
+``_version``) so that a tensor replaced or changed through torch is never confused with its old self,
+and a source's tiles are dropped when it is garbage collected (a recycled ``id`` cannot hit stale data).
 """
 from __future__ import annotations
 
@@ -70,17 +79,32 @@ class SourceKey:
     stride: tuple
     dtype: torch.dtype
     version: int
-    persistent: bool
+    scope: tuple
+
+    @property
+    def persistent(self) -> bool:
+        """Whether the tiles may outlive the call (a cache scope or a persistent cache)."""
+        return self.scope[0] != "call"
 
 
-_call_counter = itertools.count()
+_scope_counter = itertools.count()
 
 
-def source_key(tensor: torch.Tensor, persistent: bool = True) -> SourceKey:
-    """Key for ``tensor``. ``persistent=False`` (NumPy inputs) makes a key no later call can match."""
-    version = tensor._version if persistent else -1 - next(_call_counter)
+def call_scope() -> tuple:
+    """A scope no other call shares: its tiles are dropped at the end of the call."""
+    return ("call", next(_scope_counter))
+
+
+def new_scope() -> tuple:
+    """A fresh :class:`~accel.ooc.engine.CacheScope` key."""
+    return ("scope", next(_scope_counter))
+
+
+def source_key(tensor: torch.Tensor, scope: tuple | None = None) -> SourceKey:
+    """Key for ``tensor``'s tiles in ``scope`` (default: a fresh call scope)."""
+    scope = scope if scope is not None else call_scope()
     return SourceKey(id(tensor), tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype,
-                     version, persistent)
+                     tensor._version, scope)
 
 
 @dataclass(eq=False)
@@ -98,6 +122,24 @@ class Tile:
     ready: Any = None
     last_use: Any = None
     extra: dict = field(default_factory=dict)
+
+
+class TransposedTile:
+    """A cached :class:`Tile` used in the other orientation: ``tensor`` is its transpose (a view), and
+    the events are the cached tile's own (setting ``last_use`` sets it on the cached tile)."""
+
+    def __init__(self, base: Tile):
+        self.base = base
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        return self.base.tensor.t()
+
+    key = property(lambda self: self.base.key)
+    nbytes = property(lambda self: self.base.nbytes)
+    extra = property(lambda self: self.base.extra)
+    ready = property(lambda self: self.base.ready, lambda self, value: setattr(self.base, "ready", value))
+    last_use = property(lambda self: self.base.last_use, lambda self, value: setattr(self.base, "last_use", value))
 
 
 class TileCache:
@@ -179,7 +221,7 @@ class TileCache:
     def release(self, tile: Tile) -> None:
         """Drop one reference to ``tile`` (it stays cached until evicted)."""
         with self._lock:
-            tile.references -= 1
+            getattr(tile, "base", tile).references -= 1
 
     def make_room(self, nbytes: int) -> None:
         """Evict least recently used unreferenced tiles until ``nbytes`` more fit in the account."""
@@ -214,12 +256,18 @@ class TileCache:
                     finalizer.detach()
 
     def drop_call_scoped(self) -> None:
-        """Drop tiles of non-persistent sources (NumPy inputs) at the end of a call."""
+        """Drop tiles of call-scoped sources at the end of a call."""
         with self._lock:
             for key in [key for key in self._tiles if not key[0].persistent]:
                 self._evict(key)
             for object_id in [i for i, key in self._current.items() if not key.persistent]:
                 del self._current[object_id]
+
+    def drop_scope(self, scope: tuple) -> None:
+        """Drop every unreferenced tile of ``scope`` (a closed :class:`~accel.ooc.engine.CacheScope`)."""
+        with self._lock:
+            for key in [key for key, tile in self._tiles.items() if key[0].scope == scope and not tile.references]:
+                self._evict(key)
 
     def clear(self) -> None:
         """Drop every tile (none may be referenced)."""

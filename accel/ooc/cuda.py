@@ -15,6 +15,7 @@ worker multiplies on its own stream and thread, so :meth:`CUDAWorker.configure` 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import threading
@@ -25,7 +26,7 @@ import torch
 
 from accel.ooc.cache import Tile
 from accel.ooc.devices import Problem, Worker, epilogue
-from accel.ooc.plan import DeviceProfile, cuda_profile
+from accel.ooc.plan import DeviceProfile
 
 # torch >= 2.8 multiplies half operands into a float32 output in one cuBLAS call (mm/addmm ``out_dtype``)
 _HAS_OUT_DTYPE = "dtype_out" in torch.ops.aten.mm.overloads() and "dtype_out" in torch.ops.aten.addmm.overloads()
@@ -130,6 +131,64 @@ class CUDAWorker(Worker):
 
     kind = "cuda"
 
+    # ==== device knowledge: the class-level Worker hooks (contract in devices.py) ======================
+    # Everything else in accel.ooc is device-agnostic; what knows CUDA as a device type lives here.
+    default_priority = 10  # with no devices given: every visible GPU before the CPU
+
+    #: dense peak rates by compute capability (major, minor); host link as measured pinned
+    PROFILES = {
+        (9, 0): DeviceProfile({"float64": 6.7e13, "float32": 6.7e13, "tf32": 4.9e14, "half": 9.9e14}, 5e10, 1024),
+        (8, 0): DeviceProfile({"float64": 1.95e13, "float32": 1.95e13, "tf32": 1.56e14, "half": 3.12e14}, 2.5e10,
+                              1024),
+    }
+    DEFAULT_PROFILE = DeviceProfile({"float64": 1e12, "float32": 1.5e13, "tf32": 1.5e13, "half": 6e13}, 1.2e10, 1024)
+    _OUT_OF_MEMORY_TEXT = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "cudaErrorMemoryAllocation")
+    _compute_mode_lock = threading.Lock()  # the fp32 matmul precision switch is process-wide
+
+    @classmethod
+    def default_devices(cls) -> list[str]:
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+    @classmethod
+    def check_device(cls, device: torch.device) -> torch.device:
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = device.index if device.index is not None else (torch.cuda.current_device() if count else 0)
+        if index >= count:
+            raise ValueError(f"device {str(device)!r} does not exist: {count} CUDA device(s) visible")
+        return torch.device("cuda", index)
+
+    @classmethod
+    def is_out_of_memory(cls, error: BaseException) -> bool:
+        return (super().is_out_of_memory(error) or isinstance(error, torch.OutOfMemoryError)
+                or any(text in str(error) for text in cls._OUT_OF_MEMORY_TEXT))
+
+    @classmethod
+    def release_cached_memory(cls) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    @classmethod
+    @contextlib.contextmanager
+    def compute_mode(cls, problem: Problem):
+        """TF32 on for ``compute_dtype="tf32"``, off otherwise, for the call; the user's setting is put back
+        exactly as found. torch >= 2.9 has ``fp32_precision`` (reading or writing the legacy ``allow_tf32``
+        beside it raises "mix of the legacy and new APIs"), older torch only ``allow_tf32``."""
+        matmul = torch.backends.cuda.matmul
+        name = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
+        wanted = problem.allow_tf32 if name == "allow_tf32" else ("tf32" if problem.allow_tf32 else "ieee")
+        with cls._compute_mode_lock:
+            previous = getattr(matmul, name)
+            setattr(matmul, name, wanted)
+            try:
+                yield
+            finally:
+                setattr(matmul, name, previous)
+
+    @property
+    def profile(self) -> DeviceProfile:
+        return self.PROFILES.get(tuple(torch.cuda.get_device_capability(self.device)), self.DEFAULT_PROFILE)
+    # ==== end of device knowledge =====================================================================
+
     def __init__(self, device, memory_limit: int | None = None):
         super().__init__(device, memory_limit)
         with torch.cuda.device(self.device):
@@ -150,10 +209,6 @@ class CUDAWorker(Worker):
         except ImportError:
             cupy = None
         self._cupy = cupy
-
-    @property
-    def profile(self) -> DeviceProfile:
-        return cuda_profile(torch.cuda.get_device_capability(self.device))
 
     @property
     def staging_bytes(self) -> int:

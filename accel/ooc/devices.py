@@ -1,26 +1,69 @@
-"""Workers: one per device entry, each computing whole output blocks of C.
+"""Workers: one per device entry, each computing whole output blocks of C; the Worker hook contract.
 
 The block algorithm lives in :class:`Worker` (fetch the A and B tiles of a slab through the tile cache,
-fetch the next slab's tiles while this one is multiplied, then write the block back); a device type only
-says how a tile is loaded, multiplied and written back:
+fetch the next slab's tiles while this one is multiplied, then write the block back); a worker type says
+how a tile is loaded, multiplied and written back, and owns everything that knows its device. A new
+worker type is one file: a subclass registered with :func:`accel.ooc.registry.register_worker`.
 
 * :class:`CPUWorker` computes tiles with torch on the host. It copies operand tiles into its own buffers,
   as a GPU would, so the whole engine (plan, cache, memory limit, scheduling) runs and is tested without
   a GPU; it accumulates straight into the host result, which is its own memory.
-* :class:`~accel.ooc.cuda.CUDAWorker` (``cuda.py``) copies in, computes and copies out on three streams
-  ordered by events, through pinned staging buffers allocated once and reused across calls. Pinned host
-  operands with a unit stride go straight to the device with ``cudaMemcpy2DAsync`` (CuPy), unpacked.
+* :class:`~accel.ooc.cuda.CUDAWorker` (``cuda.py``) copies in, computes and copies out on three streams.
+
+Hooks a worker type defines (``cls`` hooks are class-level: the engine calls them on the class)
+--------------------------------------------------------------------------------------------------
+Class level (device knowledge):
+
+* ``kind`` (str): the :class:`torch.device` type served (``"cpu"``, ``"cuda"``); the registry key.
+* ``default_priority`` (int): when no devices are given, the highest-priority type that finds any
+  devices is used (CUDA 10, CPU 0).
+* ``default_devices() -> list[str]``: the devices of this type visible now (may be empty); must not
+  raise when the device's runtime is missing.
+* ``check_device(device: torch.device) -> torch.device``: the normalised device (``"cuda"`` ->
+  ``"cuda:N"``); raises ``ValueError`` naming the device when it does not exist here.
+* ``is_out_of_memory(error: BaseException) -> bool``: whether ``error`` means this device ran out of
+  memory (the engine then re-plans with half the memory and retries once). The base class recognises
+  :class:`MemoryBudgetExceeded`, :class:`MemoryError` and :class:`torch.OutOfMemoryError`; never raises.
+* ``release_cached_memory() -> None``: called after an out-of-memory failure, before the retry
+  (CUDA empties torch's caching allocator). Default: nothing.
+* ``compute_mode(problem: Problem)``: a context manager entered once per call, on the calling thread,
+  around all workers of this type (e.g. CUDA's TF32 switch, which is process-wide). It must leave any
+  global setting exactly as it found it, also when the call fails. Default: does nothing.
+
+Instance level (the device operations; all run on the worker's own thread):
+
+* ``profile -> DeviceProfile``: peak rates and link bandwidth, for sizing blocks.
+* ``default_memory_limit() -> int``: bytes the device can give the engine when the user sets no limit
+  (shared by the device's workers).
+* ``storage_size(storage_dtype, accumulator_dtype) -> int``: bytes per element of a stored operand tile.
+* ``allocate(shape, dtype) -> Tensor``: device memory (already charged to the account by the caller).
+* ``load_tile(view, key, nbytes, problem) -> Tile``: queue the copy of the host ``view`` (any strides,
+  the op(A)/op(B) orientation) into a new device tile of ``problem.storage_dtype``; ``nbytes`` is
+  already charged. May raise an out-of-memory error (the charge is refunded by the cache).
+* ``multiply_accumulate(acc, a, b, accumulate, problem)``: ``acc (+)= a.tensor @ b.tensor``; ``a`` and
+  ``b`` are :class:`~accel.ooc.cache.Tile` objects (``tensor``, ``ready``, ``last_use``; ``tensor`` may
+  be a transposed view when the tile was loaded for the other orientation of its source).
+* ``write_block(problem, block, acc)``: ``out[block] = alpha * acc + beta * c[block]`` (may be
+  deferred until ``flush``); counts ``bytes_to_device`` / ``bytes_to_host``.
+* ``wait_unused(tile)``, ``synchronize()``, ``flush(problem)``: wait for queued work.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from accel.ooc.cache import MemoryAccount, Tile, TileCache
-from accel.ooc.plan import CPU_PROFILE, Block, DeviceProfile, Plan
+from accel.ooc.cache import MemoryAccount, MemoryBudgetExceeded, Tile, TileCache, TransposedTile
+from accel.ooc.plan import Block, DeviceProfile, Plan
+
+
+#: Host worker: copies into its tile buffers run at memory speed, so transfers are never the bottleneck,
+#: and it is synchronous, so neither extra blocks nor extra slabs buy any overlap.
+CPU_PROFILE = DeviceProfile({"float64": 5e10, "float32": 1e11, "tf32": 1e11, "half": 5e10}, 1e10, 256,
+                            blocks_per_worker=1, min_slabs=1)
 
 
 class Cancelled(Exception):
@@ -41,8 +84,10 @@ class Problem:
     storage_dtype: torch.dtype
     accumulator_dtype: torch.dtype
     allow_tf32: bool
-    a_prefix: tuple  # (SourceKey, transposed, storage dtype): the start of every A tile key
+    a_prefix: tuple  # (SourceKey, storage dtype): the start of every A tile key
     b_prefix: tuple
+    a_transposed: bool = False  # a is the transpose of its source (tiles are keyed in source coordinates)
+    b_transposed: bool = False
     sources: list = field(default_factory=list)  # [(host tensor, SourceKey)] for TileCache.track
     plan: Plan | None = None
     cancelled: Any = None  # threading.Event
@@ -57,6 +102,28 @@ class Worker:
     """
 
     kind = "abstract"
+    default_priority = 0
+
+    # -- device knowledge (class level; see the module docstring) --------------------------------------
+    @classmethod
+    def default_devices(cls) -> list[str]:
+        return []
+
+    @classmethod
+    def check_device(cls, device: torch.device) -> torch.device:
+        return device
+
+    @classmethod
+    def is_out_of_memory(cls, error: BaseException) -> bool:
+        return isinstance(error, (MemoryBudgetExceeded, MemoryError, torch.OutOfMemoryError))
+
+    @classmethod
+    def release_cached_memory(cls) -> None:
+        pass
+
+    @classmethod
+    def compute_mode(cls, problem: "Problem"):
+        return contextlib.nullcontext()
 
     def __init__(self, device, memory_limit: int | None = None):
         self.device = torch.device(device)
@@ -165,32 +232,39 @@ class Worker:
             if self.cache is not None:
                 self.cache.clear()
 
-    def tile_key(self, prefix: tuple, rows: tuple, cols: tuple) -> tuple:
-        return (*prefix, rows, cols)
+    def tile_key(self, prefix: tuple, rows: tuple, cols: tuple, transposed: bool = False) -> tuple:
+        """Key of the op-tile ``[rows, cols]``, in its source's coordinates: the same region of a matrix
+        has one key whether a call reads it as ``X`` or as ``X.T`` (forward and backward share tiles)."""
+        return (*prefix, cols, rows) if transposed else (*prefix, rows, cols)
 
     def held_panels(self, problem: Problem, block: Block) -> int:
         """How many of the block's A/B tiles (first and last slab) this worker's cache holds."""
         slabs = problem.plan.slabs
         ends = {slabs[0], slabs[-1]}
-        return sum(self.cache.holds(self.tile_key(problem.a_prefix, block.rows, s)) +
-                   self.cache.holds(self.tile_key(problem.b_prefix, s, block.cols)) for s in ends)
+        return sum(self.cache.holds(self.tile_key(problem.a_prefix, block.rows, s, problem.a_transposed)) +
+                   self.cache.holds(self.tile_key(problem.b_prefix, s, block.cols, problem.b_transposed))
+                   for s in ends)
 
-    def _tile(self, problem: Problem, prefix: tuple, host: torch.Tensor, rows: tuple, cols: tuple) -> Tile:
-        key = self.tile_key(prefix, rows, cols)
+    def _tile(self, problem: Problem, prefix: tuple, host: torch.Tensor, rows: tuple, cols: tuple,
+              transposed: bool):
+        key = self.tile_key(prefix, rows, cols, transposed)
         view = host[rows[0]:rows[1], cols[0]:cols[1]]
         nbytes = view.numel() * problem.plan.operand_size
-        return self.cache.acquire(key, nbytes, lambda: self._load_counted(view, key, nbytes, problem))
+        tile = self.cache.acquire(key, nbytes, lambda: self._load_counted(view, key, nbytes, problem, transposed))
+        # a tile loaded by a call reading the source the other way round: use its transpose (a view)
+        return tile if tile.extra.get("transposed", False) == transposed else TransposedTile(tile)
 
-    def _load_counted(self, view, key, nbytes, problem) -> Tile:
+    def _load_counted(self, view, key, nbytes, problem, transposed) -> Tile:
         tile = self.load_tile(view, key, nbytes, problem)
+        tile.extra["transposed"] = transposed
         self.tiles_loaded += 1
         self.bytes_to_device += view.numel() * torch.empty((), dtype=problem.storage_dtype).element_size()
         return tile
 
     def _fetch(self, problem: Problem, block: Block, slab: tuple) -> tuple[Tile, Tile]:
-        a = self._tile(problem, problem.a_prefix, problem.a, block.rows, slab)
+        a = self._tile(problem, problem.a_prefix, problem.a, block.rows, slab, problem.a_transposed)
         try:
-            b = self._tile(problem, problem.b_prefix, problem.b, slab, block.cols)
+            b = self._tile(problem, problem.b_prefix, problem.b, slab, block.cols, problem.b_transposed)
         except BaseException:
             self.cache.release(a)
             raise
@@ -255,6 +329,16 @@ class CPUWorker(Worker):
 
     kind = "cpu"
 
+    @classmethod
+    def default_devices(cls) -> list[str]:
+        return ["cpu"]
+
+    @classmethod
+    def check_device(cls, device: torch.device) -> torch.device:
+        if device.index not in (None, 0):
+            raise ValueError(f"device {str(device)!r} does not exist: the host is 'cpu'")
+        return torch.device("cpu")
+
     @property
     def profile(self) -> DeviceProfile:
         return CPU_PROFILE
@@ -300,15 +384,3 @@ class CPUWorker(Worker):
         if acc.data_ptr() != destination.data_ptr():
             destination.copy_(acc)
         self.bytes_to_host += acc.numel() * problem.out.element_size()
-
-
-def make_worker(device, memory_limit: int | None = None) -> Worker:
-    """A worker for ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a :class:`torch.device`)."""
-    device = torch.device(device)
-    if device.type == "cpu":
-        return CPUWorker(device, memory_limit)
-    if device.type == "cuda":
-        from accel.ooc.cuda import CUDAWorker  # only touched when a GPU is asked for
-
-        return CUDAWorker(device, memory_limit)
-    raise ValueError(f"unsupported device {str(device)!r}: expected 'cpu' or 'cuda:N'")

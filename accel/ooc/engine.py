@@ -18,20 +18,12 @@ from collections import OrderedDict
 
 import torch
 
-from accel.ooc.cache import MemoryBudgetExceeded
-from accel.ooc.devices import Cancelled, Problem, Worker, make_worker
+from accel.ooc.cache import new_scope
+from accel.ooc.call import gemm_call
+from accel.ooc.devices import Cancelled, Problem, Worker
+from accel.ooc.registry import default_devices, make_worker
 from accel.ooc.plan import Block, Plan, compute_kind, make_plan, minimum_memory
 from accel.ooc.stats import EngineTotals, GemmStats
-
-_OUT_OF_MEMORY_TYPES = (torch.OutOfMemoryError, MemoryError, MemoryBudgetExceeded)
-_OUT_OF_MEMORY_TEXT = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "cudaErrorMemoryAllocation")
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    """Whether ``error`` means a device ran out of memory (torch's, cuBLAS's or CuPy's way of saying it)."""
-    return isinstance(error, _OUT_OF_MEMORY_TYPES) or any(text in str(error) for text in _OUT_OF_MEMORY_TEXT)
-_tf32_lock = threading.Lock()  # torch's TF32 switch is process-wide: one call at a time may set it
-
 
 class BlockQueue:
     """Blocks not yet taken, handed out to workers with panel affinity. Thread-safe.
@@ -108,6 +100,46 @@ class BlockQueue:
         return None
 
 
+class CacheScope:
+    """A window in which the caller declares the operands it passes unchanged, so tiles are reused across
+    calls: ``scope = engine.cache_scope()``, then ``engine.gemm(..., cache_scope=scope)`` several times,
+    then ``scope.close()`` (also done when the scope is garbage collected). Its tiles are dropped on close.
+
+    Writing to an operand while its scope is open, by any path, gives wrong results: that is the contract.
+    """
+
+    def __init__(self, engine: "Engine"):
+        self.key = new_scope()
+        self._engine = weakref.ref(engine)
+        self._finalizer = weakref.finalize(self, _drop_scope, self._engine, self.key)
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+    def close(self) -> None:
+        """Drop the scope's tiles; later calls cannot use it."""
+        self._finalizer()
+
+    def check(self, engine: "Engine") -> None:
+        """Raise ValueError when this scope is closed or belongs to another engine."""
+        if self.closed:
+            raise ValueError("cache_scope is closed; open a new one with engine.cache_scope()")
+        if self._engine() is not engine:
+            raise ValueError("cache_scope belongs to another Engine")
+
+    def __repr__(self) -> str:
+        return f"CacheScope({self.key[1]}, closed={self.closed})"
+
+
+def _drop_scope(engine_ref, key) -> None:
+    engine = engine_ref()
+    if engine is not None:
+        for worker in engine.workers:
+            if worker.cache is not None:
+                worker.cache.drop_scope(key)
+
+
 class Engine:
     r"""Out-of-core GEMM engine over a set of devices; reusable, and its tile caches persist across calls.
 
@@ -117,9 +149,21 @@ class Engine:
             (two workers share it and its memory). Default: every visible GPU, else ``["cpu"]``.
         memory_limit (int, optional): bytes the engine may hold *per device* (split among the device's
             workers). Default: 90% of a GPU's free memory; a quarter of the available host memory for
-            the CPU. A worker given with its own ``memory_limit`` keeps it.
-        persist_cache (bool): keep operand tiles between calls (default ``True``). Tiles of a tensor
-            changed in place are invalidated (see :mod:`accel.ooc.cache`).
+            the CPU (each worker type's ``default_memory_limit``). A worker given with its own
+            ``memory_limit`` keeps it. ``1e6`` is read as 1000000.
+        persist_cache (bool): keep operand tiles between calls (default ``False``: tiles live for one
+            call, or for a :meth:`cache_scope`). ``True`` is the caller's promise that **no operand passed
+            to this engine is written between calls** unless :meth:`clear_cache` is called after the
+            write. torch cannot see every write (fused optimizers, collectives, ``.data``, NumPy views do
+            not bump ``tensor._version``), so only the caller can make this promise; a tensor changed
+            through a version-bumping op or replaced by another is still detected.
+        default_memory_fraction (float): with no ``memory_limit``, take this share of each device's
+            default (``accel.nn.OutOfCoreLinear``'s shared engine takes 0.25).
+
+    Copies (``pickle``, ``copy.deepcopy``, ``torch.save``) of an Engine are new Engines made from the same
+    constructor arguments, with empty caches and no statistics; objects sharing one Engine share one
+    copy (pickle's and deepcopy's memo). A copy of a Worker object given in ``devices`` is rebuilt as
+    ``type(worker)(worker.device, worker.memory_limit)``.
 
     Example::
 
@@ -128,18 +172,17 @@ class Engine:
         >>> engine.stats.traffic_ratio       # the last call; engine.totals sums all calls
     """
 
-    def __init__(self, devices=None, memory_limit: int | None = None, *, persist_cache: bool = True):
-        if devices is None:
-            devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu"]
-        if isinstance(devices, (str, torch.device, Worker)):
-            devices = [devices]
-        devices = list(devices)
-        if not devices:
-            raise ValueError("devices must name at least one device")
-        if memory_limit is not None and (not isinstance(memory_limit, int) or memory_limit <= 0):
-            raise ValueError(f"memory_limit must be a positive number of bytes, got {memory_limit!r}")
-        self.workers: list[Worker] = [entry if isinstance(entry, Worker) else make_worker(check_device(entry))
-                                      for entry in devices]
+    def __init__(self, devices=None, memory_limit: int | None = None, *, persist_cache: bool = False,
+                 default_memory_fraction: float = 1.0):
+        given = devices
+        devices = device_list(devices)
+        memory_limit = check_memory_limit(memory_limit)
+        if not (isinstance(default_memory_fraction, (int, float)) and 0 < default_memory_fraction <= 1):
+            raise ValueError(f"default_memory_fraction must be in (0, 1], got {default_memory_fraction!r}")
+        self._arguments = dict(devices=None if given is None else [_copy_spec(entry) for entry in devices],
+                               memory_limit=memory_limit, persist_cache=bool(persist_cache),
+                               default_memory_fraction=default_memory_fraction)
+        self.workers: list[Worker] = [entry if isinstance(entry, Worker) else make_worker(entry) for entry in devices]
         if len({id(worker) for worker in self.workers}) != len(self.workers):
             raise ValueError("the same Worker object is listed twice; list the device twice instead")
         sharing: dict[str, int] = {}
@@ -153,7 +196,10 @@ class Engine:
                 worker.name = f"{worker.device}#{seen[worker.name] - 1}"
             limit = worker.memory_limit
             if limit is None:
-                limit = (memory_limit if memory_limit is not None else worker.default_memory_limit()) // count
+                if memory_limit is None:
+                    limit = int(worker.default_memory_limit() * default_memory_fraction) // count
+                else:
+                    limit = memory_limit // count
             worker.configure(int(limit))
         self.memory_limit = memory_limit
         self.persist_cache = persist_cache
@@ -167,15 +213,23 @@ class Engine:
     def __repr__(self) -> str:
         return f"Engine(workers={self.workers!r}, persist_cache={self.persist_cache})"
 
+    def __reduce__(self):
+        return _rebuild_engine, (self._arguments,)
+
+    def cache_scope(self) -> "CacheScope":
+        """A new :class:`CacheScope`: pass it as ``cache_scope=`` to calls whose operands stay unchanged
+        until you :meth:`CacheScope.close` it."""
+        return CacheScope(self)
+
     @property
     def devices(self) -> list[str]:
         return [worker.name for worker in self.workers]
 
     def gemm(self, A, B, C=None, **kwargs):
-        """``accel.gemm(A, B, C, engine=self, **kwargs)``."""
-        from accel.ooc.gemm import gemm
-
-        return gemm(A, B, C, engine=self, **kwargs)
+        """``accel.gemm(A, B, C, engine=self, **kwargs)``: the same arguments but ``devices``/``memory_limit``."""
+        if "devices" in kwargs or "memory_limit" in kwargs:
+            raise ValueError("pass devices and memory_limit to the Engine, not to gemm(..., engine=...)")
+        return gemm_call(self, A, B, C, **kwargs)
 
     def reset_totals(self) -> None:
         """Start :attr:`totals` again from zero."""
@@ -226,11 +280,11 @@ class Engine:
                         self._execute(problem)
                         break
                     except Exception as error:
-                        if not is_out_of_memory(error):
+                        if not self.is_out_of_memory(error):
                             raise
                         self.clear_cache()
-                        if torch.cuda.is_available():
-                            torch.cuda.empty_cache()
+                        for worker_type in self._worker_types():
+                            worker_type.release_cached_memory()
                         smaller = plan.working_set_bytes // 2
                         if retries or smaller < minimum_memory(plan.m, plan.n, plan.k, operand_size=plan.operand_size,
                                                                accumulator_size=plan.accumulator_size,
@@ -245,8 +299,6 @@ class Engine:
             finally:
                 for worker in self.workers:
                     worker.account.limit = limits[worker.name]
-                if not self.persist_cache:
-                    self.clear_cache()
             self.stats = self._collect(plan, time.perf_counter() - start, retries)
             self.totals.add(self.stats)
             return self.stats
@@ -258,24 +310,34 @@ class Engine:
                            self.workers, lambda block: 2.0 * k * (block.rows[1] - block.rows[0]) *
                            (block.cols[1] - block.cols[0]))
         errors: list[BaseException] = []
-        set_tf32 = any(worker.kind == "cuda" for worker in self.workers)
-        with _tf32_lock if set_tf32 else contextlib.nullcontext():
-            previous = torch.backends.cuda.matmul.allow_tf32
-            if set_tf32:
-                torch.backends.cuda.matmul.allow_tf32 = problem.allow_tf32
-            try:
-                finished = [self._thread(worker).submit(self._work, worker, queue, problem, errors)
-                            for worker in self.workers]
-                _wait_all(finished, problem.cancelled)  # every worker stops (done or cancelled) before we go on
-            finally:
-                if set_tf32:
-                    torch.backends.cuda.matmul.allow_tf32 = previous
+        with contextlib.ExitStack() as modes:  # e.g. CUDA's TF32 switch, put back as found even on failure
+            for worker_type in self._worker_types(distinct_hook="compute_mode"):
+                modes.enter_context(worker_type.compute_mode(problem))
+            finished = [self._thread(worker).submit(self._work, worker, queue, problem, errors)
+                        for worker in self.workers]
+            _wait_all(finished, problem.cancelled)  # every worker stops (done or cancelled) before we go on
         real = [error for error in errors if not isinstance(error, Cancelled)]
         if errors:  # after a failure: no tile of uncertain content, no engine thread, not even an idle one
             self.clear_cache()
             self.close()
         if real:
             raise real[0]
+
+    def _worker_types(self, distinct_hook: str | None = None) -> list:
+        """The classes of this engine's workers; with ``distinct_hook``, one per distinct implementation
+        of that class-level hook (a subclass inheriting it is not asked twice)."""
+        types, seen = [], set()
+        for worker in self.workers:
+            cls = type(worker)
+            marker = getattr(cls, distinct_hook).__func__ if distinct_hook else cls
+            if marker not in seen:
+                seen.add(marker)
+                types.append(cls)
+        return types
+
+    def is_out_of_memory(self, error: BaseException) -> bool:
+        """Whether one of this engine's worker types reads ``error`` as running out of device memory."""
+        return any(cls.is_out_of_memory(error) for cls in self._worker_types())
 
     def _thread(self, worker: Worker) -> "_WorkerThread":
         thread = self._threads.get(id(worker))
@@ -372,18 +434,46 @@ def _wait_all(events, cancelled: threading.Event) -> None:
         raise
 
 
-def check_device(device) -> torch.device:
-    """``device`` as a :class:`torch.device`, or ValueError when it does not exist here."""
+def device_list(devices) -> list:
+    """``devices`` as a non-empty list of device names, torch.devices or Workers (clear errors otherwise)."""
+    if devices is None:
+        return default_devices()
+    if isinstance(devices, (str, torch.device, Worker)):
+        return [devices]
+    if isinstance(devices, int) and not isinstance(devices, bool):
+        raise TypeError(f"devices={devices!r}: pass device names, e.g. devices=['cuda:0', 'cuda:1'] "
+                        f"(or a single 'cuda:{devices}'), not a count")
     try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise ValueError(f"unknown device {device!r}") from error
-    if device.type == "cpu":
-        return device
-    if device.type != "cuda":
-        raise ValueError(f"unsupported device {str(device)!r}: expected 'cpu' or 'cuda:N'")
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    index = device.index if device.index is not None else (torch.cuda.current_device() if count else 0)
-    if index >= count:
-        raise ValueError(f"device {str(device)!r} does not exist: {count} CUDA device(s) visible")
-    return torch.device("cuda", index)
+        devices = list(devices)
+    except TypeError:
+        raise TypeError(f"devices must be a device name, a torch.device, a Worker or a sequence of them, "
+                        f"got {devices!r}") from None
+    if not devices:
+        raise ValueError("devices must name at least one device")
+    return devices
+
+
+def check_memory_limit(memory_limit):
+    """``memory_limit`` as an int number of bytes (``1e6`` is accepted as 1000000), or ``None``."""
+    if memory_limit is None:
+        return None
+    if isinstance(memory_limit, bool) or not isinstance(memory_limit, (int, float)) or \
+            (isinstance(memory_limit, float) and not (math.isfinite(memory_limit) and memory_limit.is_integer())) \
+            or memory_limit <= 0:
+        raise ValueError(f"memory_limit must be a positive whole number of bytes, got {memory_limit!r}")
+    return int(memory_limit)
+
+
+def _copy_spec(entry):
+    """What a copied Engine rebuilds a worker from: the device name, or the Worker's class and arguments."""
+    if isinstance(entry, Worker):
+        return (type(entry), str(entry.device), entry.memory_limit)
+    return str(entry)
+
+
+def _rebuild_engine(arguments: dict) -> "Engine":
+    devices = arguments["devices"]
+    if devices is not None:
+        devices = [entry[0](entry[1], entry[2]) if isinstance(entry, tuple) else entry for entry in devices]
+    return Engine(devices, arguments["memory_limit"], persist_cache=arguments["persist_cache"],
+                  default_memory_fraction=arguments["default_memory_fraction"])

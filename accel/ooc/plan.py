@@ -36,33 +36,20 @@ class DeviceProfile:
         min_block (int): smallest block side that runs its matmul efficiently on this device.
         blocks_per_worker (int): blocks each worker should get at least (a GPU overlaps one block's
             write-back with the next block; a CPU worker gains nothing from more).
+        min_slabs (int): k-slabs each block should have at least, so that copies overlap the multiplies
+            (a GPU: 4; a synchronous CPU worker: 1).
     """
 
     flops_per_second: dict = field(default_factory=dict)
     bytes_per_second: float = 1e10
     min_block: int = 256
     blocks_per_worker: int = 2
+    min_slabs: int = 4
 
     def target_block(self, compute_kind: str, element_size: int) -> int:
         """Smallest block side that hides transfers behind arithmetic: ``element_size * F / BW``."""
         flops = self.flops_per_second.get(compute_kind, self.flops_per_second.get("float32", 1e11))
         return max(self.min_block, math.ceil(element_size * flops / self.bytes_per_second))
-
-
-#: Host worker: copies into its tile buffers run at memory speed, so transfers are never the bottleneck.
-CPU_PROFILE = DeviceProfile({"float64": 5e10, "float32": 1e11, "tf32": 1e11, "half": 5e10}, 1e10, 256, 1)
-
-# Dense peak rates by CUDA compute capability (major, minor); PCIe bandwidth as measured pinned.
-_CUDA_PROFILES = {
-    (9, 0): DeviceProfile({"float64": 6.7e13, "float32": 6.7e13, "tf32": 4.9e14, "half": 9.9e14}, 5e10, 1024),
-    (8, 0): DeviceProfile({"float64": 1.95e13, "float32": 1.95e13, "tf32": 1.56e14, "half": 3.12e14}, 2.5e10, 1024),
-}
-_CUDA_DEFAULT = DeviceProfile({"float64": 1e12, "float32": 1.5e13, "tf32": 1.5e13, "half": 6e13}, 1.2e10, 1024)
-
-
-def cuda_profile(capability: tuple[int, int]) -> DeviceProfile:
-    """Profile of a CUDA device of the given compute capability (Hopper and Ampere are tabulated)."""
-    return _CUDA_PROFILES.get(tuple(capability), _CUDA_DEFAULT)
 
 
 def compute_kind(storage_dtype: torch.dtype, allow_tf32: bool) -> str:

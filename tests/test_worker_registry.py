@@ -1,0 +1,104 @@
+"""The worker registry: a worker type from one file (tests/toy_worker.py) runs the BLAS grid; device
+knowledge (default devices, name checks, out-of-memory reading, compute modes) comes from the classes."""
+import pytest
+import torch
+
+import accel
+from accel.ooc import CPUWorker, Engine, check_device, worker_class
+from accel.ooc.registry import default_devices, register_worker, unregister_worker
+from test_gemm import SHAPES, assert_close, operand, reference
+
+
+@pytest.fixture
+def toy():
+    import toy_worker
+
+    register_worker(toy_worker.ToyWorker)  # (again: another test may have unregistered it)
+    yield toy_worker
+    unregister_worker("privateuseone")
+
+
+@pytest.mark.parametrize("trans_a", [False, True])
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_blas_grid_on_a_toy_worker_type(toy, m, n, k, trans_a, trans_b, seed):
+    generator = torch.Generator().manual_seed(seed)
+    A, B = operand(m, k, trans_a, torch.float32, generator), operand(k, n, trans_b, torch.float32, generator)
+    C = torch.randn(m, n, generator=generator)
+    engine = Engine(["privateuseone:0", "privateuseone:1"], memory_limit=16_000)
+    assert [type(worker) for worker in engine.workers] == [toy.ToyWorker] * 2
+    for alpha, beta, c in [(1.0, 0.0, None), (-0.5, 2.0, C), (2.0, 1.0, None)]:
+        result = engine.gemm(A, B, c, alpha=alpha, beta=beta, trans_a=trans_a, trans_b=trans_b)
+        assert_close(result, *reference(A, B, c, alpha, beta, trans_a, trans_b), torch.float32)
+        assert max(engine.stats.peak_bytes_per_worker.values()) <= 16_000
+
+
+def test_device_knowledge_comes_from_the_worker_class(toy):
+    assert worker_class("privateuseone") is toy.ToyWorker and worker_class("cpu") is CPUWorker
+    assert check_device("privateuseone") == torch.device("privateuseone", 0)
+    with pytest.raises(ValueError, match="'privateuseone:5' does not exist: 2 toy devices"):
+        Engine(["privateuseone:5"])
+    engine = Engine(["privateuseone:1"])
+    assert engine.is_out_of_memory(RuntimeError("TOY_OOM on the toy device"))
+    assert not Engine(["cpu"]).is_out_of_memory(RuntimeError("TOY_OOM on the toy device"))
+    toy.compute_modes_entered.clear()
+    A, B = torch.randn(20, 30), torch.randn(30, 10)
+    accel.gemm(A, B, devices=["privateuseone:0"], compute_dtype="tf32")
+    assert toy.compute_modes_entered == [True]  # once per call, with the call's problem
+    assert default_devices() == (["cuda:0"] if torch.cuda.is_available() else ["cpu"]) or torch.cuda.device_count() > 1
+
+
+def test_unknown_device_types_are_named():
+    with pytest.raises(ValueError, match="unsupported device type 'xla'.*'cpu', 'cuda'"):
+        Engine(["xla"])
+    with pytest.raises(TypeError, match="a Worker subclass"):
+        register_worker(int)
+
+
+@pytest.fixture
+def matmul_precision():
+    """Puts torch's fp32 matmul precision back as it was after the test."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    yield matmul
+    matmul.fp32_precision = before
+
+
+@pytest.mark.parametrize("user_setting", ["tf32", "ieee", "none"])
+def test_cuda_compute_mode_uses_the_new_api_and_restores_it_exactly(matmul_precision, user_setting):
+    from types import SimpleNamespace
+
+    from accel.ooc.cuda import CUDAWorker
+
+    matmul_precision.fp32_precision = user_setting
+    for allow_tf32, inside in [(True, "tf32"), (False, "ieee")]:
+        with CUDAWorker.compute_mode(SimpleNamespace(allow_tf32=allow_tf32)):
+            assert matmul_precision.fp32_precision == inside
+        assert matmul_precision.fp32_precision == user_setting
+    with pytest.raises(KeyError):  # put back on failure too
+        with CUDAWorker.compute_mode(SimpleNamespace(allow_tf32=True)):
+            raise KeyError("inside the call")
+    assert matmul_precision.fp32_precision == user_setting
+
+
+def test_legacy_precision_setting_survives_a_cuda_call(matmul_precision):
+    from types import SimpleNamespace
+
+    from accel.ooc.cuda import CUDAWorker
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        with CUDAWorker.compute_mode(SimpleNamespace(allow_tf32=False)):
+            pass
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_cpu_calls_never_touch_the_cuda_precision_switch(matmul_precision, seed):
+    matmul_precision.fp32_precision = "tf32"  # the new API: reading allow_tf32 beside it would raise
+    generator = torch.Generator().manual_seed(seed)
+    A, B = torch.randn(30, 20, generator=generator), torch.randn(20, 10, generator=generator)
+    torch.testing.assert_close(accel.gemm(A, B, devices=["cpu"], compute_dtype="tf32"), A @ B)
+    assert matmul_precision.fp32_precision == "tf32"
