@@ -29,6 +29,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import accel.ooc.cuda as cuda_module
+import accel.ooc.cuda_runtime as cuda_runtime
 
 aten = torch.ops.aten
 _MATMULS = (aten.mm, aten.addmm, aten.addmm_)
@@ -288,5 +289,5 @@ def install(monkeypatch, runtime: Runtime) -> None:
     monkeypatch.setattr(torch.cuda, "stream", runtime.stream)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None)
-    monkeypatch.setattr(cuda_module, "pinned_bytes", runtime.pinned_bytes)
-    monkeypatch.setattr(cuda_module, "_accepts_float32_self", {})
+    monkeypatch.setattr(cuda_runtime, "pinned_bytes", runtime.pinned_bytes)
+    monkeypatch.setattr(cuda_runtime, "_accepts_float32_self", {})

@@ -16,6 +16,7 @@ import torch
 
 import accel
 import accel.ooc.cuda as cuda_module
+import accel.ooc.cuda_runtime as cuda_runtime
 from accel.ooc import Engine
 from accel.ooc.cuda import CUDAWorker, cublas_workspace_bytes
 from emulated_cuda import Checks, DeviceMemory, Runtime, _extent, install
@@ -242,7 +243,7 @@ def test_cublasxt_looks_for_the_cuda_13_wheel_first(tmp_path):
 
 # -- the emulator itself catches what it claims to ---------------------------------------------------------------
 def test_emulator_catches_a_staging_buffer_reused_before_its_event(monkeypatch, runtime, seed):
-    monkeypatch.setattr(cuda_module._Slot, "wait_device", lambda self: None)
+    monkeypatch.setattr(cuda_runtime.StagingSlot, "wait_device", lambda self: None)
     A, B = torch.randn(64, 90), torch.randn(90, 50)
     with pytest.raises(AssertionError, match="was not waited for"):
         Engine([EmulatedCUDAWorker(runtime, WORKSPACE + 16_000)]).gemm(A, B)
