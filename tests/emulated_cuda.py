@@ -8,10 +8,11 @@
   Blas.cpp``): same operand dtypes, ``out_dtype`` equal to theirs or float32 for half operands, ``out`` of
   that dtype, and ``addmm``'s ``self`` of the operands' dtype (torch before pytorch#167931,
   ``wider_self=False``) or also of ``out_dtype`` (after). CPU torch has no kernel for these overloads.
-* Streams and events keep order: an event knows what its stream had queued when it was recorded; the
-  host learns that work finished only through ``event.synchronize()``/``stream.synchronize()`` (following
-  ``wait_event`` edges). A host op touching a pinned buffer that a queued device copy reads (or writes) and
-  the host has not waited for raises: the staging buffer was reused before its event.
+* Streams and events as vector clocks. A device operation touching bytes another stream's queued
+  operation touches (one of them writing) must be ordered after it through ``wait_event`` on an event
+  recorded after it; a host op must come after the host waited for it (``event.synchronize()``,
+  ``stream.synchronize()``). So a staging buffer reused before its event, a tile multiplied before its
+  copy, or an output tile overwritten while the previous block's copy-out reads it raises AssertionError.
 * Device memory: what the worker allocates, any tensor a kernel creates on a stream, and torch's cuBLAS
   workspace, allocated on the first matmul of each (thread, stream) and never freed, as torch does.
 * The worker's engine thread (``accel-ooc-*``) never copies into the host result or reads C on the host:
@@ -49,37 +50,43 @@ def _overlaps(a, b) -> bool:
 
 
 class FakeStream:
+    """A stream as a vector clock: ``clock[s]`` is the last operation of stream ``s`` this stream's next
+    operation is ordered after (its own, and others' through ``wait_event``)."""
+
     def __init__(self, runtime):
         self.runtime = runtime
         self.cuda_stream = next(runtime.ids)
-        self.queued = 0  # operations queued so far
-        self.done = 0  # how many of them the host knows finished
-        self.waits: list[tuple[int, FakeStream, int]] = []  # (position, other stream, other's position)
+        self.clock: dict[int, int] = {}
         runtime.streams[self.cuda_stream] = self
 
     def enqueue(self) -> int:
-        self.queued += 1
-        return self.queued
+        position = self.clock.get(self.cuda_stream, 0) + 1
+        self.clock[self.cuda_stream] = position
+        return position
 
     def wait_event(self, event) -> None:
-        if event.stream is not None:
-            self.waits.append((self.queued, event.stream, event.position))
+        _merge(self.clock, event.clock)
 
     def synchronize(self) -> None:
-        self.runtime.completed(self, self.queued)
+        self.runtime.host_knows(self.clock)
 
 
 class FakeEvent:
     def __init__(self, runtime):
-        self.runtime, self.stream, self.position = runtime, None, 0
+        self.runtime, self.clock = runtime, {}
 
     def record(self, stream=None) -> None:
-        self.stream = stream or self.runtime.current_stream() or self.runtime.default_stream
-        self.position = self.stream.enqueue()
+        stream = stream or self.runtime.current_stream() or self.runtime.default_stream
+        stream.enqueue()
+        self.clock = dict(stream.clock)
 
-    def synchronize(self) -> None:
-        if self.stream is not None:  # CUDA: an event never recorded is complete
-            self.runtime.completed(self.stream, self.position)
+    def synchronize(self) -> None:  # an event never recorded is complete: its clock is empty
+        self.runtime.host_knows(self.clock)
+
+
+def _merge(clock: dict, other: dict) -> None:
+    for stream, position in other.items():
+        clock[stream] = max(clock.get(stream, 0), position)
 
 
 class DeviceMemory:
@@ -98,23 +105,35 @@ class DeviceMemory:
         with self._lock:
             self.live -= nbytes
 
-    def track(self, tensor: torch.Tensor) -> torch.Tensor:
-        nbytes = tensor.untyped_storage().nbytes()
+    def track(self, tensor: torch.Tensor, runtime: "Runtime | None" = None) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        nbytes, extent = storage.nbytes(), (storage.data_ptr(), storage.data_ptr() + storage.nbytes())
         self.charge(nbytes)
-        weakref.finalize(tensor, self.refund, nbytes)
+        weakref.finalize(tensor, self._free, nbytes, runtime, extent)
         return tensor
+
+    def _free(self, nbytes, runtime, extent) -> None:
+        self.refund(nbytes)
+        if runtime is not None:  # the caching allocator reuses freed memory only after its streams' work
+            runtime.forget(extent)
 
 
 class Runtime:
-    """Streams, events, pinned buffers and queued device accesses of one emulated device."""
+    """Streams, events, pinned buffers and the device accesses not yet known to be ordered, of one device.
+
+    Every access of a device operation is recorded as (bytes, stream, position, writes). A later device
+    operation on another stream touching the same bytes (one of the two writing) must be ordered after it
+    by ``wait_event``; a host op touching them must come after the host waited for it
+    (``event.synchronize()``). Otherwise: AssertionError naming both.
+    """
 
     def __init__(self, wider_self: bool = True):
         self.wider_self = wider_self
         self.ids = itertools.count(1)
         self.streams: dict[int, FakeStream] = {}
         self.default_stream = FakeStream(self)
-        self.pinned: dict[int, tuple[int, int]] = {}  # id -> byte range
-        self.pending: list[tuple[tuple[int, int], FakeStream, int, bool]] = []  # (range, stream, position, writes)
+        self.host_clock: dict[int, int] = {}
+        self.accesses: list[tuple[tuple[int, int], int, int, bool]] = []  # (bytes, stream, position, writes)
         self.host_only: list[tuple[int, int]] = []  # the host result and C: not for the worker's engine thread
         self.workspaces: set = set()
         self._local = threading.local()
@@ -140,50 +159,50 @@ class Runtime:
         return buffer
 
     def pin(self, tensor: torch.Tensor) -> None:
+        """Count ``tensor``'s memory as pinned host memory (forgotten when it is freed)."""
         storage = tensor.untyped_storage()
-        key = next(self.ids)
-        with self._lock:
-            self.pinned[key] = (storage.data_ptr(), storage.data_ptr() + storage.nbytes())
-        weakref.finalize(tensor, self._unpin, key)
+        weakref.finalize(tensor, self.forget, (storage.data_ptr(), storage.data_ptr() + storage.nbytes()))
 
-    def _unpin(self, key) -> None:
+    def forget(self, extent) -> None:
         with self._lock:
-            extent = self.pinned.pop(key)
-            self.pending = [access for access in self.pending if not _overlaps(access[0], extent)]
+            self.accesses = [access for access in self.accesses if not _overlaps(access[0], extent)]
 
-    def completed(self, stream: FakeStream, position: int) -> None:
-        """The host now knows ``stream`` ran its first ``position`` operations (and what they waited for)."""
+    def host_knows(self, clock: dict) -> None:
+        """The host waited for these operations: later work of any stream comes after them."""
         with self._lock:
-            if position <= stream.done:
-                return
-            stream.done = position
-            for at, other, other_position in stream.waits:
-                if position > at:
-                    self.completed(other, other_position)
-            self.pending = [access for access in self.pending if access[2] > access[1].done]
+            _merge(self.host_clock, clock)
+            self.accesses = [access for access in self.accesses if access[2] > self.host_clock.get(access[1], 0)]
 
     # -- accesses -----------------------------------------------------------------------------------------------
-    def _is_pinned(self, extent) -> bool:
-        return any(_overlaps(extent, pinned) for pinned in self.pinned.values())
+    def _conflicts(self, extent, writes, ordered):
+        for other, stream, position, other_writes in self.accesses:
+            if (writes or other_writes) and _overlaps(extent, other) and not ordered(stream, position):
+                return stream, position, other_writes
+        return None
 
     def device_access(self, stream: FakeStream, accesses) -> None:
         """A device operation on ``stream`` reading/writing these byte ranges."""
         with self._lock:
-            position = stream.enqueue()
             for extent, writes in accesses:
-                if self._is_pinned(extent):
-                    self.pending.append((extent, stream, position, writes))
+                conflict = self._conflicts(extent, writes, lambda other, position: other == stream.cuda_stream or
+                                           stream.clock.get(other, 0) >= position)
+                if conflict:
+                    raise AssertionError(
+                        f"stream {stream.cuda_stream} {'writes' if writes else 'reads'} bytes {extent} that stream "
+                        f"{conflict[0]} {'writes' if conflict[2] else 'reads'} in its operation {conflict[1]}, "
+                        f"without waiting for an event recorded after it")
+            position = stream.enqueue()
+            self.accesses += [(extent, stream.cuda_stream, position, writes) for extent, writes in accesses]
 
     def host_access(self, accesses) -> None:
         with self._lock:
             for extent, writes in accesses:
-                for pending_extent, stream, position, pending_writes in self.pending:
-                    if (writes or pending_writes) and _overlaps(extent, pending_extent):
-                        raise AssertionError(
-                            f"the host {'wrote' if writes else 'read'} pinned bytes {extent} while a device copy "
-                            f"queued on stream {stream.cuda_stream} (operation {position}, "
-                            f"{'writing' if pending_writes else 'reading'} them) was not waited for: synchronize "
-                            f"its event before reusing a staging buffer")
+                conflict = self._conflicts(extent, writes, lambda other, position: False)
+                if conflict:
+                    raise AssertionError(
+                        f"the host {'wrote' if writes else 'read'} bytes {extent} while a device operation queued "
+                        f"on stream {conflict[0]} (operation {conflict[1]}, {'writing' if conflict[2] else 'reading'}"
+                        f" them) was not waited for: synchronize its event before reusing a staging buffer")
         if threading.current_thread().name.startswith("accel-ooc-"):
             for extent, _writes in accesses:
                 if any(_overlaps(extent, region) for region in self.host_only):
@@ -194,7 +213,8 @@ class Runtime:
         """cudaMemcpy2DAsync: ``height`` rows of ``width`` bytes, pitches checked as CUDA does."""
         if not (width <= dpitch <= cuda_module.MAX_PITCH and width <= spitch <= cuda_module.MAX_PITCH):
             raise RuntimeError(f"cudaErrorInvalidPitchValue: dpitch {dpitch}, spitch {spitch}, width {width}")
-        self.device_access(self.streams[stream], [((src, src + spitch * (height - 1) + width), False)])
+        self.device_access(self.streams[stream], [((src, src + spitch * (height - 1) + width), False),
+                                                  ((dst, dst + dpitch * (height - 1) + width), True)])
         for row in range(height):
             ctypes.memmove(dst + row * dpitch, src + row * spitch, width)
 
@@ -271,7 +291,7 @@ class Checks(TorchDispatchMode):
         fresh = stream is not None and not returns_view and all(r.alias_info is None for r in schema.returns)
         computed = any(isinstance(value, torch.Tensor) for value in named.values())  # not a factory (allocate)
         if fresh and computed and isinstance(result, torch.Tensor):  # a kernel allocated its output on the device
-            self.memory.track(result)
+            self.memory.track(result, self.runtime)
         return result
 
     def _workspace(self, stream) -> None:

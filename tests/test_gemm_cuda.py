@@ -55,7 +55,7 @@ class EmulatedCUDAWorker(CUDAWorker):
         return view.untyped_storage().data_ptr() in self.pinned
 
     def allocate(self, shape, dtype):
-        return self.memory.track(super().allocate(shape, dtype))
+        return self.memory.track(super().allocate(shape, dtype), self.runtime)
 
     def _memcpy_2d(self, view, target, stream):
         self.direct_copies += 1
@@ -247,6 +247,30 @@ def test_emulator_catches_a_staging_buffer_reused_before_its_event(monkeypatch, 
     A, B = torch.randn(64, 90), torch.randn(90, 50)
     with pytest.raises(AssertionError, match="was not waited for"):
         Engine([EmulatedCUDAWorker(runtime, WORKSPACE + 16_000)]).gemm(A, B)
+
+
+def test_emulator_orders_streams_only_through_events(runtime):
+    copy, compute = torch.cuda.Stream(), torch.cuda.Stream()
+    tile, acc = torch.randn(8, 8), torch.zeros(8, 8)
+    checks = Checks(runtime, DeviceMemory())
+    with checks, torch.cuda.stream(copy):
+        tile.mul_(2.0)  # "uploads" the tile
+    with pytest.raises(AssertionError, match="without waiting for an event"):
+        with checks, torch.cuda.stream(compute):
+            acc.add_(tile)
+    ready = torch.cuda.Event()
+    ready.record(copy)
+    compute.wait_event(ready)
+    with checks, torch.cuda.stream(compute):
+        acc.add_(tile)  # ordered now
+    with pytest.raises(AssertionError, match="was not waited for"):
+        with checks:
+            tile.zero_()  # the host may not reuse it before it waited for the multiply
+    done = torch.cuda.Event()
+    done.record(compute)
+    done.synchronize()
+    with checks:
+        tile.zero_()
 
 
 def test_emulator_checks_pitches_and_out_dtype_rules(runtime):
