@@ -8,6 +8,7 @@ on an emulated device that checks what the CUDA runtime and torch's CUDA kernels
 and device memory including the cuBLAS workspace against the limit.
 """
 import contextlib
+import threading
 import types
 
 import numpy as np
@@ -82,8 +83,6 @@ class EmulatedCUDAWorker(CUDAWorker):
         self._watched(super()._pack, *arguments)
 
     def _unstage(self, *arguments):
-        import threading
-
         self.unstaged_on.add(threading.current_thread().name)
         self._watched(super()._unstage, *arguments)
 
