@@ -398,8 +398,9 @@ def test_narrow_compute_dtype_into_float64_cuda(compute_dtype, seed):
 def test_emulator_agrees_with_cuda():
     """What the emulator (emulated_cuda.py) assumes of this machine's CUDA torch, checked on it."""
     device = torch.device("cuda:0")
-    checks = Checks(Runtime(wider_self=cuda_module.addmm_accumulates_into_float32(device, torch.bfloat16)),
-                    DeviceMemory())
+    wider_self = cuda_module.addmm_accumulates_into_float32(device, torch.bfloat16)
+    print(f"torch {torch.__version__}: addmm(out_dtype=float32) takes a float32 self: {wider_self}")
+    checks = Checks(Runtime(wider_self=wider_self), DeviceMemory())
     for operands in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
         a, b = torch.randn(3, 5).to(operands), torch.randn(5, 2).to(operands)
         for out_dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
