@@ -12,7 +12,7 @@ import torch
 import accel
 from accel.ooc import BlockQueue, CPUWorker, Engine, MemoryAccount, MemoryBudgetExceeded, TileCache
 from accel.ooc.cache import Tile, source_key
-from accel.ooc.plan import MIN_TILE, Block, make_plan, minimum_memory
+from accel.ooc.plan import Block, make_plan, minimum_memory
 
 SIZES = dict(operand_size=4, accumulator_size=4, output_size=4)
 
@@ -40,17 +40,21 @@ def test_plan_blocks_grow_with_memory_and_respect_target_block():
     small = make_plan(4000, 4000, 4000, memory_per_worker=8 << 20, **SIZES)
     large = make_plan(4000, 4000, 4000, memory_per_worker=256 << 20, **SIZES)
     assert large.block_rows > small.block_rows
-    # past the transfer-hiding size, blocks are capped so every worker gets two
-    assert len(make_plan(4000, 4000, 4000, memory_per_worker=1 << 34, workers=4, target_block=256, **SIZES).blocks) >= 8
-    # a device that needs big blocks to hide transfers gets them even if that means fewer blocks
-    assert make_plan(4000, 4000, 4000, memory_per_worker=1 << 34, workers=4, target_block=4000, **SIZES).grid[:2] == (1, 1)
+    # unlimited memory: still blocks_per_worker blocks for every worker, min_slabs slabs in each block
+    # (never one block of one slab: copies, multiplies and write-back must overlap on a GPU)
+    for target in (256, 4000):
+        plan = make_plan(4000, 4000, 4000, memory_per_worker=1 << 34, workers=4, target_block=target,
+                         blocks_per_worker=2, min_slabs=4, **SIZES)
+        assert len(plan.blocks) >= 8 and plan.grid[2] >= 4
+    plan = make_plan(32768, 32768, 32768, memory_per_worker=1 << 40, workers=1, blocks_per_worker=2, min_slabs=4,
+                     operand_size=2, accumulator_size=4, output_size=2)
+    assert len(plan.blocks) >= 2 and plan.grid[2] >= 4
 
 
 def test_plan_minimum_memory_is_exact():
     minimum = minimum_memory(100, 100, 100, **SIZES)
     plan = make_plan(100, 100, 100, memory_per_worker=minimum, **SIZES)
-    assert plan.grid == (7, 7, 7)  # 16-element tiles: ceil(100 / 16) parts of 14 or 15
-    assert max(plan.block_rows, plan.block_cols, plan.slab) <= MIN_TILE
+    assert plan.working_set_bytes <= minimum and min(plan.grid) >= 6  # about 16-element tiles
     with pytest.raises(ValueError, match=f"needs {minimum} bytes"):
         make_plan(100, 100, 100, memory_per_worker=minimum - 1, **SIZES)
 
@@ -299,7 +303,7 @@ def test_errors_are_raised_before_any_work(call, error, pattern):
 
 
 def test_memory_limit_too_small_names_the_minimum():
-    minimum = minimum_memory(200, 200, 200, operand_size=4, accumulator_size=4, output_size=4)
+    minimum = minimum_memory(200, 200, 200, operand_size=4, accumulator_size=4, output_size=0)  # CPU: no output tile
     with pytest.raises(ValueError, match=f"needs {minimum} bytes"):
         accel.gemm(torch.randn(200, 200), torch.randn(200, 200), devices=["cpu"], memory_limit=minimum - 1)
 

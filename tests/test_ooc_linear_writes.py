@@ -73,13 +73,21 @@ def _write_load_state_dict(layer, new):
 @pytest.mark.parametrize("write", [_write_data, _write_data_in_place, _write_numpy_view,
                                    _write_vector_to_parameters, _write_load_state_dict])
 def test_every_write_path_is_seen(write, seed):
-    _, layer = pair(seed)
+    linear, layer = pair(seed)
     generator = torch.Generator().manual_seed(seed)
+    opt, opt_ref = (torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.5) for m in (layer, linear))
     for _ in range(3):
-        x = torch.randn(7, 24, generator=generator, dtype=torch.float64, requires_grad=True)
-        layer(x).square().sum().backward()  # a full forward/backward with tiles loaded
-        write(layer, torch.randn(17, 24, generator=generator, dtype=torch.float64))
+        x = torch.randn(7, 24, generator=generator, dtype=torch.float64)
+        for net, optimizer in ((layer, opt), (linear, opt_ref)):  # a step, tiles loaded in forward/backward
+            optimizer.zero_grad()
+            net(x).square().mean().backward()
+            optimizer.step()
+        new = torch.randn(17, 24, generator=generator, dtype=torch.float64)
+        write(layer, new)
+        write(linear, new)
         assert_forward_is_current(layer, generator)
+    for p, p_ref in zip(layer.parameters(), linear.parameters()):
+        torch.testing.assert_close(p, p_ref, rtol=1e-10, atol=1e-10)
 
 
 def test_tiles_are_shared_between_forward_and_backward_once_each(seed):
@@ -93,6 +101,14 @@ def test_tiles_are_shared_between_forward_and_backward_once_each(seed):
     assert totals.bytes_to_device == 4 * (12 * 40 + 30 * 40 + 12 * 30) + 4 * 12 * 30
     assert totals.cache_hits > 0 and totals.calls == 3
     assert all(len(worker.cache) == 0 for worker in layer.engine.workers)  # the scope closed with the backward
+
+
+def test_default_engine_is_shared_and_modest():
+    first, second = OutOfCoreLinear(8, 4, devices=["cpu"]), OutOfCoreLinear(6, 3, devices=["cpu"])
+    assert first.engine is second.engine  # one budget for every layer on these devices
+    worker = first.engine.workers[0]
+    assert worker.account.limit == int(worker.default_memory_limit() * 0.25)
+    assert OutOfCoreLinear(8, 4, devices=["cpu"], memory_limit=1 << 20).engine is not first.engine
 
 
 def test_no_graph_no_tiles_kept(seed):

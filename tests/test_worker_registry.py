@@ -48,6 +48,35 @@ def test_device_knowledge_comes_from_the_worker_class(toy):
     assert default_devices() == (["cuda:0"] if torch.cuda.is_available() else ["cpu"]) or torch.cuda.device_count() > 1
 
 
+def test_no_import_cycles_in_accel_ooc():
+    """Every import between accel.ooc modules (top level or inside functions) points one way."""
+    import ast
+    from pathlib import Path
+
+    import accel.ooc
+
+    folder = Path(accel.ooc.__file__).parent
+    graph = {}
+    for path in folder.glob("*.py"):
+        if path.stem == "__init__":
+            continue
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("accel.ooc."):
+                imported.add(node.module.split(".")[2])
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("accel.ooc."):
+                imported.add(node.value.split(":")[0].split(".")[2])  # the registry's lazy module paths
+        graph[path.stem] = imported - {path.stem}
+    lazy = {"registry": {"devices", "cuda"}}  # by name, on first use: allowed as long as neither imports registry
+
+    def reaches(start, goal, seen=()):
+        return any(nxt == goal or (nxt not in seen and reaches(nxt, goal, (*seen, nxt))) for nxt in graph.get(start, ()))
+
+    for module in graph:
+        assert not reaches(module, module), f"{module} imports itself through {graph[module]}"
+    assert not any(reaches(target, "registry") for target in lazy["registry"])
+
+
 def test_unknown_device_types_are_named():
     with pytest.raises(ValueError, match="unsupported device type 'xla'.*'cpu', 'cuda'"):
         Engine(["xla"])

@@ -10,7 +10,9 @@
 """
 from accel.ooc.cache import MemoryAccount, MemoryBudgetExceeded, TileCache
 from accel.ooc.devices import CPUWorker, Worker
-from accel.ooc.engine import BlockQueue, CacheScope, Engine
+from accel.ooc.block_queue import BlockQueue
+from accel.ooc.cache import CacheScope
+from accel.ooc.engine import Engine
 from accel.ooc.registry import check_device, make_worker, register_worker, worker_class
 from accel.ooc.stats import EngineTotals, GemmStats
 from accel.ooc.gemm import gemm

@@ -278,3 +278,43 @@ class TileCache:
             for finalizer in self._finalizers.values():
                 finalizer.detach()
             self._finalizers.clear()
+
+
+class CacheScope:
+    """A window in which the caller declares the operands it passes unchanged, so tiles are reused across
+    calls: ``scope = engine.cache_scope()``, then ``engine.gemm(..., cache_scope=scope)`` several times,
+    then ``scope.close()`` (also done when the scope is garbage collected). Its tiles are dropped on close.
+
+    Writing to an operand while its scope is open, by any path, gives wrong results: that is the contract.
+    """
+
+    def __init__(self, engine):
+        self.key = new_scope()
+        self._engine = weakref.ref(engine)
+        self._finalizer = weakref.finalize(self, _drop_scope, self._engine, self.key)
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+    def close(self) -> None:
+        """Drop the scope's tiles; later calls cannot use it."""
+        self._finalizer()
+
+    def check(self, engine) -> None:
+        """Raise ValueError when this scope is closed or belongs to another engine."""
+        if self.closed:
+            raise ValueError("cache_scope is closed; open a new one with engine.cache_scope()")
+        if self._engine() is not engine:
+            raise ValueError("cache_scope belongs to another Engine")
+
+    def __repr__(self) -> str:
+        return f"CacheScope({self.key[1]}, closed={self.closed})"
+
+
+def _drop_scope(engine_ref, key) -> None:  # (a function: the finalizer must not hold the scope)
+    engine = engine_ref()
+    if engine is not None:
+        for worker in engine.workers:
+            if worker.cache is not None:
+                worker.cache.drop_scope(key)

@@ -63,7 +63,7 @@ from accel.ooc.plan import Block, DeviceProfile, Plan
 #: Host worker: copies into its tile buffers run at memory speed, so transfers are never the bottleneck,
 #: and it is synchronous, so neither extra blocks nor extra slabs buy any overlap.
 CPU_PROFILE = DeviceProfile({"float64": 5e10, "float32": 1e11, "tf32": 1e11, "half": 5e10}, 1e10, 256,
-                            blocks_per_worker=1, min_slabs=1)
+                            blocks_per_worker=1, min_slabs=1, min_slab=64)
 
 
 class Cancelled(Exception):
@@ -103,6 +103,9 @@ class Worker:
 
     kind = "abstract"
     default_priority = 0
+    #: whether blocks pass through a separate output tile (C staging, dtype conversion, write-back that
+    #: overlaps the next block); the plan charges ``output_size`` per block element only if some worker does
+    needs_output_tile = True
 
     # -- device knowledge (class level; see the module docstring) --------------------------------------
     @classmethod
@@ -206,7 +209,7 @@ class Worker:
         self.account.charge(self._buffer_bytes)
         try:
             self._acc_buffer = self.allocate(area, problem.accumulator_dtype)
-            self._out_buffer = self.allocate(area, problem.out.dtype)
+            self._out_buffer = self.allocate(area, problem.out.dtype) if plan.output_size else None
         except BaseException:
             self.account.refund(self._buffer_bytes)
             self._buffer_bytes = 0
@@ -328,6 +331,7 @@ class CPUWorker(Worker):
     """
 
     kind = "cpu"
+    needs_output_tile = False  # C is read and the result written straight from host memory
 
     @classmethod
     def default_devices(cls) -> list[str]:
@@ -375,9 +379,8 @@ class CPUWorker(Worker):
     def write_block(self, problem, block, acc) -> None:
         (r0, r1), (c0, c1) = block.rows, block.cols
         c_tile = None
-        if problem.c is not None:  # staged like a device would, so the accounting matches a GPU's
-            c_tile = self._out_buffer[: acc.numel()].view(acc.shape)
-            c_tile.copy_(problem.c[r0:r1, c0:c1])
+        if problem.c is not None:  # read from host memory, which is this worker's memory (counted as read)
+            c_tile = problem.c[r0:r1, c0:c1]
             self.bytes_to_device += c_tile.numel() * c_tile.element_size()
         epilogue(acc, c_tile, problem.alpha, problem.beta)
         destination = problem.out[r0:r1, c0:c1]

@@ -1,9 +1,6 @@
 """The engine: plans a GEMM, runs one thread per worker over a shared block queue, collects statistics.
 
-A faster worker simply comes back to the queue more often and takes more blocks. When a worker asks for
-a block, it gets one that shares a panel with its previous block if its cache still holds that panel
-(BLASX's affinity rule), else one on a block row no other worker is on (so workers do not fetch the same
-A panel twice). A failing worker cancels the call: every thread is joined before the error is raised,
+Workers take blocks from a :class:`~accel.ooc.block_queue.BlockQueue`. A failing worker cancels the call: every thread is joined before the error is raised,
 and a call that ran out of memory is re-planned with half the memory and retried once.
 """
 from __future__ import annotations
@@ -14,131 +11,16 @@ import queue
 import threading
 import time
 import weakref
-from collections import OrderedDict
 
 import torch
 
-from accel.ooc.cache import new_scope
+from accel.ooc.block_queue import BlockQueue
+from accel.ooc.cache import CacheScope
 from accel.ooc.call import gemm_call
 from accel.ooc.devices import Cancelled, Problem, Worker
 from accel.ooc.registry import default_devices, make_worker
-from accel.ooc.plan import Block, Plan, compute_kind, make_plan, minimum_memory
+from accel.ooc.plan import Plan, compute_kind, make_plan, minimum_memory
 from accel.ooc.stats import EngineTotals, GemmStats
-
-class BlockQueue:
-    """Blocks not yet taken, handed out to workers with panel affinity. Thread-safe.
-
-    End game: a worker gets no more blocks once the other workers, at their measured speeds, would
-    finish everything left before it finished one block (so a CPU worker beside GPUs does not hold the
-    call up with a last GPU-sized block). The fastest worker never declines; speeds come from earlier
-    calls (``worker.flops_per_second``), so a first call shares blocks by arrival alone.
-
-    Args:
-        blocks (list[Block]): the plan's blocks.
-        held (callable): ``held(worker, block) -> int``, how many of the block's tiles ``worker`` holds.
-        workers (list, optional): every worker taking from the queue (each with ``flops_per_second``,
-            ``None`` while unknown); needed for the end-game rule.
-        block_flops (callable, optional): ``block_flops(block) -> float``.
-    """
-
-    def __init__(self, blocks: list[Block], held, workers=(), block_flops=None):
-        self._pending: OrderedDict[int, Block] = OrderedDict((block.index, block) for block in blocks)
-        self._by_row: dict[int, dict[int, Block]] = {}
-        self._by_col: dict[int, dict[int, Block]] = {}
-        for block in blocks:
-            self._by_row.setdefault(block.panel_row, {})[block.index] = block
-            self._by_col.setdefault(block.panel_col, {})[block.index] = block
-        self._held = held
-        # speeds as of the call's start: they must not change under the rule while workers still decide
-        self._rates = {id(worker): getattr(worker, "flops_per_second", None) for worker in workers}
-        self._block_flops = block_flops
-        self._remaining_flops = sum(block_flops(block) for block in blocks) if block_flops else 0.0
-        self._previous: dict[int, Block] = {}
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self._pending)
-
-    def take(self, worker) -> Block | None:
-        """The next block for ``worker``, or ``None`` when all are taken."""
-        with self._lock:
-            if not self._pending or self._others_finish_first(worker):
-                return None
-            block = self._affine(worker) or self._unclaimed_row(worker) or next(iter(self._pending.values()))
-            if self._block_flops:
-                self._remaining_flops -= self._block_flops(block)
-            del self._pending[block.index]
-            del self._by_row[block.panel_row][block.index]
-            del self._by_col[block.panel_col][block.index]
-            self._previous[id(worker)] = block
-            return block
-
-    def _others_finish_first(self, worker) -> bool:
-        rate = self._rates.get(id(worker))
-        others = [other for owner, other in self._rates.items() if owner != id(worker)]
-        if not rate or not self._block_flops or not others or any(not other for other in others):
-            return False
-        if rate >= max(others):  # the fastest always takes: somebody must
-            return False
-        one_block = self._remaining_flops / len(self._pending) / rate
-        return self._remaining_flops / sum(others) < one_block
-
-    def _affine(self, worker) -> Block | None:
-        previous = self._previous.get(id(worker))
-        if previous is None:
-            return None
-        candidates = [*self._by_row[previous.panel_row].values(), *self._by_col[previous.panel_col].values()]
-        scored = [(self._held(worker, block), -index, block) for index, block in enumerate(candidates)]
-        best = max(scored, default=None, key=lambda item: item[:2])
-        return best[2] if best is not None and best[0] > 0 else None
-
-    def _unclaimed_row(self, worker) -> Block | None:
-        busy = {block.panel_row for owner, block in self._previous.items() if owner != id(worker)}
-        for row, blocks in self._by_row.items():
-            if blocks and row not in busy:
-                return next(iter(blocks.values()))
-        return None
-
-
-class CacheScope:
-    """A window in which the caller declares the operands it passes unchanged, so tiles are reused across
-    calls: ``scope = engine.cache_scope()``, then ``engine.gemm(..., cache_scope=scope)`` several times,
-    then ``scope.close()`` (also done when the scope is garbage collected). Its tiles are dropped on close.
-
-    Writing to an operand while its scope is open, by any path, gives wrong results: that is the contract.
-    """
-
-    def __init__(self, engine: "Engine"):
-        self.key = new_scope()
-        self._engine = weakref.ref(engine)
-        self._finalizer = weakref.finalize(self, _drop_scope, self._engine, self.key)
-
-    @property
-    def closed(self) -> bool:
-        return not self._finalizer.alive
-
-    def close(self) -> None:
-        """Drop the scope's tiles; later calls cannot use it."""
-        self._finalizer()
-
-    def check(self, engine: "Engine") -> None:
-        """Raise ValueError when this scope is closed or belongs to another engine."""
-        if self.closed:
-            raise ValueError("cache_scope is closed; open a new one with engine.cache_scope()")
-        if self._engine() is not engine:
-            raise ValueError("cache_scope belongs to another Engine")
-
-    def __repr__(self) -> str:
-        return f"CacheScope({self.key[1]}, closed={self.closed})"
-
-
-def _drop_scope(engine_ref, key) -> None:
-    engine = engine_ref()
-    if engine is not None:
-        for worker in engine.workers:
-            if worker.cache is not None:
-                worker.cache.drop_scope(key)
-
 
 class Engine:
     r"""Out-of-core GEMM engine over a set of devices; reusable, and its tile caches persist across calls.
@@ -216,7 +98,7 @@ class Engine:
     def __reduce__(self):
         return _rebuild_engine, (self._arguments,)
 
-    def cache_scope(self) -> "CacheScope":
+    def cache_scope(self) -> CacheScope:
         """A new :class:`CacheScope`: pass it as ``cache_scope=`` to calls whose operands stay unchanged
         until you :meth:`CacheScope.close` it."""
         return CacheScope(self)
@@ -247,13 +129,16 @@ class Engine:
         n = problem.b.shape[1]
         accumulator = torch.empty((), dtype=problem.accumulator_dtype).element_size()
         operand = max(w.storage_size(problem.storage_dtype, problem.accumulator_dtype) for w in self.workers)
+        output = problem.out.element_size() if any(w.needs_output_tile for w in self.workers) else 0
         kind = compute_kind(problem.storage_dtype, problem.allow_tf32)
         storage = torch.empty((), dtype=problem.storage_dtype).element_size()
-        target = max(worker.profile.target_block(kind, storage) for worker in self.workers)
+        profiles = [worker.profile for worker in self.workers]
         return make_plan(m, n, k, memory_per_worker=memory_per_worker, operand_size=operand,
-                         accumulator_size=accumulator, output_size=problem.out.element_size(),
-                         workers=len(self.workers), target_block=target, block=block,
-                         blocks_per_worker=max(worker.profile.blocks_per_worker for worker in self.workers))
+                         accumulator_size=accumulator, output_size=output, workers=len(self.workers),
+                         target_block=max(profile.target_block(kind, storage) for profile in profiles),
+                         block=block, blocks_per_worker=max(profile.blocks_per_worker for profile in profiles),
+                         min_slabs=max(profile.min_slabs for profile in profiles),
+                         min_slab=max(profile.min_slab for profile in profiles))
 
     def run(self, problem: Problem, block: int | None = None) -> GemmStats:
         """Compute ``problem.out``; on an out-of-memory failure re-plan with half the memory and retry once.
@@ -299,7 +184,7 @@ class Engine:
             finally:
                 for worker in self.workers:
                     worker.account.limit = limits[worker.name]
-            self.stats = self._collect(plan, time.perf_counter() - start, retries)
+            self.stats = self._collect(problem, plan, time.perf_counter() - start, retries)
             self.totals.add(self.stats)
             return self.stats
 
@@ -373,7 +258,7 @@ class Engine:
             errors.append(error)
             problem.cancelled.set()
 
-    def _collect(self, plan: Plan, seconds: float, retries: int) -> GemmStats:
+    def _collect(self, problem: Problem, plan: Plan, seconds: float, retries: int) -> GemmStats:
         stats = GemmStats(plan=plan, seconds=seconds, retries=retries)
         for worker in self.workers:
             stats.bytes_to_device += worker.bytes_to_device
@@ -384,9 +269,9 @@ class Engine:
             stats.memory_limit_per_worker[worker.name] = worker.account.limit
             stats.cache_hits += worker.cache_hits
             stats.cache_misses += worker.cache_misses
-        memory_elements = max(stats.peak_bytes_per_worker.values()) / plan.operand_size
-        stats.lower_bound_bytes = 2 * plan.m * plan.n * plan.k / math.sqrt(max(memory_elements, 1)) * plan.operand_size
-        stats.traffic_ratio = (stats.bytes_to_device + stats.bytes_to_host) / max(stats.lower_bound_bytes, 1)
+        stats.set_bounds(storage_size=torch.empty((), dtype=problem.storage_dtype).element_size(),
+                         output_size=problem.out.element_size(),
+                         c_size=problem.c.element_size() if problem.c is not None else 0)
         return stats
 
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import threading
 
-import torch
 
 from accel.ooc.call import SUPPORTED_DTYPES, gemm_call
 from accel.ooc.engine import Engine, device_list, check_memory_limit
@@ -72,8 +71,8 @@ def gemm(A, B, C=None, *, alpha=1.0, beta=0.0, trans_a: bool = False, trans_b: b
 
 
 def _default_engine(devices, memory_limit) -> Engine:
-    """A shared engine per (devices, memory_limit), so staging buffers are allocated once; its cache does
-    not persist between calls (an explicit Engine's does)."""
+    """A shared engine per (devices, memory_limit), so threads and staging buffers are
+    allocated once per process (its tiles live for one call, as on any engine without persist_cache)."""
     memory_limit = check_memory_limit(memory_limit)
     if devices is not None:
         devices = tuple(str(check_device(device)) for device in device_list(devices))

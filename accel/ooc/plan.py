@@ -20,6 +20,9 @@ import torch
 #: The smallest useful tile side: below this a block is all overhead (clamped to the matrix size).
 MIN_TILE = 16
 
+#: The thinnest slab used to buy larger blocks: thinner multiplies lose speed on every device.
+DEFAULT_MIN_SLAB = 128
+
 #: Working copies of operand tiles a worker holds at once: the slab being multiplied and the next one
 #: (being transferred), each an A tile and a B tile.
 OPERAND_GENERATIONS = 2
@@ -38,6 +41,8 @@ class DeviceProfile:
             write-back with the next block; a CPU worker gains nothing from more).
         min_slabs (int): k-slabs each block should have at least, so that copies overlap the multiplies
             (a GPU: 4; a synchronous CPU worker: 1).
+        min_slab (int): the thinnest slab worth multiplying; the plan thins slabs down to it to make
+            room for larger blocks.
     """
 
     flops_per_second: dict = field(default_factory=dict)
@@ -45,6 +50,7 @@ class DeviceProfile:
     min_block: int = 256
     blocks_per_worker: int = 2
     min_slabs: int = 4
+    min_slab: int = 256
 
     def target_block(self, compute_kind: str, element_size: int) -> int:
         """Smallest block side that hides transfers behind arithmetic: ``element_size * F / BW``."""
@@ -168,24 +174,32 @@ def _largest_side(limit, fits) -> int:
 
 def make_plan(m: int, n: int, k: int, *, memory_per_worker: int, operand_size: int, accumulator_size: int,
               output_size: int, workers: int = 1, target_block: int = 256, block: int | None = None,
-              blocks_per_worker: int = 2) -> Plan:
-    r"""Choose block and slab sizes for ``C (m x n) = op(A) (m x k) @ op(B) (k x n)``.
+              blocks_per_worker: int = 2, min_slabs: int = 1, min_slab: int = DEFAULT_MIN_SLAB) -> Plan:
+    r"""Choose block and slab sizes for ``C (m x n) = op(A) (m x k) @ op(B) (k x n)``: the plan that moves
+    the fewest bytes within ``memory_per_worker``.
 
-    The block side ``b`` is the largest that fits ``memory_per_worker`` (with slabs as deep as the
-    block, ``t = min(k, b)``), capped at ``max(target_block, b_balance)`` where ``b_balance`` still
-    gives every worker ``blocks_per_worker`` blocks: past the transfer-hiding size, more blocks balance
-    the load better. Slabs then take the memory left, up to the whole of ``k`` (fewer, larger multiplies).
+    A ``b_r x b_c`` block streamed in slabs of depth ``t`` reads ``m*k*(n/b_c) + k*n*(m/b_r)`` operand
+    elements in all, and holds ``b_r*b_c*(accumulator + output) + 2*(b_r + b_c)*t*operand`` bytes. So
+    blocks are as large as memory allows once the slabs are thin: every block-row count is tried with
+    slabs of ``min_slab`` (thinner slabs buy larger blocks), the widest block that then fits is taken, and
+    the slabs get the memory left over (fewer, larger multiplies). The plan moving the fewest bytes wins
+    (ties: deeper slabs). Blocks are never fewer than ``workers * blocks_per_worker`` (load balance, and a
+    GPU overlaps one block's write-back with the next) and never have fewer than ``min_slabs`` slabs
+    (copies overlap multiplies), where the matrix is large enough for that.
 
     Args:
         m, n, k (int): problem size, each ``>= 1``.
         memory_per_worker (int): bytes one worker may hold.
         operand_size (int): bytes per element of an A/B tile as the worker stores it.
         accumulator_size (int): bytes per element of the accumulator (4 for fp32 accumulation).
-        output_size (int): bytes per element of the output tile.
+        output_size (int): bytes per element of the output tile (0 when the workers need none).
         workers (int): number of workers sharing the blocks.
-        target_block (int): block side that hides transfers (:meth:`DeviceProfile.target_block`).
-        block (int, optional): force this block side (still checked against the memory).
-        blocks_per_worker (int): blocks each worker should get at least (load balance).
+        target_block (int): block side that hides transfers (:meth:`DeviceProfile.target_block`); kept
+            for callers, the traffic-minimal plan takes blocks at least as large whenever memory allows.
+        block (int, optional): force this block side (slabs as deep, or thinner to fit the memory).
+        blocks_per_worker (int): blocks each worker should get at least.
+        min_slabs (int): slabs each block should have at least.
+        min_slab (int): the thinnest slab used to make room for larger blocks.
 
     Raises:
         ValueError: when ``memory_per_worker`` is below :func:`minimum_memory` or below what a forced
@@ -199,26 +213,53 @@ def make_plan(m: int, n: int, k: int, *, memory_per_worker: int, operand_size: i
         raise ValueError(f"memory_limit of {memory_per_worker} bytes per worker is too small for a {m}x{n}x{k} "
                          f"GEMM: the smallest plan ({MIN_TILE}-element tiles) needs {minimum} bytes")
 
-    def fits(side, slab=None):
-        return working_set_bytes(min(m, side), min(n, side), slab or min(k, side), **sizes) <= memory_per_worker
+    def fits(rows, cols, slab):
+        return working_set_bytes(rows, cols, slab, **sizes) <= memory_per_worker
 
     if block is not None:
-        side = block
-        slab = min(k, side)
-        if not fits(side, slab):  # keep the block, make slabs thinner
-            slab = _largest_side(min(k, side), lambda t: fits(side, t))
-            if not fits(side, slab):
-                need = working_set_bytes(min(m, side), min(n, side), min(k, MIN_TILE), **sizes)
+        rows, cols = min(m, block), min(n, block)
+        slab = min(k, block)
+        if not fits(rows, cols, slab):  # keep the block, make slabs thinner
+            slab = _largest_side(min(k, block), lambda t: fits(rows, cols, t))
+            if not fits(rows, cols, slab):
+                need = working_set_bytes(rows, cols, min(k, MIN_TILE), **sizes)
                 raise ValueError(f"block={block} needs at least {need} bytes per worker, more than the "
                                  f"memory_limit of {memory_per_worker} bytes")
+        parts = (math.ceil(m / rows), math.ceil(n / cols), math.ceil(k / slab))
     else:
-        side_memory = _largest_side(max(m, n), fits)
-        wanted = blocks_per_worker * workers
-        side_balance = _largest_side(max(m, n), lambda b: math.ceil(m / b) * math.ceil(n / b) >= wanted)
-        side = min(side_memory, max(target_block, side_balance))
-        slab = min(k, side)
-        if slab < k:  # deepen the slabs with the memory the block left over
-            slab = max(slab, _largest_side(k, lambda t: fits(side, t)))
-    row_parts, col_parts, slab_parts = math.ceil(m / side), math.ceil(n / side), math.ceil(k / slab)
-    return Plan(m, n, k, split(m, row_parts), split(n, col_parts), split(k, slab_parts),
+        parts = _least_traffic_parts(m, n, k, fits, sizes, memory_per_worker, workers * blocks_per_worker,
+                                     min_slabs, min_slab)
+    return Plan(m, n, k, split(m, parts[0]), split(n, parts[1]), split(k, parts[2]),
                 operand_size, accumulator_size, output_size, memory_per_worker)
+
+
+def _least_traffic_parts(m, n, k, fits, sizes, memory, wanted_blocks, min_slabs, min_slab) -> tuple[int, int, int]:
+    """(row parts, column parts, slab parts) of the feasible plan reading the fewest operand bytes."""
+    fixed = sizes["accumulator_size"] + sizes["output_size"]
+    operand = sizes["operand_size"]
+    deepest = math.ceil(k / max(1, min(min_slabs, k)))  # slabs no deeper than this (several per block)
+    best = None
+    for thin in dict.fromkeys((min(k, min_slab, deepest), min(k, MIN_TILE))):  # the floor, else the least
+        for row_parts in range(1, math.ceil(m / min(m, MIN_TILE)) + 1):
+            rows = math.ceil(m / row_parts)
+            if row_parts > 1 and math.ceil(m / (row_parts - 1)) == rows:
+                continue  # the same block height as a smaller count
+            room = memory - 2 * rows * thin * operand
+            widest = min(n, room // (rows * fixed + 2 * thin * operand)) if room > 0 else 0
+            if widest < min(n, MIN_TILE):
+                continue
+            col_parts = min(n, max(math.ceil(n / widest), math.ceil(wanted_blocks / row_parts)))
+            cols = math.ceil(n / col_parts)
+            slab = min(deepest, (memory - rows * cols * fixed) // (2 * (rows + cols) * operand))
+            if slab < thin or not fits(rows, cols, slab):
+                continue
+            slab_parts = math.ceil(k / slab)
+            traffic = m * k * col_parts + k * n * row_parts
+            candidate = (traffic, slab_parts, row_parts * col_parts, (row_parts, col_parts, slab_parts))
+            if best is None or candidate < best:
+                best = candidate
+        if best is not None:
+            break
+    if best is None:  # unreachable above minimum_memory; kept as a clear failure rather than a bad plan
+        raise ValueError(f"no plan fits {memory} bytes per worker for a {m}x{n}x{k} GEMM")
+    return best[3]

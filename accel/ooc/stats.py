@@ -1,6 +1,7 @@
 """What the engine reports: :class:`GemmStats` for one call, :class:`EngineTotals` summed over calls."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 from accel.ooc.plan import Plan
@@ -19,9 +20,15 @@ class GemmStats:
         cache_hits, cache_misses (int): operand tile lookups served from / missing in the caches.
         peak_bytes_per_worker, memory_limit_per_worker (dict): the most bytes each worker held, and its limit.
         retries (int): 1 when the call ran out of memory and was re-planned.
-        lower_bound_bytes (float): ``2*m*n*k/sqrt(M)`` elements (Hong-Kung, M = the largest peak in
-            elements), in bytes of the operands' storage dtype.
+        hong_kung_bytes (float): ``2*m*n*k/sqrt(M)`` operand elements in bytes of the storage dtype, ``M``
+            the memory per worker (the plan's budget) in stored operand elements: no schedule within that
+            memory moves less, asymptotically (Hong & Kung 1981).
+        compulsory_bytes (float): A and B read once, C read once if ``beta != 0``, the result written once.
+            When the memory is a sizeable share of the problem this exceeds ``hong_kung_bytes`` (the
+            asymptotic bound ignores that every element must move at least once).
+        lower_bound_bytes (float): ``max(hong_kung_bytes, compulsory_bytes)``.
         traffic_ratio (float): ``(bytes_to_device + bytes_to_host) / lower_bound_bytes``.
+        traffic_ratio_hong_kung (float): ``(bytes_to_device + bytes_to_host) / hong_kung_bytes``.
     """
 
     plan: Plan
@@ -35,8 +42,27 @@ class GemmStats:
     peak_bytes_per_worker: dict = field(default_factory=dict)
     memory_limit_per_worker: dict = field(default_factory=dict)
     retries: int = 0
+    hong_kung_bytes: float = 0.0
+    compulsory_bytes: float = 0.0
     lower_bound_bytes: float = 0.0
     traffic_ratio: float = 0.0
+    traffic_ratio_hong_kung: float = 0.0
+
+    @property
+    def traffic_bytes(self) -> int:
+        """Bytes moved in both directions."""
+        return self.bytes_to_device + self.bytes_to_host
+
+    def set_bounds(self, storage_size: int, output_size: int, c_size: int) -> None:
+        """Fill in the lower bounds and ratios (element sizes in bytes; ``c_size`` 0 when C is not read)."""
+        plan = self.plan
+        memory_elements = max(plan.memory_per_worker / plan.operand_size, 1.0)
+        self.hong_kung_bytes = 2.0 * plan.m * plan.n * plan.k / math.sqrt(memory_elements) * storage_size
+        self.compulsory_bytes = float((plan.m * plan.k + plan.k * plan.n) * storage_size
+                                      + plan.m * plan.n * (output_size + c_size))
+        self.lower_bound_bytes = max(self.hong_kung_bytes, self.compulsory_bytes)
+        self.traffic_ratio = self.traffic_bytes / self.lower_bound_bytes
+        self.traffic_ratio_hong_kung = self.traffic_bytes / self.hong_kung_bytes
 
 
 @dataclass
