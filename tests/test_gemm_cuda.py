@@ -221,6 +221,25 @@ def test_cuda_worker_failure_cleanup_on_emulated_device(runtime, seed):
     assert worker.account.held == 0 and worker._pending == [] and len(worker.cache) == 0
 
 
+def test_a_failed_write_back_does_not_fail_the_next_call_on_emulated_device(runtime, seed):
+    class FailingOnce(EmulatedCUDAWorker):
+        fail = True
+
+        def _unstage(self, slot, destination):
+            if self.fail:
+                raise OSError("emulated host copy failure")
+            super()._unstage(slot, destination)
+
+    generator = torch.Generator().manual_seed(seed)
+    A, B = torch.randn(80, 40, generator=generator), torch.randn(40, 80, generator=generator)
+    worker = FailingOnce(runtime, WORKSPACE + 30_000)
+    engine = Engine([worker])
+    with pytest.raises(OSError, match="emulated host copy failure"):
+        engine.gemm(A, B)
+    worker.fail = False
+    assert_close(engine.gemm(A, B), *reference(A, B, None, 1.0, 0.0, False, False), torch.float32)
+
+
 # -- the cuBLAS-XT baseline finds CUDA 13's library ---------------------------------------------------------------
 def test_cublasxt_looks_for_the_cuda_13_wheel_first(tmp_path):
     import importlib.util

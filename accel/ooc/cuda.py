@@ -377,4 +377,6 @@ class CUDAWorker(Worker):
                     pass
             self._pending.clear()
             self._c_jobs.clear()
+            for slot in self._out_ring.slots:  # a failed job must not fail the next call
+                slot.job = None
             self._last_write = None
