@@ -204,6 +204,12 @@ def test_staging_is_pinned_lazily_and_sized_to_the_plan(runtime, seed):
     engine.gemm(A.t().contiguous().t().clone(), B, C, beta=1.0)  # unpinned A, and C: those rings fill
     operand_tile = max(plan.block_rows, plan.block_cols) * plan.slab * 4
     assert 0 < worker._operand_ring.nbytes <= 4 * operand_tile and 0 < worker._c_ring.nbytes <= 2 * block
+    single = EmulatedCUDAWorker(runtime, WORKSPACE + 40_000)
+    engine = Engine([single])
+    for _ in range(2):  # one block per call: one output slot, however many calls
+        engine.gemm(torch.randn(20, 30), torch.randn(30, 20), block=20)
+        assert engine.stats.plan.grid[:2] == (1, 1)
+    assert single._out_ring.nbytes == 20 * 20 * 4
 
 
 def test_cuda_worker_failure_cleanup_on_emulated_device(runtime, seed):

@@ -158,6 +158,8 @@ class CUDAWorker(Worker):
             super().begin(problem)
         self._last_write = None
         self._scratch_free = False
+        for ring in (self._operand_ring, self._c_ring, self._out_ring):
+            ring.next = 0  # every call starts on the first slots: a one-block call never pins a second
 
     def wait_unused(self, tile: Tile) -> None:
         if tile.last_use is not None:
