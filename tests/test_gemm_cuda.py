@@ -361,12 +361,14 @@ def test_float32_is_exact_by_default_and_tf32_on_request(seed):
     generator = torch.Generator().manual_seed(seed)
     A, B = operand(256, 1024, False, torch.float32, generator), operand(1024, 256, False, torch.float32, generator)
     exact = reference(A, B, None, 1.0, 0.0, False, False)
-    before = torch.backends.cuda.matmul.allow_tf32
+    matmul = torch.backends.cuda.matmul  # torch >= 2.9: reading the legacy allow_tf32 beside the new API raises
+    switch = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
+    before = getattr(matmul, switch)
     assert_close(accel.gemm(A, B, devices=["cuda:0"]), *exact, torch.float32)
     tf32 = accel.gemm(A, B, devices=["cuda:0"], compute_dtype="tf32")
     error = np.abs(tf32.double().numpy() - exact[0]).max()
     assert error < 1e-2 * exact[1].max()  # TF32: 10-bit mantissa
-    assert torch.backends.cuda.matmul.allow_tf32 == before  # the global switch is restored
+    assert getattr(matmul, switch) == before  # the global switch is restored
 
 
 @needs_gpu
