@@ -4,78 +4,40 @@ Operand tiles go host -> pinned staging (a packing copy that also narrows the dt
 ``compute_dtype`` asks for it) -> device on the copy-in stream. When the host operand is already pinned
 and has a unit stride along rows or columns, the tile goes straight to the device with one
 ``cudaMemcpy2DAsync`` (through CuPy), with no host-side packing. Multiplies wait on the tiles' "ready"
-events; each block's result is copied out on the third stream into pinned staging, and moved into the
-host result one block later, so write-back overlaps the next block's work. Staging buffers are allocated
-once (grown when a bigger plan needs it) and reused across blocks and calls.
+events. Each block's result is copied out on the third stream into pinned staging; a host thread beside
+the worker moves it into the host result and packs the next blocks' C tiles, so the worker thread never
+stops queueing tiles at a block boundary. Pinned staging is allocated on first use, sized to the plan
+(nothing for a ring a call does not use), and reused across blocks and calls.
+
+Device memory: besides the engine's buffers, torch's cuBLAS keeps a workspace per (handle, stream); each
+worker multiplies on its own stream and thread, so :meth:`CUDAWorker.configure` reserves
+:func:`cublas_workspace_bytes` out of the worker's share of ``memory_limit``.
 """
 from __future__ import annotations
 
 import contextlib
 import threading
-from dataclasses import dataclass
-from typing import Any
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
 from accel.ooc.cache import Tile
+from accel.ooc.cuda_runtime import (MAX_PITCH, StagingRing, StagingSlot, addmm_accumulates_into_float32,
+                                    cublas_workspace_bytes)
 from accel.ooc.devices import Problem, Worker, epilogue
 from accel.ooc.plan import DeviceProfile
 
-# torch >= 2.9 multiplies half operands into a float32 output in one cuBLAS call
+# torch >= 2.8 multiplies half operands into a float32 output in one cuBLAS call (mm/addmm ``out_dtype``)
 _HAS_OUT_DTYPE = "dtype_out" in torch.ops.aten.mm.overloads() and "dtype_out" in torch.ops.aten.addmm.overloads()
-
-
-def pinned_bytes(nbytes: int) -> torch.Tensor:
-    """A page-locked host buffer (what lets host-device copies run asynchronously)."""
-    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-
-
-@dataclass
-class _Slot:
-    """A pinned host buffer and the event after which the copy using it has finished."""
-
-    buffer: torch.Tensor
-    event: Any = None
-
-    def view(self, shape, dtype) -> torch.Tensor:
-        count = 1
-        for size in shape:
-            count *= size
-        return self.buffer[: count * torch.empty((), dtype=dtype).element_size()].view(dtype).view(shape)
-
-
-class _StagingRing:
-    """Round-robin pinned buffers, allocated once and reused across blocks and calls."""
-
-    def __init__(self, slots: int):
-        self.slots = [_Slot(torch.empty(0, dtype=torch.uint8)) for _ in range(slots)]
-        self.next = 0
-
-    @property
-    def nbytes(self) -> int:
-        return sum(slot.buffer.numel() for slot in self.slots)
-
-    def ensure(self, nbytes: int) -> None:
-        for slot in self.slots:
-            if slot.buffer.numel() < nbytes:
-                if slot.event is not None:
-                    slot.event.synchronize()
-                slot.buffer = pinned_bytes(nbytes)
-                slot.event = None
-
-    def acquire(self) -> _Slot:
-        slot = self.slots[self.next]
-        self.next = (self.next + 1) % len(self.slots)
-        if slot.event is not None:  # the copy that used it last must be done before we overwrite it
-            slot.event.synchronize()
-        return slot
+_HALF = (torch.float16, torch.bfloat16)
 
 
 class CUDAWorker(Worker):
     """Computes tiles on a CUDA device with copy-in / compute / copy-out streams ordered by events.
 
-    Two workers may share a device (each with its own streams, cache and half the device's budget).
-    Pinned staging memory is host memory and is not charged to the device budget (see ``staging_bytes``).
+    Two workers may share a device (each with its own streams, cache, cuBLAS workspace and half the
+    device's budget). Pinned staging memory is host memory and is not charged to the device budget (see
+    ``staging_bytes``).
     """
 
     kind = "cuda"
@@ -144,11 +106,15 @@ class CUDAWorker(Worker):
             self.copy_in = torch.cuda.Stream(self.device)
             self.compute = torch.cuda.Stream(self.device)
             self.copy_out = torch.cuda.Stream(self.device)
-        self._operand_ring = _StagingRing(4)  # two generations of an A and a B tile
-        self._c_ring = _StagingRing(1)
-        self._out_ring = _StagingRing(2)  # write-back of one block overlaps the next block
-        self._pending: list[tuple[_Slot, torch.Tensor, torch.Size, torch.dtype]] = []
+        self._operand_ring = StagingRing(4)  # two generations of an A and a B tile
+        self._c_ring = StagingRing(2)  # C of this block and the next, packed ahead on the host thread
+        self._out_ring = StagingRing(2)  # write-back of one block overlaps the next block
+        self._host: ThreadPoolExecutor | None = None  # unstages results and packs C tiles
+        self._pending: list[Future] = []
+        self._c_jobs: dict[int, tuple[StagingSlot, Future]] = {}
         self._last_write = None
+        self._scratch_free = False
+        self._fast_accumulate = False
         try:  # optional: strided pinned host tiles go to the device without a packing copy
             import cupy
         except ImportError:
@@ -157,21 +123,43 @@ class CUDAWorker(Worker):
 
     @property
     def staging_bytes(self) -> int:
+        """Pinned host bytes this worker holds (allocated on first use, kept for later calls)."""
         return self._operand_ring.nbytes + self._c_ring.nbytes + self._out_ring.nbytes
+
+    @property
+    def workspace_bytes(self) -> int:
+        """Device bytes of the cuBLAS workspace of this worker's compute stream (reserved in ``configure``)."""
+        return cublas_workspace_bytes(torch.cuda.get_device_capability(self.device))
 
     def default_memory_limit(self) -> int:
         free, _total = torch.cuda.mem_get_info(self.device)
         return int(free * 0.9)
 
+    def configure(self, limit: int) -> None:
+        """Budget ``limit`` bytes: the cuBLAS workspace first, the engine's buffers and tiles the rest."""
+        workspace = self.workspace_bytes
+        if limit <= workspace:
+            raise ValueError(f"memory_limit share of {limit} bytes for {self.name} does not cover the cuBLAS "
+                             f"workspace of {workspace} bytes its compute stream holds; give more memory or "
+                             f"shrink the workspace (CUBLAS_WORKSPACE_CONFIG, set before torch's first cuBLAS call)")
+        super().configure(limit - workspace)
+
+    # -- a call ---------------------------------------------------------------------------------------------
     def begin(self, problem: Problem) -> None:
         plan = problem.plan
-        operand = max(plan.block_rows, plan.block_cols) * plan.slab * plan.operand_size
-        self._operand_ring.ensure(operand)
-        self._c_ring.ensure(plan.block_rows * plan.block_cols * plan.output_size)
-        self._out_ring.ensure(plan.block_rows * plan.block_cols * plan.output_size)
-        with torch.cuda.device(self.device):
+        self._operand_bytes = max(plan.block_rows, plan.block_cols) * plan.slab * problem.storage_dtype.itemsize
+        self._block_bytes = plan.block_rows * plan.block_cols * plan.output_size
+        if self._host is None:
+            self._host = ThreadPoolExecutor(1, thread_name_prefix=f"accel-cuda-host-{self.name}")
+        with torch.cuda.device(self.device), torch.cuda.stream(self.compute):
+            self._fast_accumulate = (_HAS_OUT_DTYPE and problem.accumulator_dtype == torch.float32 and
+                                     problem.storage_dtype in _HALF and
+                                     addmm_accumulates_into_float32(self.device, problem.storage_dtype))
             super().begin(problem)
         self._last_write = None
+        self._scratch_free = False
+        for ring in (self._operand_ring, self._c_ring, self._out_ring):
+            ring.next = 0  # every call starts on the first slots: a one-block call never pins a second
 
     def wait_unused(self, tile: Tile) -> None:
         if tile.last_use is not None:
@@ -181,6 +169,7 @@ class CUDAWorker(Worker):
         for stream in (self.copy_in, self.compute, self.copy_out):
             stream.synchronize()
 
+    # -- copies in --------------------------------------------------------------------------------------------
     @staticmethod
     def is_pinned(view: torch.Tensor) -> bool:
         return view.is_pinned()
@@ -191,27 +180,32 @@ class CUDAWorker(Worker):
         if self._cupy is None or view.dtype != dtype or not self.is_pinned(view):
             return None
         rows, cols = view.shape
+        size = view.element_size()
         # the pitch must cover a whole row: not so for broadcast (stride 0) or overlapping views
-        if (view.stride(1) == 1 or cols == 1) and (rows == 1 or view.stride(0) >= cols):
+        if (view.stride(1) == 1 or cols == 1) and (rows == 1 or cols <= view.stride(0) <= MAX_PITCH // size):
             return "rows"
-        if (view.stride(0) == 1 or rows == 1) and (cols == 1 or view.stride(1) >= rows):
+        if (view.stride(0) == 1 or rows == 1) and (cols == 1 or rows <= view.stride(1) <= MAX_PITCH // size):
             return "columns"
         return None
 
-    def _memcpy_2d(self, view: torch.Tensor, target: torch.Tensor) -> None:
+    def _memcpy_2d(self, view: torch.Tensor, target: torch.Tensor, stream) -> None:
         """Row-major strided pinned host tile -> contiguous device tensor of the same shape."""
         size = view.element_size()
         rows, cols = view.shape
+        # one row: its stride is meaningless (any value, even below the width), the pitch is the width
+        pitch = view.stride(0) if rows > 1 else cols
         runtime = self._cupy.cuda.runtime
-        runtime.memcpy2DAsync(target.data_ptr(), cols * size, view.data_ptr(), view.stride(0) * size,
-                              cols * size, rows, runtime.memcpyHostToDevice, self.copy_in.cuda_stream)
+        runtime.memcpy2DAsync(target.data_ptr(), cols * size, view.data_ptr(), pitch * size,
+                              cols * size, rows, runtime.memcpyHostToDevice, stream.cuda_stream)
 
-    def _copy_in(self, view: torch.Tensor, target: torch.Tensor, ring: _StagingRing) -> None:
+    def _copy_in(self, view: torch.Tensor, target: torch.Tensor) -> None:
         """Queue ``target <- view`` (host, any strides) on the copy-in stream; ``target`` is contiguous."""
         if self._direct(view, target.dtype) == "rows":
-            self._memcpy_2d(view, target)
+            self._memcpy_2d(view, target, self.copy_in)
             return
-        slot = ring.acquire()
+        slot = self._operand_ring.take()
+        slot.wait_device()
+        slot.reserve(self._operand_bytes)
         staged = slot.view(view.shape, target.dtype)
         staged.copy_(view)  # packs a strided tile (and narrows the dtype) on the host
         with torch.cuda.stream(self.copy_in):
@@ -224,41 +218,97 @@ class CUDAWorker(Worker):
             if self._direct(view, problem.storage_dtype) == "columns":
                 # a tile of a transposed (column-major) host matrix: copy its transpose, whose rows are
                 # contiguous, and keep the transposed view: matmul takes transposed operands as they are
-                buffer = torch.empty(view.shape[::-1], dtype=problem.storage_dtype, device=self.device)
-                self._memcpy_2d(view.t(), buffer)
+                buffer = self.allocate(view.shape[::-1], problem.storage_dtype)
+                self._memcpy_2d(view.t(), buffer, self.copy_in)
                 tensor = buffer.t()
             else:
-                tensor = torch.empty(view.shape, dtype=problem.storage_dtype, device=self.device)
-                self._copy_in(view, tensor, self._operand_ring)
+                tensor = self.allocate(view.shape, problem.storage_dtype)
+                self._copy_in(view, tensor)
+            tensor.record_stream(self.copy_in)
             ready = torch.cuda.Event()
             ready.record(self.copy_in)
         return Tile(key, tensor, nbytes, ready=ready)
 
+    # -- multiply ---------------------------------------------------------------------------------------------
     def multiply_accumulate(self, acc, a, b, accumulate, problem) -> None:
         with torch.cuda.device(self.device), torch.cuda.stream(self.compute):
             self.compute.wait_event(a.ready)
             self.compute.wait_event(b.ready)
             for tile in (a, b):  # the allocator must not reuse a tile's memory before this multiply ran
                 tile.tensor.record_stream(self.compute)
-            if a.tensor.dtype == acc.dtype:
-                if accumulate:
-                    acc.addmm_(a.tensor, b.tensor)
-                else:
-                    torch.mm(a.tensor, b.tensor, out=acc)
-            elif _HAS_OUT_DTYPE:  # bf16/fp16 operands straight into the fp32 accumulator
-                if accumulate:
-                    torch.addmm(acc, a.tensor, b.tensor, out_dtype=acc.dtype, out=acc)
-                else:
-                    torch.mm(a.tensor, b.tensor, out_dtype=acc.dtype, out=acc)
-            else:  # older torch: each slab's product is rounded to the half dtype (a transient block)
-                product = torch.mm(a.tensor, b.tensor)
-                if accumulate:
-                    acc.add_(product)
-                else:
-                    acc.copy_(product)
+            self._multiply(acc, a.tensor, b.tensor, accumulate)
             done = torch.cuda.Event()
             done.record(self.compute)
         a.last_use = b.last_use = done
+
+    def _multiply(self, acc, a, b, accumulate) -> None:
+        """``acc (+)= a @ b`` on the current (compute) stream, in calls CUDA's torch accepts."""
+        if a.dtype == acc.dtype:
+            if accumulate:
+                acc.addmm_(a, b)
+            else:
+                torch.mm(a, b, out=acc)
+        elif self._fast_accumulate or (not accumulate and _HAS_OUT_DTYPE and a.dtype in _HALF and
+                                       acc.dtype == torch.float32):
+            # half operands straight into the fp32 accumulator (out_dtype fp32 is the only wider output
+            # CUDA allows; addmm takes the fp32 acc as self where the probe said so)
+            if accumulate:
+                torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            else:
+                torch.mm(a, b, out_dtype=torch.float32, out=acc)
+        else:
+            self._multiply_through_scratch(acc, a, b, accumulate)
+
+    def _multiply_through_scratch(self, acc, a, b, accumulate) -> None:
+        """Operands narrower than the accumulator, no single call for it (an fp64 accumulator, or an fp32
+        one where addmm refuses it): the product goes to the output tile's memory, idle until the
+        epilogue, then is added. It is float32 where it fits (always with an fp64 accumulator), else the
+        operands' half dtype (each slab's product then rounded to it once)."""
+        out_size = self._out_buffer.element_size()
+        wide = a.dtype == torch.float32 or (_HAS_OUT_DTYPE and out_size >= 4)
+        product_dtype = torch.float32 if wide else a.dtype
+        if not self._scratch_free:  # the previous block's copy-out may still read the output tile
+            if self._last_write is not None:
+                self.compute.wait_event(self._last_write)
+            self._scratch_free = True
+        count = acc.numel() * product_dtype.itemsize
+        product = self._out_buffer.view(torch.uint8)[:count].view(product_dtype).view(acc.shape)
+        if product_dtype == a.dtype:
+            torch.mm(a, b, out=product)
+        else:
+            torch.mm(a, b, out_dtype=product_dtype, out=product)
+        if accumulate:
+            acc.add_(product)
+        else:
+            acc.copy_(product)
+
+    # -- write-back -------------------------------------------------------------------------------------------
+    def run_block(self, problem: Problem, block) -> None:
+        if problem.c is not None:  # pack this block's C on the host thread while its slabs are multiplied
+            (r0, r1), (c0, c1) = block.rows, block.cols
+            view = problem.c[r0:r1, c0:c1]
+            if self._direct(view, problem.out.dtype) != "rows":
+                slot = self._c_ring.take()
+                self._c_jobs[block.index] = (slot, self._submit(self._pack, slot, view, problem.out.dtype))
+        super().run_block(problem, block)
+
+    def _submit(self, function, *arguments) -> Future:
+        job = self._host.submit(function, *arguments)
+        self._pending.append(job)
+        return job
+
+    def _pack(self, slot: StagingSlot, view: torch.Tensor, dtype: torch.dtype) -> None:
+        """(host thread) ``slot <- view`` once the device copy that last read the slot is done."""
+        with torch.cuda.device(self.device):  # this thread's CUDA calls (event wait, pinning) on our device
+            slot.wait_device()
+            slot.reserve(self._block_bytes)
+        slot.view(view.shape, dtype).copy_(view)
+
+    def _unstage(self, slot: StagingSlot, destination: torch.Tensor) -> None:
+        """(host thread) pinned staging -> the host result, once the device copy into the slot is done."""
+        with torch.cuda.device(self.device):
+            slot.wait_device()
+        destination.copy_(slot.view(destination.shape, destination.dtype))
 
     def write_block(self, problem, block, acc) -> None:
         (r0, r1), (c0, c1) = block.rows, block.cols
@@ -267,44 +317,68 @@ class CUDAWorker(Worker):
             if self._last_write is not None:  # the previous block's copy-out may still read out_tile
                 self.compute.wait_event(self._last_write)
             if problem.c is not None:
-                if self._last_write is not None:
-                    self.copy_in.wait_event(self._last_write)
-                self._copy_in(problem.c[r0:r1, c0:c1], out_tile, self._c_ring)
-                self.bytes_to_device += out_tile.numel() * out_tile.element_size()
-                loaded = torch.cuda.Event()
-                loaded.record(self.copy_in)
-                self.compute.wait_event(loaded)
+                self._load_c(problem, block, out_tile)
             with torch.cuda.stream(self.compute):
                 epilogue(acc, out_tile if problem.c is not None else None, problem.alpha, problem.beta)
                 out_tile.copy_(acc)
                 computed = torch.cuda.Event()
                 computed.record(self.compute)
             self.copy_out.wait_event(computed)
-            # the oldest pending write-back uses the slot we are about to reuse: move it to the host first
-            self._finish_write(keep=len(self._out_ring.slots) - 1)
-            slot = self._out_ring.acquire()
+            slot = self._out_ring.take()
+            if slot.job is not None:  # the host thread must have emptied it (the block before last)
+                slot.job.result()
+            slot.wait_device()
+            slot.reserve(self._block_bytes)
             staged = slot.view(acc.shape, out_tile.dtype)
             with torch.cuda.stream(self.copy_out):
                 staged.copy_(out_tile, non_blocking=True)
             slot.event = torch.cuda.Event()
             slot.event.record(self.copy_out)
             self._last_write = slot.event
-        self._pending.append((slot, problem.out[r0:r1, c0:c1], acc.shape, out_tile.dtype))
+        slot.job = self._submit(self._unstage, slot, problem.out[r0:r1, c0:c1])
+        self._scratch_free = False
         self.bytes_to_host += acc.numel() * out_tile.element_size()
 
-    def _finish_write(self, keep: int) -> None:
-        """Copy finished write-backs from pinned staging into the host result, leaving ``keep`` in flight."""
-        while len(self._pending) > keep:
-            slot, destination, shape, dtype = self._pending.pop(0)
-            slot.event.synchronize()
-            destination.copy_(slot.view(shape, dtype))
+    def _load_c(self, problem, block, out_tile) -> None:
+        """Queue ``out_tile <- C[block]`` on the copy-in stream, then make the compute stream wait for it."""
+        if self._last_write is not None:
+            self.copy_in.wait_event(self._last_write)
+        if self._scratch_free:  # this block's multiplies used out_tile as scratch
+            multiplied = torch.cuda.Event()
+            multiplied.record(self.compute)
+            self.copy_in.wait_event(multiplied)
+        (r0, r1), (c0, c1) = block.rows, block.cols
+        packed = self._c_jobs.pop(block.index, None)
+        if packed is None:
+            self._memcpy_2d(problem.c[r0:r1, c0:c1], out_tile, self.copy_in)
+        else:
+            slot, job = packed
+            job.result()
+            with torch.cuda.stream(self.copy_in):
+                out_tile.copy_(slot.view(out_tile.shape, out_tile.dtype), non_blocking=True)
+            slot.event = torch.cuda.Event()
+            slot.event.record(self.copy_in)
+        self.bytes_to_device += out_tile.numel() * out_tile.element_size()
+        loaded = torch.cuda.Event()
+        loaded.record(self.copy_in)
+        self.compute.wait_event(loaded)
 
     def flush(self, problem: Problem) -> None:
-        self._finish_write(keep=0)
+        """Wait until every result is in the host matrix (raises a host-thread job's error)."""
+        for job in self._pending:
+            job.result()
 
     def end(self, problem: Problem) -> None:
         try:
             super().end(problem)
-        finally:
-            self._pending.clear()  # after a failure the result is discarded anyway
+        finally:  # no host job may touch a slot or the result after the call (or its failure)
+            for job in self._pending:
+                try:
+                    job.result()
+                except BaseException:  # noqa: BLE001 - the call already failed; flush reports the first error
+                    pass
+            self._pending.clear()
+            self._c_jobs.clear()
+            for slot in self._out_ring.slots:  # a failed job must not fail the next call
+                slot.job = None
             self._last_write = None

@@ -15,26 +15,73 @@ import ctypes
 import ctypes.util
 import glob
 import os
+import site
+import sys
 
 import torch
 
 _OP_N = 0  # CUBLAS_OP_N
 _PINNING_DISABLED = 0  # CUBLASXT_PINNING_DISABLED: the caller pins (we do)
+_MAJORS = ("13", "12", "11")
+
+
+def _site_directories() -> list[str]:
+    """Where pip puts packages: beside torch first, then every site and sys.path directory."""
+    found = [os.path.dirname(os.path.dirname(torch.__file__))]
+    try:
+        found += site.getsitepackages() + [site.getusersitepackages()]
+    except AttributeError:  # pragma: no cover - virtualenvs without site.getsitepackages
+        pass
+    found += [entry for entry in sys.path if entry.endswith("-packages")]
+    return list(dict.fromkeys(os.path.abspath(entry) for entry in found))
+
+
+def _toolkit_directories() -> list[str]:
+    roots = [os.environ.get(name) for name in ("CUDA_HOME", "CUDA_PATH")] + ["/usr/local/cuda"]
+    roots += sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    found = [os.path.join(root, sub) for root in filter(None, roots) for sub in ("lib64", "lib", "targets/x86_64-linux/lib")]
+    return found + ["/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/lib"]
+
+
+def library_candidates(cuda_major: str | None, site_directories, toolkit_directories) -> list[str]:
+    """libcublas files and sonames to try, torch's CUDA major first: the CUDA 13 wheel
+    (``nvidia/cu13/lib/libcublas.so.13``), the CUDA 12/11 wheels (``nvidia/cublas/lib``), the sonames
+    (a library torch already loaded is found by its soname), then the CUDA toolkit."""
+    majors = sorted(_MAJORS, key=lambda major: major != cuda_major)
+    candidates = []
+    for directory in site_directories:
+        for major in majors:
+            candidates += [os.path.join(directory, "nvidia", f"cu{major}", "lib", f"libcublas.so.{major}"),
+                           os.path.join(directory, "nvidia", "cublas", "lib", f"libcublas.so.{major}")]
+    candidates += [f"libcublas.so.{major}" for major in majors] + ["libcublas.so"]
+    for directory in toolkit_directories:
+        candidates += [os.path.join(directory, f"libcublas.so.{major}") for major in majors]
+        candidates.append(os.path.join(directory, "libcublas.so"))
+    found = ctypes.util.find_library("cublas")
+    if found:
+        candidates.append(found)
+    # a path is worth trying only if the file is there; a bare soname goes to the dynamic loader
+    return list(dict.fromkeys(c for c in candidates if os.path.basename(c) == c or os.path.exists(c)))
 
 
 def load_libcublas() -> ctypes.CDLL:
-    """libcublas from the system, the CUDA toolkit, or the nvidia-cublas wheel torch depends on."""
-    candidates = ["libcublas.so", "libcublas.so.12", "libcublas.so.11", ctypes.util.find_library("cublas")]
-    for base in [os.path.dirname(torch.__file__), *(os.environ.get("CUDA_HOME", "/usr/local/cuda"),)]:
-        candidates += glob.glob(os.path.join(base, "..", "nvidia", "cublas", "lib", "libcublas.so*"))
-        candidates += glob.glob(os.path.join(base, "lib64", "libcublas.so*"))
+    """The first libcublas that loads and exports cuBLAS-XT; OSError naming every place looked in."""
+    cuda_major = (torch.version.cuda or "").split(".")[0] or None
+    sites, toolkits = _site_directories(), _toolkit_directories()
     errors = []
-    for name in filter(None, candidates):
+    for name in library_candidates(cuda_major, sites, toolkits):
         try:
-            return ctypes.CDLL(name)
+            library = ctypes.CDLL(name)
         except OSError as error:
             errors.append(f"{name}: {error}")
-    raise OSError("libcublas not found; tried " + "; ".join(errors or candidates))
+            continue
+        if hasattr(library, "cublasXtCreate"):
+            return library
+        errors.append(f"{name}: loads but has no cublasXtCreate")
+    raise OSError(f"no libcublas with cuBLAS-XT found (torch's CUDA: {torch.version.cuda}). Looked for "
+                  f"nvidia/cu{{13,12,11}}/lib and nvidia/cublas/lib under {sites}, the sonames "
+                  f"libcublas.so.{{13,12,11}}, and the toolkit directories {toolkits}; tried: "
+                  + ("; ".join(errors) if errors else "nothing existed"))
 
 
 class CublasXt:
