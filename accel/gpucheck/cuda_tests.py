@@ -26,7 +26,9 @@ def run(context) -> None:
         raise FileNotFoundError(f"no tests folder at {tests}: run gpucheck from a checkout of the repository")
     report = context.scratch / "junit.xml"
     command = [sys.executable, "-m", "pytest", "-m", "cuda", "-p", "accel.gpucheck.pytest_gpu_tests",
-               "-p", "no:cacheprovider", "-q", "-rfEs", f"--junitxml={report}", str(tests)]
+               "-p", "no:cacheprovider", "-q", "-rfEs", f"--junitxml={report}",
+               "-o", "timeout=30",  # pytest-timeout (on the GPU machine): a hung test fails, the report is written
+               str(tests)]
     context.record.set("command", " ".join(command[1:]))
     try:
         result = subprocess.run(command, cwd=REPO, timeout=max(context.left() - 5, 1), text=True,

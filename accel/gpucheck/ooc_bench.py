@@ -3,9 +3,9 @@
 1. Pinned host<->device bandwidth, 1 GiB each way (the engine's bottleneck).
 2. For N = 16384 and 32768 (square, random operands): in-core ``torch.matmul`` on device-resident data,
    then ``accel.gemm`` (through :class:`accel.ooc.Engine`, for its statistics) on pinned host data with the
-   memory limited to a quarter of the problem, in fp32, TF32 and bf16, with one worker; cuBLAS-XT (fp32,
-   experiments/baselines/cublasxt.py) on the same host data; then two workers sharing the GPU, then GPU + CPU
-   (fp32, smallest N). Every result is checked against the exact fp32 product (on 1024 rows spread over every
+   memory limited to a quarter of the problem, in fp32, TF32 and bf16, with one worker; then two workers
+   sharing the GPU; then GPU + CPU (fp32, smallest N); last cuBLAS-XT (fp32, experiments/baselines/cublasxt.py)
+   on the same host data. Every result is checked against the exact fp32 product (on 1024 rows spread over every
    block row), and the traffic is reported as a multiple of the lower bound ``2mnk/sqrt(M)``.
 
 Each measurement is written as soon as it is made; one whose estimated time exceeds what is left of the
@@ -44,7 +44,7 @@ def _device_names(names, dry_run: bool) -> list[str]:
 def bandwidth(context) -> dict:
     """Pinned host -> device and device -> host copy rates (GB/s) of 1 GiB (16 MiB host copies on a dry run)."""
     size = (16 << 20) if context.dry_run else (1 << 30)
-    host = torch.empty(size, dtype=torch.uint8, pin_memory=not context.dry_run).random_(0, 255)
+    host = torch.empty(size, dtype=torch.uint8, pin_memory=not context.dry_run).fill_(7)
     device = torch.empty(size, dtype=torch.uint8, device=context.device)
     to_device = median_seconds(lambda: device.copy_(host, non_blocking=True), 5, context.device)
     to_host = median_seconds(lambda: host.copy_(device, non_blocking=True), 5, context.device)
@@ -143,8 +143,12 @@ def out_of_core(context, operands: Operands, precision: str, setup: str, bandwid
     error = operands.error(result[0])
     del result
     engine.close()
+    devices = engine.devices
+    del engine  # its device buffers go before the next configuration's
+    if context.device.type == "cuda":
+        torch.cuda.empty_cache()
     row = context.record.row(
-        kind="accel.gemm", n=n, precision=precision, setup=setup, devices=engine.devices, memory_limit=limit,
+        kind="accel.gemm", n=n, precision=precision, setup=setup, devices=devices, memory_limit=limit,
         seconds=seconds, tflops=2 * n ** 3 / seconds / 1e12, in_core_seconds=operands.in_core[precision],
         ratio_vs_in_core=operands.in_core[precision] / seconds, traffic_ratio=stats.traffic_ratio,
         bytes_moved=stats.bytes_to_device + stats.bytes_to_host, lower_bound_bytes=stats.lower_bound_bytes,
@@ -231,7 +235,7 @@ def run(context) -> None:
         context.record.note("dry run: cuBLAS-XT imported, not run (no GPU)")
     sizes = DRY_SIZES if context.dry_run else SIZES
     problems = {}
-    for n in sizes:  # the headline first: one worker against in-core and cuBLAS-XT, every size
+    for n in sizes:  # the headline first: one worker against in-core, every size and precision
         if context.left() < (5 if context.dry_run else 30):
             context.record.note(f"skipped N={n} and larger: {context.left():.0f} s left")
             break
@@ -239,20 +243,22 @@ def run(context) -> None:
         context.record.set(f"in_core_seconds_{n}", operands.in_core)
         for precision, *_ in PRECISIONS:
             out_of_core(context, operands, precision, "one", bandwidths, failures)
-        if module is not None and not context.dry_run:
-            try:
-                best = cublasxt(context, operands, module, failures)
-            except Exception as error:  # noqa: BLE001 - reported, and the engine's runs go on
-                failures.append(f"cuBLAS-XT N={n}: {type(error).__name__}: {error}")
-                best = None
-            if best is not None:
-                context.record.set(f"cublasxt_best_{n}", best)
     for n, operands in problems.items():
         for precision, *_ in PRECISIONS:
             out_of_core(context, operands, precision, "two_on_one_gpu", bandwidths, failures)
     if problems:
-        smallest = problems[min(problems)]
-        out_of_core(context, smallest, "fp32", "gpu_cpu", bandwidths, failures)
+        out_of_core(context, problems[min(problems)], "fp32", "gpu_cpu", bandwidths, failures)
+    # cuBLAS-XT last: a crash inside it (ctypes) would end this process, and the rows above are already written
+    for n, operands in problems.items():
+        if module is None or context.dry_run:
+            break
+        try:
+            best = cublasxt(context, operands, module, failures)
+        except Exception as error:  # noqa: BLE001 - reported with the others
+            failures.append(f"cuBLAS-XT N={n}: {type(error).__name__}: {error}")
+            best = None
+        if best is not None:
+            context.record.set(f"cublasxt_best_{n}", best)
     if failures:
         raise RuntimeError("; ".join(failures))
 
@@ -261,7 +267,8 @@ def table_rows(record: dict):
     rows = []
     bandwidths = record["results"].get("bandwidth")
     if bandwidths:
-        rows.append((f"pinned copy of {bandwidths['bytes'] / 2 ** 30:g} GiB, host->device / device->host",
+        rows.append((f"{'pinned ' if bandwidths['pinned'] else ''}copy of {bandwidths['bytes'] >> 20} MiB, "
+                     "host->device / device->host",
                      f"{bandwidths['host_to_device_gb_s']:.1f} / {bandwidths['device_to_host_gb_s']:.1f} GB/s", "", ""))
     accel = {(row["n"], row["precision"], row["setup"]): row for row in record["rows"] if row["kind"] == "accel.gemm"}
     for row in record["rows"]:

@@ -1,5 +1,5 @@
 """Planted parts for the dry run: one that fails, one that hangs past its budget. The runner must report
-the first as failed, stop the second at its budget with what it had recorded, and run the parts after them."""
+the first as failed, stop the second at its budget, and run the parts after them."""
 from __future__ import annotations
 
 import time
