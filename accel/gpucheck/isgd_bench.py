@@ -25,6 +25,16 @@ def _mlp(width: int, layers: int, device) -> nn.Module:
     return nn.Sequential(*blocks, nn.Linear(width, 10)).to(device)
 
 
+def _closure(model, optimizer, loss_fn, x, y):
+    """The ``step(closure)`` argument: zero the gradients, forward, backward, return the loss."""
+    def closure():
+        optimizer.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        return loss
+    return closure
+
+
 def overhead(context, name: str, width: int, layers: int, batch: int) -> dict:
     device = context.device
     blocks, steps = (3, 5) if context.dry_run else (9, 50)
@@ -46,14 +56,7 @@ def overhead(context, name: str, width: int, layers: int, batch: int) -> dict:
             synchronize()
             start = time.perf_counter()
             for step in range(steps):
-                x, y = data[step % BATCHES]
-
-                def closure():
-                    optimizer.zero_grad()
-                    loss = loss_fn(model(x), y)
-                    loss.backward()
-                    return loss
-                optimizer.step(closure)
+                optimizer.step(_closure(model, optimizer, loss_fn, *data[step % BATCHES]))
             synchronize()
             if block:
                 times[kind].append((time.perf_counter() - start) / steps)
