@@ -96,9 +96,19 @@ def test_arguments_are_checked():
     args = parser.parse_args(["gpucheck", "--out", "x", "--parts", "gemm,bt", "--budget", "gemm=30"])
     assert args.parts == ["gemm", "bt"] and args.budget == [("gemm", 30.0)]
     assert parser.parse_args(["gpucheck", "--out", "x"]).parts == list(PARTS)
-    for bad in (["--parts", "gemm,tpu"], ["--budget", "gemm=-1"], ["--budget", "gemm"], ["--budget", "tpu=3"], []):
+    for bad in (["--parts", "gemm,tpu"], ["--budget", "gemm=-1"], ["--budget", "gemm"], ["--budget", "tpu=3"],
+                ["--total-budget", "0"], []):
         with pytest.raises(SystemExit):
             parser.parse_args(["gpucheck", *(["--out", "x"] if bad else []), *bad])
+
+
+def test_parts_beyond_the_total_budget_are_not_run_and_fail_the_run(tmp_path):
+    result = procs.run([sys.executable, "-m", "accel", "gpucheck", "--out", str(tmp_path), "--parts", "isgd,bt",
+                        "--total-budget", "1"], timeout=120)
+    assert result.returncode == 1, result.stdout
+    table = (tmp_path / "gpucheck_dryrun.md").read_text()
+    assert "| isgd | NOT RUN |" in table and "| bt | NOT RUN |" in table
+    assert "isgd not started" in result.stdout and not (tmp_path / "isgd_dryrun.json").exists()
 
 
 @pytest.mark.parametrize("name,slug", [("NVIDIA H200", "h200"), ("NVIDIA H100 80GB HBM3", "h100"),

@@ -28,6 +28,7 @@ def run(context) -> None:
     command = [sys.executable, "-m", "pytest", "-m", "cuda", "-p", "accel.gpucheck.pytest_gpu_tests",
                "-p", "no:cacheprovider", "-q", "-rfEs", f"--junitxml={report}",
                "-o", "timeout=30",  # pytest-timeout (on the GPU machine): a hung test fails, the report is written
+               "-o", "junit_logging=system-out",  # what GPU tests print (measured limits, probes) goes in the record
                str(tests)]
     context.record.set("command", " ".join(command[1:]))
     try:
@@ -43,8 +44,10 @@ def run(context) -> None:
     tests_run = []
     for case in cases:
         outcome, message = _outcome(case)
+        printed = (case.findtext("system-out") or "").strip()
         tests_run.append({"test": f"{case.get('classname')}::{case.get('name')}", "outcome": outcome,
-                          "seconds": float(case.get("time") or 0), "message": message[:300]})
+                          "seconds": float(case.get("time") or 0), "message": message[:300],
+                          **({"printed": printed[-2000:]} if printed else {})})
     counts = {name: sum(test["outcome"] == name for test in tests_run)
               for name in ("passed", "failed", "error", "skipped")}
     context.record.set("exit_code", exit_code)
