@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import torch
 
-from accel.gpucheck.record import environment, gpu_slug, read_json
+from accel.gpucheck.record import DRY_RUN_NAME, environment, gpu_slug, read_json
 from accel.gpucheck.runner import KILL_GRACE_S, Outcome, run_part
 from accel.gpucheck.table import markdown_table
 
@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     dry_run = args.dry_run or not torch.cuda.is_available()
     env = environment(dry_run)
-    slug = gpu_slug(env["gpu_name"])
+    slug = DRY_RUN_NAME if dry_run else gpu_slug(env["gpu_name"] or "unknown gpu")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     budgets = dict(args.budget)

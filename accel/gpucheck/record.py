@@ -67,11 +67,14 @@ def _package_version(name: str) -> str | None:
 def environment(dry_run: bool) -> dict:
     """The machine a record was made on: GPU name, driver, CUDA, torch and the rest."""
     gpu = None
-    if not dry_run and torch.cuda.is_available():
-        properties = torch.cuda.get_device_properties(0)
-        gpu = {"name": properties.name, "memory_gib": round(properties.total_memory / 2 ** 30, 1),
-               "multiprocessors": properties.multi_processor_count,
-               "capability": f"{properties.major}.{properties.minor}", "count": torch.cuda.device_count()}
+    if not dry_run:
+        try:
+            properties = torch.cuda.get_device_properties(0)
+            gpu = {"name": properties.name, "memory_gib": round(properties.total_memory / 2 ** 30, 1),
+                   "multiprocessors": properties.multi_processor_count,
+                   "capability": f"{properties.major}.{properties.minor}", "count": torch.cuda.device_count()}
+        except Exception as error:  # noqa: BLE001 - a broken CUDA setup is reported by the parts, not hidden
+            gpu = {"name": None, "error": f"{type(error).__name__}: {error}"}
     cupy = next((version for name in ("cupy-cuda13x", "cupy-cuda12x", "cupy") if (version := _package_version(name))),
                 None)
     return {
@@ -80,7 +83,7 @@ def environment(dry_run: bool) -> dict:
         "gpu_name": gpu["name"] if gpu else None,
         "driver": _driver_version() if gpu else None,
         "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if gpu else None,
+        "cudnn": torch.backends.cudnn.version() if gpu and gpu["name"] else None,
         "torch": torch.__version__,
         "cupy": cupy,
         "accel": __version__,
