@@ -104,7 +104,7 @@ def test_arguments_are_checked():
 
 def test_parts_beyond_the_total_budget_are_not_run_and_fail_the_run(tmp_path):
     result = procs.run([sys.executable, "-m", "accel", "gpucheck", "--out", str(tmp_path), "--parts", "isgd,bt",
-                        "--total-budget", "1"], timeout=120)
+                        "--total-budget", "1", "--dry-run"], timeout=120)
     assert result.returncode == 1, result.stdout
     table = (tmp_path / "gpucheck_dryrun.md").read_text()
     assert "| isgd | NOT RUN |" in table and "| bt | NOT RUN |" in table
@@ -166,10 +166,11 @@ def test_imports_without_the_packages_the_gpu_machine_lacks():
 
 @pytest.mark.slow
 def test_dry_run(tmp_path):
-    """The whole command without a GPU: every part's stand-in, its files and table, exit 0."""
+    """The whole command without a GPU: every part's stand-in, its files and table, exit 0. (``--dry-run``
+    changes nothing here; on a GPU machine it keeps this test a dry run.)"""
     out, results = tmp_path / "out", tmp_path / "results"
-    result = procs.run([sys.executable, "-m", "accel", "gpucheck", "--out", str(out), "--results", str(results)],
-                       timeout=280)
+    result = procs.run([sys.executable, "-m", "accel", "gpucheck", "--out", str(out), "--results", str(results),
+                        "--dry-run"], timeout=280)
     output = procs.check(result)
     assert "DRY RUN, no GPU measured" in output.splitlines()[0]
     assert "DRY RUN: no GPU was measured" in output

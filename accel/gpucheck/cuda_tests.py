@@ -3,6 +3,7 @@ included), one entry per test in the record. On a dry run the same selection run
 of those tests must skip: that checks the selection finds them."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import xml.etree.ElementTree as ElementTree
@@ -32,8 +33,10 @@ def run(context) -> None:
                str(tests)]
     context.record.set("command", " ".join(command[1:]))
     try:
+        # a dry run hides any GPU (--dry-run on a GPU machine): the selected tests must then skip
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""} if context.dry_run else None
         result = subprocess.run(command, cwd=REPO, timeout=max(context.left() - 5, 1), text=True,
-                                stdout=sys.stdout, stderr=subprocess.STDOUT)
+                                stdout=sys.stdout, stderr=subprocess.STDOUT, env=env)
         exit_code = result.returncode
     except subprocess.TimeoutExpired:
         exit_code = None
