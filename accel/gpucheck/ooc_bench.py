@@ -72,14 +72,12 @@ class Operands:
             exact = a @ b
         self.exact_rows = exact[self.rows.to(self.device)]
         self.scale = exact.abs().max().item()
-        self.in_core = {}
-        for name, dtype, _ in PRECISIONS:
-            x, y = a.to(dtype), b.to(dtype)
-            with _tf32(name == "tf32"):
-                self.in_core[name] = median_seconds(lambda: torch.matmul(x, y), 2 if n > 20000 else 3, self.device)
-        del a, b, exact, x, y
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        self.in_core = {name: self._in_core_seconds(a.to(dtype), b.to(dtype), name) for name, dtype, _ in PRECISIONS}
+
+    def _in_core_seconds(self, a: torch.Tensor, b: torch.Tensor, precision: str) -> float:
+        """``torch.matmul`` on the device-resident operands."""
+        with _tf32(precision == "tf32"):
+            return median_seconds(lambda: torch.matmul(a, b), 2 if self.n > 20000 else 3, self.device)
 
     def _to_host(self, x: torch.Tensor) -> torch.Tensor:
         if self.dry_run:
@@ -121,6 +119,22 @@ def _fits(context, seconds_each: float, runs: int, what: str) -> bool:
     return False
 
 
+def _time_engine(context, operands: Operands, devices, limit: int, dtype, compute, repeats: int):
+    """(median seconds, the last call's stats, its error, the workers' names) of ``accel.gemm`` on a new engine."""
+    engine = Engine(_device_names(devices, context.dry_run), memory_limit=limit, persist_cache=False)
+    A, B = operands.host[dtype]
+    result = [None]  # only the latest product is kept (4 GiB each at N = 32768 fp32)
+
+    def product():
+        result[0] = None
+        result[0] = engine.gemm(A, B, compute_dtype=compute)
+
+    seconds = median_seconds(product, repeats, context.device)
+    error = operands.error(result[0])
+    engine.close()
+    return seconds, engine.stats, error, engine.devices
+
+
 def out_of_core(context, operands: Operands, precision: str, setup: str, bandwidths: dict, failures: list) -> dict | None:
     """Time ``accel.gemm`` on the host operands with the memory limited to a quarter of the problem."""
     name, dtype, compute = next(p for p in PRECISIONS if p[0] == precision)
@@ -131,21 +145,8 @@ def out_of_core(context, operands: Operands, precision: str, setup: str, bandwid
     estimate = max(operands.in_core[precision], 3 * lower_bound / (bandwidths["host_to_device_gb_s"] * 1e9))
     if not _fits(context, estimate, repeats + 1, f"N={n} {precision} {setup}"):
         return None
-    engine = Engine(_device_names(SETUPS[setup], context.dry_run), memory_limit=limit, persist_cache=False)
-    result = [None]  # only the latest product is kept (4 GiB each at N = 32768 fp32)
-
-    def product():
-        result[0] = None
-        result[0] = engine.gemm(A, B, compute_dtype=compute)
-
-    seconds = median_seconds(product, repeats, context.device)
-    stats = engine.stats
-    error = operands.error(result[0])
-    del result
-    engine.close()
-    devices = engine.devices
-    del engine  # its device buffers go before the next configuration's
-    if context.device.type == "cuda":
+    seconds, stats, error, devices = _time_engine(context, operands, SETUPS[setup], limit, dtype, compute, repeats)
+    if context.device.type == "cuda":  # the engine's device buffers go before the next configuration's
         torch.cuda.empty_cache()
     row = context.record.row(
         kind="accel.gemm", n=n, precision=precision, setup=setup, devices=devices, memory_limit=limit,
