@@ -136,6 +136,27 @@ def test_table_states_failures_and_dry_runs():
     assert seconds_text(1.234) == "1.23 s" and seconds_text(0.0123) == "12.3 ms"
 
 
+def test_gemm_rows_of_a_gpu_record():
+    """The rows only a GPU run produces (pinned bandwidth, cuBLAS-XT), from a record shaped like one."""
+    from accel.gpucheck import ooc_bench
+
+    accel_row = dict(kind="accel.gemm", n=16384, precision="fp32", setup="one", seconds=0.5, tflops=17.6,
+                     traffic_ratio=1.4, correct=True, in_core_seconds=0.2, ratio_vs_in_core=0.4)
+    xt_row = dict(kind="cublasxt", n=16384, precision="fp32", block_dim=8192, seconds=1.0, correct=True)
+    record = {"results": {"bandwidth": {"bytes": 1 << 30, "host_to_device_gb_s": 51.2, "device_to_host_gb_s": 49.0,
+                                        "pinned": True}, "cublasxt_best_16384": xt_row},
+              "rows": [accel_row, {**accel_row, "setup": "gpu_cpu", "correct": False}, xt_row]}
+    rows = ooc_bench.table_rows(record)
+    assert rows[0] == ("pinned copy of 1024 MiB, host->device / device->host", "51.2 / 49.0 GB/s", "", "")
+    assert rows[1][1:] == ("500 ms, 17.6 TFLOP/s, traffic 1.40x 2mnk/sqrt(M)", "in-core torch.matmul 200 ms",
+                           "0.40 of in-core speed")
+    assert "GPU + CPU workers" in rows[2][0] and rows[2][1].endswith("WRONG RESULT")
+    assert rows[3] == ("accel.gemm vs cuBLAS-XT N=16384 fp32 (XT block 8192), 1 GPU", "500 ms", "cuBLAS-XT 1.00 s",
+                       "2.00x faster")
+    module = ooc_bench.load_cublasxt()  # experiments/baselines/cublasxt.py, with the fallback search
+    assert callable(module.load_libcublas) and hasattr(module, "CublasXt")
+
+
 def test_gpu_tests_are_selected(tmp_path):
     """``-m cuda`` with gpucheck's plugin picks every test skipped without a GPU, and nothing else."""
     command = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-m", "cuda",
