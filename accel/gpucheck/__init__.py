@@ -62,27 +62,21 @@ SELF_CHECKS: dict[str, Part] = {
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _seconds(text: str, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what} must be a number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{what} must be a positive number of seconds, got {value}")
+    return value
+
+
 def _budget(text: str) -> tuple[str, float]:
     name, _, seconds = text.partition("=")
     if name not in PARTS or not seconds:
         raise argparse.ArgumentTypeError(f"expected PART=SECONDS with PART one of {', '.join(PARTS)}, got {text!r}")
-    try:
-        value = float(seconds)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"budget for {name} must be a number of seconds, got {seconds!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"budget for {name} must be positive, got {value}")
-    return name, value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {value}")
-    return value
+    return name, _seconds(seconds, f"the budget for {name}")
 
 
 def _parts(text: str) -> list[str]:
@@ -99,7 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated subset of {','.join(PARTS)} (default: all)")
     parser.add_argument("--budget", type=_budget, action="append", default=[], metavar="PART=SECONDS",
                         help="override one part's time budget (repeatable)")
-    parser.add_argument("--total-budget", type=_seconds, default=None,
+    parser.add_argument("--total-budget", type=lambda text: _seconds(text, "the total budget"), default=None,
                         help=f"seconds for the whole run; a part gets at most what is left (default "
                              f"{TOTAL_BUDGET_S:.0f}, {DRY_TOTAL_BUDGET_S:.0f} on a dry run)")
     parser.add_argument("--dry-run", action="store_true",
