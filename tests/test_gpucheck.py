@@ -130,7 +130,8 @@ def test_table_states_failures_and_dry_runs():
     assert lines[0].startswith("**DRY RUN: no GPU was measured.**")
     assert "| runner self-check | ok | self-check passed |" in table
     assert "| isgd | TIMED OUT | timed out after 9 s: stopped at its budget of 9 s |" in table
-    assert "| isgd | TIMED OUT | ISGD step, nothing chased, small MLP (width 8, batch 4) | 2 ms | SGD 1 ms | +100.0%" in table
+    assert ("| isgd | TIMED OUT | ISGD step, nothing chased, small MLP (width 8, batch 4) | 2 ms | SGD 1 ms "
+            "| +100.0%") in table
     assert "| demo | NOT RUN |" in table
     assert speed_text(2.5) == "2.50x faster" and speed_text(0.5) == "2.00x slower"
     assert seconds_text(1.234) == "1.23 s" and seconds_text(0.0123) == "12.3 ms"

@@ -91,7 +91,8 @@ def linear(context, setting: dict, batch: int, failures: list) -> None:
                                  out_features=out_features, seconds=times[path], dense_seconds=times["nn.Linear"],
                                  speedup=times["nn.Linear"] / times[path], uses_dense=layers[path].uses_dense(batch),
                                  error_against_einsum=errors_against_einsum[path],
-                                 parameters=layers[path].num_weight_parameters, dense_parameters=in_features * out_features)
+                                 parameters=layers[path].num_weight_parameters,
+                                 dense_parameters=in_features * out_features)
         print(f"  BTLinear batch {batch} {path}: {1e3 * row['seconds']:.3f} ms vs nn.Linear "
               f"{1e3 * row['dense_seconds']:.3f} ms ({row['speedup']:.2f}x), error {row['error_against_einsum']:.1e}",
               flush=True)
@@ -144,7 +145,7 @@ def run(context) -> None:
 def table_rows(record: dict):
     rows = []
     setting = record["results"].get("setting", {})
-    shape = "x".join(map(str, setting.get("in_shape", ()))) + " -> " + "x".join(map(str, setting.get("hidden_shape", ())))
+    shape = " -> ".join("x".join(map(str, setting.get(key, ()))) for key in ("in_shape", "hidden_shape"))
     for row in record["rows"]:
         if row["kind"] == "BTLinear":
             what = f"BTLinear {shape} (x4 gates), batch {row['batch']}, fwd+bwd, path {row['path']}"

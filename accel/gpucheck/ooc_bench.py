@@ -135,7 +135,8 @@ def _time_engine(context, operands: Operands, devices, limit: int, dtype, comput
     return seconds, engine.stats, error, engine.devices
 
 
-def out_of_core(context, operands: Operands, precision: str, setup: str, bandwidths: dict, failures: list) -> dict | None:
+def out_of_core(context, operands: Operands, precision: str, setup: str, bandwidths: dict,
+                failures: list) -> dict | None:
     """Time ``accel.gemm`` on the host operands with the memory limited to a quarter of the problem."""
     name, dtype, compute = next(p for p in PRECISIONS if p[0] == precision)
     n, repeats = operands.n, _repeats(operands.n, context.dry_run)
@@ -162,7 +163,8 @@ def out_of_core(context, operands: Operands, precision: str, setup: str, bandwid
           f"{operands.in_core[precision]:.3f} s, ratio {row['ratio_vs_in_core']:.3f}, traffic "
           f"{row['traffic_ratio']:.2f}x 2mnk/sqrt(M), error {error:.1e}", flush=True)
     if not row["correct"]:
-        failures.append(f"accel.gemm N={n} {precision} {setup}: relative error {error:.1e} > {TOLERANCE[precision]:.0e}")
+        failures.append(f"accel.gemm N={n} {precision} {setup}: relative error {error:.1e} "
+                        f"> {TOLERANCE[precision]:.0e}")
     return row
 
 
