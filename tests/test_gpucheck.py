@@ -158,6 +158,27 @@ def test_gemm_rows_of_a_gpu_record():
     assert callable(module.load_libcublas) and hasattr(module, "CublasXt")
 
 
+def test_float32_precision_switches_and_restores():
+    """TF32 set through the switch the engine uses (torch >= 2.9: fp32_precision; mixing in the legacy
+    allow_tf32 then raises), and put back as found, also after an error."""
+    import torch
+
+    from accel.gpucheck.record import float32_precision
+
+    switch = torch.backends.cuda.matmul
+    name = "fp32_precision" if hasattr(switch, "fp32_precision") else "allow_tf32"
+    on, off = ("tf32", "ieee") if name == "fp32_precision" else (True, False)
+    before = getattr(switch, name)
+    with pytest.raises(KeyError):
+        with float32_precision(True, cudnn=True):
+            assert getattr(switch, name) == on
+            with float32_precision(False):
+                assert getattr(switch, name) == off
+            assert getattr(switch, name) == on
+            raise KeyError("inside")
+    assert getattr(switch, name) == before
+
+
 def test_gpu_tests_are_selected(tmp_path):
     """``-m cuda`` with gpucheck's plugin picks every test skipped without a GPU, and nothing else."""
     command = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-m", "cuda",

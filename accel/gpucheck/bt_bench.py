@@ -10,7 +10,7 @@ import copy
 import torch
 from torch import nn
 
-from accel.gpucheck.record import interleaved_seconds
+from accel.gpucheck.record import float32_precision, interleaved_seconds
 from accel.gpucheck.table import seconds_text, speed_text
 from accel.nn import BTLSTM, BTLinear
 
@@ -41,17 +41,6 @@ def _step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor):
 
 def _weight_grads(layer: BTLinear) -> list[torch.Tensor]:
     return [layer.core.grad, *(factor.grad for factor in layer.factors)]
-
-
-class _exact_float32:
-    """TF32 off for the checks and the timings (the layers are compared in true fp32)."""
-
-    def __enter__(self):
-        self.previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-
-    def __exit__(self, *exc):
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.previous
 
 
 def linear(context, setting: dict, batch: int, failures: list) -> None:
@@ -134,7 +123,7 @@ def run(context) -> None:
     setting = STAND_IN if context.dry_run else UCF11
     context.record.set("setting", {**setting, "gates_out_shape": _gates_shape(setting["hidden_shape"])})
     failures: list[str] = []
-    with _exact_float32():
+    with float32_precision(tf32=False, cudnn=True):  # the layers are compared and timed in true fp32
         for batch in DRY_LINEAR_BATCHES if context.dry_run else LINEAR_BATCHES:
             linear(context, setting, batch, failures)
         lstm(context, setting, failures)

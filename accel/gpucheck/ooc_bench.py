@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from accel.gpucheck.record import median_seconds
+from accel.gpucheck.record import float32_precision, median_seconds
 from accel.gpucheck.table import seconds_text, speed_text
 from accel.ooc import Engine
 
@@ -68,7 +68,7 @@ class Operands:
             self.host[dtype] = tuple(self._to_host(x.to(dtype)) for x in (a, b))
         offset = int(torch.randint(0, max(n // CHECKED_ROWS, 1), ()))
         self.rows = torch.arange(offset, n, max(n // CHECKED_ROWS, 1))[:CHECKED_ROWS]
-        with _tf32(False):
+        with float32_precision(False):
             exact = a @ b
         self.exact_rows = exact[self.rows.to(self.device)]
         self.scale = exact.abs().max().item()
@@ -76,7 +76,7 @@ class Operands:
 
     def _in_core_seconds(self, a: torch.Tensor, b: torch.Tensor, precision: str) -> float:
         """``torch.matmul`` on the device-resident operands."""
-        with _tf32(precision == "tf32"):
+        with float32_precision(precision == "tf32"):
             return median_seconds(lambda: torch.matmul(a, b), 2 if self.n > 20000 else 3, self.device)
 
     def _to_host(self, x: torch.Tensor) -> torch.Tensor:
@@ -94,18 +94,6 @@ class Operands:
     def memory_limit(self, dtype: torch.dtype) -> int:
         """A quarter of the problem's bytes (A, B and C)."""
         return 3 * self.n * self.n * torch.empty((), dtype=dtype).element_size() // 4
-
-
-class _tf32:
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-
-    def __enter__(self):
-        self.previous = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = self.enabled
-
-    def __exit__(self, *exc):
-        torch.backends.cuda.matmul.allow_tf32 = self.previous
 
 
 def _repeats(n: int, dry_run: bool) -> int:

@@ -6,6 +6,7 @@ leaves everything it measured behind.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -178,3 +179,20 @@ def interleaved_seconds(functions: dict[str, Callable[[], object]], repeats: int
             synchronize()
             samples[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+@contextlib.contextmanager
+def float32_precision(tf32: bool, cudnn: bool = False):
+    """TF32 on or off for CUDA matmuls (and cuDNN's convolutions and RNNs with ``cudnn``), put back as found
+    afterwards. torch >= 2.9 has ``fp32_precision``, and reading the legacy ``allow_tf32`` after the new switch
+    was set raises ("mix of the legacy and new APIs"); the engine uses the new one, so this must too."""
+    saved = []
+    try:
+        for switch in (torch.backends.cuda.matmul, *((torch.backends.cudnn,) if cudnn else ())):
+            name = "fp32_precision" if hasattr(switch, "fp32_precision") else "allow_tf32"
+            saved.append((switch, name, getattr(switch, name)))
+            setattr(switch, name, ("tf32" if tf32 else "ieee") if name == "fp32_precision" else tf32)
+        yield
+    finally:
+        for switch, name, value in reversed(saved):
+            setattr(switch, name, value)
