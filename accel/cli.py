@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from accel import __version__
-from accel import demo, distributed
+from accel import demo, distributed, gpucheck
 
 
 class Command(NamedTuple):
@@ -198,6 +198,8 @@ COMMANDS: dict[str, Command] = {
                      _check_arguments, run_check),
     "demo": Command("train a BT-LSTM + out-of-core head with ISGD, data-parallel under any launcher",
                     demo.add_arguments, demo.run),
+    "gpucheck": Command("measure every GPU path in parts with time budgets (a dry run without a GPU)",
+                        gpucheck.add_arguments, gpucheck.run),
     # "bench": a later command; the same three parts plug in here.
 }
 
