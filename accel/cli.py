@@ -31,7 +31,8 @@ class Command(NamedTuple):
 
 # ------------------------------------------------------------------------------------- info
 
-_PACKAGES = ("numpy", "tensorly", "opt_einsum", "mpi4py", "mpich", "cupy-cuda12x", "triton", "matplotlib")
+_PACKAGES = ("numpy", "tensorly", "opt_einsum", "mpi4py", "mpich", "cupy-cuda13x", "cupy-cuda12x", "triton",
+             "matplotlib", "lightning", "accelerate")
 _EXECUTABLES = ("torchrun", "srun", "sbatch", "mpiexec", "mpirun")
 
 
