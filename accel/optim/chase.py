@@ -152,7 +152,7 @@ class ChaseEngine:
         loss = self._evaluate(closure)
         finite_grads = unscale_and_check(scaler, optimizer) if scaler is not None else True
         stack.after_regular_pass()
-        self.last_loss = loss
+        self.last_loss = loss.detach() if isinstance(loss, Tensor) else loss  # never keep the graph alive
         value = sign * self.global_loss(loss)  # what the chart watches: always "lower is better"
         self.counters["batches"] += 1
         center, limit, warm = self.chart.center, self.chart.limit, self.chart.warm
