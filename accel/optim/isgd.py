@@ -184,21 +184,27 @@ class ISGD(SGD):
         return self._chase.step(closure, self, self._regular_update, self._chase_update, grad_scaler)
 
     def _regular_update(self) -> None:
+        if self.defaults["differentiable"]:  # step() runs under no_grad; SGD's differentiable step does not
+            with torch.enable_grad():
+                self._sgd_step()
+        else:
+            self._sgd_step()
+
+    def _sgd_step(self) -> None:
         # torch.optim.SGD.step's body (torch 2.x): same _init_group, same functional kernel, same state layout
-        with torch.set_grad_enabled(self.defaults["differentiable"]):
-            for group in self.param_groups:
-                params: list[Tensor] = []
-                grads: list[Tensor] = []
-                momentum_buffer_list: list[Tensor | None] = []
-                has_sparse_grad = self._init_group(group, params, grads, momentum_buffer_list)
-                sgd(params, grads, momentum_buffer_list, weight_decay=group["weight_decay"],
-                    momentum=group["momentum"], lr=group["lr"], dampening=group["dampening"],
-                    nesterov=group["nesterov"], maximize=group["maximize"], has_sparse_grad=has_sparse_grad,
-                    foreach=group["foreach"], fused=group["fused"], grad_scale=getattr(self, "grad_scale", None),
-                    found_inf=getattr(self, "found_inf", None))
-                if group["momentum"] != 0:
-                    for p, momentum_buffer in zip(params, momentum_buffer_list):
-                        self.state[p]["momentum_buffer"] = momentum_buffer
+        for group in self.param_groups:
+            params: list[Tensor] = []
+            grads: list[Tensor] = []
+            momentum_buffer_list: list[Tensor | None] = []
+            has_sparse_grad = self._init_group(group, params, grads, momentum_buffer_list)
+            sgd(params, grads, momentum_buffer_list, weight_decay=group["weight_decay"],
+                momentum=group["momentum"], lr=group["lr"], dampening=group["dampening"],
+                nesterov=group["nesterov"], maximize=group["maximize"], has_sparse_grad=has_sparse_grad,
+                foreach=group["foreach"], fused=group["fused"], grad_scale=getattr(self, "grad_scale", None),
+                found_inf=getattr(self, "found_inf", None))
+            if group["momentum"] != 0:
+                for p, momentum_buffer in zip(params, momentum_buffer_list):
+                    self.state[p]["momentum_buffer"] = momentum_buffer
 
     def _chase_update(self) -> None:
         # p.grad holds the subproblem gradient with the group's sign folded in (see ChaseEngine)

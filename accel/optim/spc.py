@@ -220,12 +220,14 @@ class ResidualChart:
         self._next_t = 0  # time of the next observation, relative to the current origin
         self._sums = [0.0] * 5  # sum t, sum y, sum t^2, sum t*y, sum y^2 over the window
         self._evictions_since_exact = 0
+        self._fitted: tuple[float, float, float] | None = None  # the fit of the current window, once asked for
 
     def observe(self, loss: float) -> None:
         """Append one loss (evicting the oldest when the window is full); non-finite losses raise ``ValueError``."""
         loss = float(loss)
         if not math.isfinite(loss):
             raise ValueError(f"ResidualChart.observe got a non-finite loss {loss}")
+        self._fitted = None
         if len(self._values) == self.window:
             oldest = self._values.popleft()
             self._evictions_since_exact += 1
@@ -254,6 +256,8 @@ class ResidualChart:
 
     def _fit(self) -> tuple[float, float, float]:
         """(prediction for the next loss, residual standard deviation, slope); nan with fewer than 3 losses."""
+        if self._fitted is not None:
+            return self._fitted
         n = len(self._values)
         if n < 3:
             return math.nan, math.nan, math.nan
@@ -262,7 +266,8 @@ class ResidualChart:
         slope = cty / ctt
         residual = max(cyy - slope * cty, 0.0)
         prediction = sy / n + slope * (self._next_t - st / n)
-        return prediction, math.sqrt(residual / (n - 2)), slope
+        self._fitted = (prediction, math.sqrt(residual / (n - 2)), slope)
+        return self._fitted
 
     def __len__(self) -> int:
         return len(self._values)
@@ -326,6 +331,7 @@ class ResidualChart:
         self._next_t = int(state_dict["next_t"])
         self._sums = [float(v) for v in state_dict["sums"]]
         self._evictions_since_exact = int(state_dict["evictions_since_exact"])
+        self._fitted = None
 
     def __repr__(self) -> str:
         return (f"ResidualChart(window={self.window}, sigma={self.sigma}, warmup={self.warmup}, count={len(self)}, "
