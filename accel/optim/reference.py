@@ -56,7 +56,7 @@ class ReferenceISGD(Optimizer):
         sign = -1.0 if self.param_groups[0]["maximize"] else 1.0
         with torch.enable_grad():
             loss = closure()
-        value = sign * float(loss)
+        value = sign * float(loss.detach() if isinstance(loss, torch.Tensor) else loss)
         if not math.isfinite(value):
             return loss
         recent = self.losses[-self.window:]
@@ -93,7 +93,8 @@ class ReferenceISGD(Optimizer):
         anchors = {p: p.clone() for p in params}
         for _ in range(self.max_chase):
             with torch.enable_grad():
-                current = sign * float(closure())
+                loss = closure()
+            current = sign * float(loss.detach() if isinstance(loss, torch.Tensor) else loss)
             self.extra_passes += 1
             if not math.isfinite(current) or current <= limit:
                 return
