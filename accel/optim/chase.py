@@ -25,6 +25,11 @@ __all__ = ["ChaseEngine", "NONFINITE_POLICIES", "CHASE_STEPS", "reduction_device
 
 NONFINITE_POLICIES = ("skip", "step", "raise")
 CHASE_STEPS = ("gradient", "polyak")
+CLOSURE_REQUIRED = (
+    "{name}.step() needs the closure: opt.step(closure), where closure() zeroes the grads, computes the loss, calls "
+    "loss.backward() and returns the loss (a chase re-evaluates the batch). With fp16 loss scaling use "
+    "opt.step(closure, grad_scaler=scaler) or accel.optim.ClosureGradScaler; under Lightning's 16-mixed, "
+    "Trainer(plugins=[accel.optim.lightning.ChaseMixedPrecision('16-mixed', device)])")
 
 
 def use_foreach(group: dict[str, Any], params: list[Tensor]) -> bool:
@@ -142,8 +147,7 @@ class ChaseEngine:
         makes no update, and the scale is updated between passes (the caller's ``update()`` takes the last one).
         """
         if closure is None:
-            raise RuntimeError("inconsistent training needs a closure: step(closure) where the closure zeroes the "
-                               "grads, computes the loss, calls loss.backward() and returns the loss")
+            raise RuntimeError(CLOSURE_REQUIRED.format(name=type(optimizer).__name__))
         param_groups = optimizer.param_groups
         stack = TrainingStack(closure, type(optimizer).__name__)
         stack.refuse_unsupported()

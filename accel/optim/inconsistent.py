@@ -6,7 +6,7 @@ from typing import Any, Callable
 import torch
 from torch.optim import Optimizer
 
-from accel.optim.chase import ChaseEngine
+from accel.optim.chase import CLOSURE_REQUIRED, ChaseEngine
 
 __all__ = ["Inconsistent"]
 
@@ -102,9 +102,7 @@ class Inconsistent(Optimizer):
             grad_scaler (torch.amp.GradScaler, optional): as in :meth:`ISGD.step <accel.optim.ISGD.step>`.
         """
         if closure is None:
-            raise RuntimeError("Inconsistent.step() needs the closure: opt.step(closure), where closure() zeroes "
-                               "the grads, computes the loss, calls loss.backward() and returns the loss; with a "
-                               "GradScaler use opt.step(closure, grad_scaler=scaler) or accel.optim.ClosureGradScaler")
+            raise RuntimeError(CLOSURE_REQUIRED.format(name=type(self).__name__))
         return self._chase.step(closure, self, self.optimizer.step, self.optimizer.step, grad_scaler)
 
     def state_dict(self) -> dict[str, Any]:

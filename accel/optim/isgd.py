@@ -8,7 +8,7 @@ from torch import Tensor
 from torch.optim import SGD
 from torch.optim.sgd import sgd
 
-from accel.optim.chase import ChaseEngine, group_sign, use_foreach
+from accel.optim.chase import CLOSURE_REQUIRED, ChaseEngine, group_sign, use_foreach
 
 __all__ = ["ISGD"]
 
@@ -174,13 +174,7 @@ class ISGD(SGD):
             The loss the closure returned on its first (regular) call.
         """
         if closure is None:
-            scaled = getattr(self, "grad_scale", None) is not None
-            raise RuntimeError(
-                "ISGD.step() needs the closure: opt.step(closure), where closure() zeroes the grads, computes the "
-                "loss, calls loss.backward() and returns the loss"
-                + ("; it was called by a GradScaler without one: use opt.step(closure, grad_scaler=scaler) or "
-                   "accel.optim.ClosureGradScaler, and under Lightning's 16-mixed "
-                   "accel.optim.lightning.ChaseMixedPrecision" if scaled else ""))
+            raise RuntimeError(CLOSURE_REQUIRED.format(name=type(self).__name__))
         return self._chase.step(closure, self, self._regular_update, self._chase_update, grad_scaler)
 
     def _regular_update(self) -> None:
