@@ -354,3 +354,16 @@ def test_inconsistent_around_plain_sgd_is_isgd(seed):
     clone = copy.deepcopy(isgd)
     assert repr(clone.stats) == repr(isgd.stats) and clone.chart.values == isgd.chart.values
     assert copy.deepcopy(wrapped).chart.values == wrapped.chart.values
+
+
+def test_loss_all_reduce_runs_on_the_group_device(monkeypatch):
+    """nccl reduces CUDA tensors only: a closure's Python float becomes a tensor on the current CUDA device there,
+    and stays on the CPU (or the loss tensor's own device) for gloo and mixed backends."""
+    from accel.optim.chase import reduction_device
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert reduction_device("nccl", 0.5) == torch.device("cuda", 3)
+    assert reduction_device("nccl", torch.tensor(0.5)) == torch.device("cuda", 3)
+    assert reduction_device("gloo", 0.5) == torch.device("cpu")
+    assert reduction_device("gloo", torch.tensor(0.5)) == torch.device("cpu")
+    assert reduction_device("cpu:gloo,cuda:nccl", 0.5) == torch.device("cpu")
+    assert reduction_device("gloo", torch.tensor(0.5, device="meta")) == torch.device("meta")
