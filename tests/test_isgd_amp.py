@@ -147,3 +147,13 @@ def test_closure_grad_scaler_step_and_errors(seed):
         isgd.step(lambda: nn.functional.mse_loss(model(x), y), grad_scaler=torch.amp.GradScaler("cpu"))
     with pytest.raises(TypeError, match="GradScaler"):
         isgd.step(lambda: 1.0, grad_scaler=object())
+
+
+def test_closure_grad_scaler_from_scaler_keeps_the_settings():
+    source = torch.amp.GradScaler("cpu", init_scale=2.0 ** 5, growth_factor=4.0, backoff_factor=0.25,
+                                  growth_interval=7)
+    copy = ClosureGradScaler.from_scaler(source)
+    assert isinstance(copy, ClosureGradScaler) and copy.is_enabled()
+    assert (copy.get_scale(), copy.get_growth_factor(), copy.get_backoff_factor(), copy.get_growth_interval()) == \
+        (2.0 ** 5, 4.0, 0.25, 7)
+    assert not ClosureGradScaler.from_scaler(torch.amp.GradScaler("cpu", enabled=False)).is_enabled()
