@@ -33,7 +33,7 @@ from torch import nn
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from accel.optim import ISGD, plot_control_chart  # noqa: E402
+from accel.optim import ISGD  # noqa: E402
 from accel.optim.spc import make_chart  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

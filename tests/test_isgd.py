@@ -24,6 +24,17 @@ def regression_batches(seed, *, epochs=4, n_batches=N_BATCHES, batch=16, dim=5, 
     return [(xs[i], ys[i]) for _ in range(epochs) for i in range(n_batches)]
 
 
+CHASING = ("isgd", "inconsistent-adamw")
+
+
+def chasing_optimizer(name, params, **settings):
+    """ISGD or Inconsistent(AdamW), set up to chase the hard batch of :func:`regression_batches`."""
+    settings = {"window": N_BATCHES, "max_chase": 3, **settings}
+    if name == "isgd":
+        return ISGD(params, lr=0.05, momentum=0.5, **settings)
+    return Inconsistent(torch.optim.AdamW(params, lr=3e-2), **settings)
+
+
 def mlp(seed, dim=5, hidden=8):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, 1))

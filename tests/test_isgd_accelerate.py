@@ -4,18 +4,13 @@ import pytest
 import torch
 from torch import nn
 
-from accel.optim import ISGD, ClosureGradScaler, Inconsistent, accumulating_closure
-from test_isgd import N_BATCHES, make_closure, mlp, regression_batches
+from accel.optim import ClosureGradScaler, accumulating_closure
+from test_isgd import CHASING, N_BATCHES, chasing_optimizer, make_closure, mlp, regression_batches
 
 accelerate = pytest.importorskip("accelerate")
 from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 
 EPOCHS = 3
-OPTIMIZERS = {
-    "isgd": lambda params: ISGD(params, lr=0.05, momentum=0.5, window=N_BATCHES, max_chase=3),
-    "inconsistent-adamw": lambda params: Inconsistent(torch.optim.AdamW(params, lr=3e-2), window=N_BATCHES,
-                                                      max_chase=3),
-}
 
 
 @pytest.fixture(autouse=True)
@@ -37,7 +32,7 @@ def prepared(name, seed, scaler=None, **accelerator_kwargs):
     if scaler is not None:
         accelerator.scaler = scaler  # before prepare: AcceleratedOptimizer and backward() take it from here
     model = mlp(seed)
-    optimizer = OPTIMIZERS[name](model.parameters())
+    optimizer = chasing_optimizer(name, model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
     return (accelerator, *accelerator.prepare(model, optimizer, scheduler))
 
@@ -61,7 +56,7 @@ def train(accelerator, model, optimizer, scheduler, batches, *, autocast=False):
     return first_losses
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("name", CHASING)
 def test_accelerate_trains_like_a_plain_loop(seed, name):
     batches = regression_batches(seed, epochs=EPOCHS)
     accelerator, model, optimizer, scheduler = prepared(name, seed)
@@ -70,7 +65,7 @@ def test_accelerate_trains_like_a_plain_loop(seed, name):
     assert stats["chased_batches"] > 0 and stats["batches"] == len(batches)
     assert scheduler.scheduler.last_epoch == len(batches)  # chases never advance it
     plain_model = mlp(seed)
-    plain = OPTIMIZERS[name](plain_model.parameters())
+    plain = chasing_optimizer(name, plain_model.parameters())
     plain_scheduler = torch.optim.lr_scheduler.LambdaLR(plain, decay)
     for x, y in batches:
         plain.step(make_closure(plain, plain_model, x, y))
@@ -80,7 +75,7 @@ def test_accelerate_trains_like_a_plain_loop(seed, name):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("name", CHASING)
 def test_accelerate_save_and_load_state_resume_bit_identically(seed, name, tmp_path):
     batches = regression_batches(seed, epochs=EPOCHS)
     half = len(batches) // 2 + 3
@@ -101,7 +96,7 @@ def test_accelerate_save_and_load_state_resume_bit_identically(seed, name, tmp_p
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("name", CHASING)
 def test_accelerate_gradient_accumulation_is_refused_at_the_first_step(seed, name):
     accelerator, model, optimizer, scheduler = prepared(name, seed, gradient_accumulation_steps=2)
     closure_calls = []
@@ -128,7 +123,7 @@ def test_accumulating_closure_under_accelerate_equals_one_large_batch(seed):
         optimizer.step(closure)
         scheduler.step()
     whole_model = mlp(seed)
-    whole = OPTIMIZERS["isgd"](whole_model.parameters())
+    whole = chasing_optimizer("isgd", whole_model.parameters())
     whole_scheduler = torch.optim.lr_scheduler.LambdaLR(whole, decay)
     for x, y in batches:
         whole.step(make_closure(whole, whole_model, x, y))
@@ -140,7 +135,7 @@ def test_accumulating_closure_under_accelerate_equals_one_large_batch(seed):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("name", CHASING)
 def test_accelerate_fp16_loss_scaling(seed, name):
     """accelerate builds no GradScaler on CPU (Accelerator.__init__ makes one only when device.type != "cpu"), so
     mixed_precision="fp16" is a no-op here. The scaler path it takes on GPUs is the same code on CPU once a scaler is

@@ -3,14 +3,9 @@ import pytest
 import torch
 from torch import nn
 
-from accel.optim import ISGD, ClosureGradScaler, Inconsistent
-from test_isgd import N_BATCHES, mlp, regression_batches
+from accel.optim import ISGD, ClosureGradScaler
+from test_isgd import CHASING, N_BATCHES, chasing_optimizer, mlp, regression_batches
 
-OPTIMIZERS = {
-    "isgd": lambda params: ISGD(params, lr=0.05, momentum=0.5, window=N_BATCHES, max_chase=5, history=True),
-    "inconsistent-adamw": lambda params: Inconsistent(torch.optim.AdamW(params, lr=3e-2), window=N_BATCHES,
-                                                      max_chase=5, history=True),
-}
 
 
 def scaled_train(optimizer, model, batches, scaler=None, *, autocast=False, poison=lambda step, call: False):
@@ -33,13 +28,14 @@ def scaled_train(optimizer, model, batches, scaler=None, *, autocast=False, pois
             scaler.update()
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("name", CHASING)
 def test_scaler_is_exact_when_nothing_overflows(seed, name):
     """Scaling by a power of two is exact: with a scale that grows every 3 passes, the run is bit-identical to the
     unscaled one, chases included, and the scale grew once per 3 passes (the scaler was updated after each pass)."""
     batches = regression_batches(seed)
     plain_model, scaled_model = mlp(seed), mlp(seed)
-    plain, scaled = OPTIMIZERS[name](plain_model.parameters()), OPTIMIZERS[name](scaled_model.parameters())
+    plain, scaled = (chasing_optimizer(name, model.parameters(), max_chase=5, history=True)
+                     for model in (plain_model, scaled_model))
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=3)
     scaled_train(plain, plain_model, batches)
     scaled_train(scaled, scaled_model, batches, scaler)
@@ -54,7 +50,7 @@ def test_scaler_is_exact_when_nothing_overflows(seed, name):
 def test_an_overflowed_regular_pass_skips_the_whole_step(seed):
     batches = regression_batches(seed)
     model = mlp(seed)
-    opt = OPTIMIZERS["isgd"](model.parameters())
+    opt = chasing_optimizer("isgd", model.parameters(), max_chase=5, history=True)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=10 ** 6)
     scaled_train(opt, model, batches[:N_BATCHES + 5], scaler)
     before = [p.detach().clone() for p in model.parameters()]
@@ -97,13 +93,13 @@ def test_an_overflowed_chase_pass_is_skipped_and_the_chase_goes_on(seed):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("name", CHASING)
 def test_fp16_autocast_with_dynamic_scaling(seed, name):
     """Real fp16 under autocast: an initial scale far too large overflows, backs off, then training and chasing
     proceed with finite fp32 weights and a falling loss."""
     batches = regression_batches(seed, epochs=5)
     model = mlp(seed)
-    opt = OPTIMIZERS[name](model.parameters())
+    opt = chasing_optimizer(name, model.parameters(), max_chase=5, history=True)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40)
     scaled_train(opt, model, batches, scaler, autocast=True)
     stats = opt.stats
@@ -119,7 +115,7 @@ def test_closure_grad_scaler_step_and_errors(seed):
     results = []
     for use_scaler_step in (False, True):
         model = mlp(seed)
-        opt = OPTIMIZERS["isgd"](model.parameters())
+        opt = chasing_optimizer("isgd", model.parameters(), max_chase=5, history=True)
         scaler = ClosureGradScaler("cpu", init_scale=2.0 ** 8)
         for x, y in batches:
             def closure():
@@ -142,7 +138,7 @@ def test_closure_grad_scaler_step_and_errors(seed):
     scaler.scale(nn.functional.mse_loss(model(x), y)).backward()
     scaler.step(sgd)  # no closure: GradScaler's own path
     scaler.update()
-    isgd = OPTIMIZERS["isgd"](model.parameters())
+    isgd = chasing_optimizer("isgd", model.parameters(), max_chase=5, history=True)
     with pytest.raises(RuntimeError, match="never scaled"):
         isgd.step(lambda: nn.functional.mse_loss(model(x), y), grad_scaler=torch.amp.GradScaler("cpu"))
     with pytest.raises(TypeError, match="GradScaler"):

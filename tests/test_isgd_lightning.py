@@ -4,18 +4,12 @@ import pytest
 import torch
 from torch import nn
 
-from accel.optim import ISGD, Inconsistent
-from test_isgd import N_BATCHES, make_closure, mlp, regression_batches
+from test_isgd import CHASING, N_BATCHES, chasing_optimizer, make_closure, mlp, regression_batches
 
 pl = pytest.importorskip("lightning.pytorch")
 from accel.optim.lightning import ChaseMixedPrecision  # noqa: E402
 
 EPOCHS = 3
-OPTIMIZERS = {
-    "isgd": lambda params: ISGD(params, lr=0.05, momentum=0.5, window=N_BATCHES, max_chase=3),
-    "inconsistent-adamw": lambda params: Inconsistent(torch.optim.AdamW(params, lr=3e-2), window=N_BATCHES,
-                                                      max_chase=3),
-}
 
 
 def decay(step):
@@ -46,7 +40,7 @@ class Regression(pl.LightningModule):
         self.hook_grad_norms.append(float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]))))
 
     def configure_optimizers(self):
-        optimizer = OPTIMIZERS[self.name](self.parameters())
+        optimizer = chasing_optimizer(self.name, self.parameters())
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -67,7 +61,7 @@ def first_passes(calls):
     return [firsts[step] for step in sorted(firsts)]
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("name", CHASING)
 def test_lightning_trains_like_a_plain_loop_and_reports_first_passes(seed, name):
     batches = regression_batches(seed, epochs=1)
     module = Regression(name, seed)
@@ -85,7 +79,7 @@ def test_lightning_trains_like_a_plain_loop_and_reports_first_passes(seed, name)
     assert scheduler.last_epoch == EPOCHS * N_BATCHES  # chases never advance it
     # the same optimizer and schedule in a plain loop: bit-identical weights
     plain_model = mlp(seed)
-    plain = OPTIMIZERS[name](plain_model.parameters())
+    plain = chasing_optimizer(name, plain_model.parameters())
     plain_scheduler = torch.optim.lr_scheduler.LambdaLR(plain, decay)
     for x, y in batches * EPOCHS:
         plain.step(make_closure(plain, plain_model, x, y))
@@ -95,7 +89,7 @@ def test_lightning_trains_like_a_plain_loop_and_reports_first_passes(seed, name)
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("name", CHASING)
 def test_lightning_checkpoint_resume_is_bit_identical(seed, name, tmp_path):
     batches = regression_batches(seed, epochs=1)
     straight = Regression(name, seed)
@@ -110,7 +104,7 @@ def test_lightning_checkpoint_resume_is_bit_identical(seed, name, tmp_path):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("name", CHASING)
 def test_lightning_gradient_accumulation_is_refused_at_the_first_step(seed, name):
     module = Regression(name, seed)
     with pytest.raises(RuntimeError, match="accumulate_grad_batches=2.*accumulating_closure"):
@@ -118,7 +112,7 @@ def test_lightning_gradient_accumulation_is_refused_at_the_first_step(seed, name
     assert len(module.calls) == 1  # the window's first micro-batch ran outside step(); step() refused the second
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("name", CHASING)
 def test_lightning_16_mixed_with_chase_mixed_precision(seed, name):
     """fp16 autocast and a GradScaler forced on CPU: an initial scale far too large overflows and backs off, chases
     run, every pass's grads reach on_before_optimizer_step unscaled, and the loss falls."""

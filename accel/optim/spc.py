@@ -12,7 +12,47 @@ from typing import Any
 __all__ = ["ControlChart", "ResidualChart", "CHARTS", "make_chart", "chart_from_state"]
 
 
-class ControlChart:
+class _WindowChart:
+    """What every chart shares: a FIFO window of losses, a warm-up, and the rule that fires."""
+
+    kind = ""
+    min_window = 2  # fewest losses the chart's statistics need
+
+    def _configure(self, window: int, sigma: float, warmup: int | None) -> None:
+        least, detail = self.min_window, "" if self.min_window == 2 else f" for the {self.kind} chart"
+        if isinstance(window, bool) or not isinstance(window, int) or window < least:
+            raise ValueError(f"window must be an int >= {least}{detail}, got {window!r}")
+        if not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma <= 0:
+            raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
+        if warmup is None:
+            warmup = window
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or not least <= warmup <= window:
+            raise ValueError(f"warmup must be an int in [{least}, window={window}]{detail}, got {warmup!r}")
+        self.window, self.sigma, self.warmup = window, float(sigma), warmup
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    @property
+    def values(self) -> list[float]:
+        """The losses in the window, oldest first (a copy)."""
+        return list(self._values)
+
+    @property
+    def warm(self) -> bool:
+        """Whether at least ``warmup`` losses have been observed."""
+        return len(self._values) >= self.warmup
+
+    def exceeds(self, loss: float) -> bool:
+        """True when the chart is warm and ``loss`` lies above :attr:`limit`.
+
+        Call it *before* :meth:`observe` with the same loss: a value inside its own window of ``n``
+        can reach a z-score of at most ``(n - 1) / sqrt(n)``, so it would hide itself.
+        """
+        return self.warm and math.isfinite(loss) and loss > self.limit
+
+
+class ControlChart(_WindowChart):
     r"""A Shewhart control chart over the last ``window`` batch losses.
 
     Keeps the losses in a FIFO queue and their running mean and sum of squared deviations
@@ -46,17 +86,7 @@ class ControlChart:
     kind = "shewhart"
 
     def __init__(self, window: int = 100, sigma: float = 3.0, warmup: int | None = None) -> None:
-        if isinstance(window, bool) or not isinstance(window, int) or window < 2:
-            raise ValueError(f"window must be an int >= 2, got {window!r}")
-        if not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma <= 0:
-            raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
-        if warmup is None:
-            warmup = window
-        if isinstance(warmup, bool) or not isinstance(warmup, int) or not 2 <= warmup <= window:
-            raise ValueError(f"warmup must be an int in [2, window={window}], got {warmup!r}")
-        self.window = window
-        self.sigma = float(sigma)
-        self.warmup = warmup
+        self._configure(window, sigma, warmup)
         self._values: deque[float] = deque()
         self._mean = 0.0
         self._m2 = 0.0  # sum of squared deviations from the mean
@@ -106,19 +136,6 @@ class ControlChart:
         self._mean, self._m2, self._evictions_since_exact = 0.0, 0.0, 0
 
     # -- queries -----------------------------------------------------------------------------------
-    def __len__(self) -> int:
-        return len(self._values)
-
-    @property
-    def values(self) -> list[float]:
-        """The losses in the window, oldest first (a copy)."""
-        return list(self._values)
-
-    @property
-    def warm(self) -> bool:
-        """Whether at least ``warmup`` losses have been observed."""
-        return len(self._values) >= self.warmup
-
     @property
     def mean(self) -> float:
         """Mean of the window (``nan`` when empty)."""
@@ -140,14 +157,6 @@ class ControlChart:
     def limit(self) -> float:
         """Upper control limit ``mean + sigma * std`` (``nan`` with fewer than 2 losses)."""
         return self.mean + self.sigma * self.std
-
-    def exceeds(self, loss: float) -> bool:
-        """True when the chart is warm and ``loss`` lies above :attr:`limit`.
-
-        Call it *before* :meth:`observe` with the same loss: a value inside its own window of ``n``
-        can reach a z-score of at most ``(n - 1) / sqrt(n)``, so it would hide itself.
-        """
-        return self.warm and math.isfinite(loss) and loss > self.limit
 
     # -- persistence -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -176,7 +185,7 @@ class ControlChart:
                 f"count={len(self)}, mean={self.mean:.6g}, std={self.std:.6g}, limit={self.limit:.6g})")
 
 
-class ResidualChart:
+class ResidualChart(_WindowChart):
     r"""A control chart around the loss *trend*: a least-squares line through the last ``window`` losses.
 
     The Shewhart chart (:class:`ControlChart`) measures the spread of a window around its mean, so while the loss
@@ -201,17 +210,10 @@ class ResidualChart:
     """
 
     kind = "residual"
+    min_window = 3
 
     def __init__(self, window: int = 100, sigma: float = 3.0, warmup: int | None = None) -> None:
-        if isinstance(window, bool) or not isinstance(window, int) or window < 3:
-            raise ValueError(f"window must be an int >= 3 for the residual chart, got {window!r}")
-        if not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma <= 0:
-            raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
-        if warmup is None:
-            warmup = window
-        if isinstance(warmup, bool) or not isinstance(warmup, int) or not 3 <= warmup <= window:
-            raise ValueError(f"warmup must be an int in [3, window={window}] for the residual chart, got {warmup!r}")
-        self.window, self.sigma, self.warmup = window, float(sigma), warmup
+        self._configure(window, sigma, warmup)
         self.reset()
 
     def reset(self) -> None:
@@ -269,19 +271,6 @@ class ResidualChart:
         self._fitted = (prediction, math.sqrt(residual / (n - 2)), slope)
         return self._fitted
 
-    def __len__(self) -> int:
-        return len(self._values)
-
-    @property
-    def values(self) -> list[float]:
-        """The losses in the window, oldest first (a copy)."""
-        return list(self._values)
-
-    @property
-    def warm(self) -> bool:
-        """Whether at least ``warmup`` losses have been observed."""
-        return len(self._values) >= self.warmup
-
     @property
     def mean(self) -> float:
         """Mean of the window (``nan`` when empty)."""
@@ -307,10 +296,6 @@ class ResidualChart:
         """Upper control limit ``prediction + sigma * residual std``."""
         prediction, spread, _ = self._fit()
         return prediction + self.sigma * spread
-
-    def exceeds(self, loss: float) -> bool:
-        """True when the chart is warm and ``loss`` lies above :attr:`limit` (call it before :meth:`observe`)."""
-        return self.warm and math.isfinite(loss) and loss > self.limit
 
     def state_dict(self) -> dict[str, Any]:
         """Configuration and exact running state (a resumed chart continues bit-identically)."""
