@@ -1,5 +1,7 @@
 """ISGD and Inconsistent(AdamW) under a real accelerate Accelerator (CPU): chases, first-pass loss, schedulers,
 save/load state, gradient accumulation (refused, and the closure that does it right), fp16 loss scaling."""
+import statistics
+
 import pytest
 import torch
 from torch import nn
@@ -143,14 +145,14 @@ def test_accelerate_fp16_loss_scaling(seed, name):
     and scaler.update(). With a ClosureGradScaler the chase runs scaled; the stock GradScaler fails at the first step."""
     assert accelerate.Accelerator(cpu=True, mixed_precision="fp16").scaler is None
     AcceleratorState._reset_state(True)
-    scaler = ClosureGradScaler("cpu", init_scale=2.0 ** 24)
+    scaler = ClosureGradScaler("cpu", init_scale=2.0 ** 18)
     batches = regression_batches(seed, epochs=EPOCHS)
     accelerator, model, optimizer, scheduler = prepared(name, seed, scaler=scaler, mixed_precision="fp16")
     losses = train(accelerator, model, optimizer, scheduler, batches, autocast=True)
     stats = optimizer.optimizer.stats
-    assert stats["overflow_skips"] > 0 and scaler.get_scale() < 2.0 ** 20
+    assert stats["overflow_skips"] > 0 and scaler.get_scale() < 2.0 ** 18
     assert stats["chased_batches"] > 0 and stats["nonfinite"] == 0
-    assert sum(losses[-N_BATCHES:]) < 0.5 * sum(losses[:N_BATCHES])
+    assert statistics.median(losses[-N_BATCHES:]) < 0.5 * statistics.median(losses[:N_BATCHES])
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
     AcceleratorState._reset_state(True)

@@ -1,4 +1,6 @@
 """fp16 dynamic loss scaling (torch.amp.GradScaler on CPU) for the regular pass and every chase pass."""
+import statistics
+
 import pytest
 import torch
 from torch import nn
@@ -107,7 +109,7 @@ def test_fp16_autocast_with_dynamic_scaling(seed, name):
     assert stats["chased_batches"] > 0 and stats["nonfinite"] == 0
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
     losses = [h["loss"] for h in opt.history]
-    assert sum(losses[-N_BATCHES:]) < 0.5 * sum(losses[:N_BATCHES])
+    assert statistics.median(losses[-N_BATCHES:]) < 0.5 * statistics.median(losses[:N_BATCHES])
 
 
 def test_closure_grad_scaler_step_and_errors(seed):

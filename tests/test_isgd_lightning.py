@@ -1,5 +1,7 @@
 """ISGD and Inconsistent(AdamW) under a real Lightning Trainer (CPU): chases, first-pass loss, schedulers, resume,
 gradient accumulation refused, fp16 loss scaling through ChaseMixedPrecision."""
+import statistics
+
 import pytest
 import torch
 from torch import nn
@@ -118,17 +120,17 @@ def test_lightning_16_mixed_with_chase_mixed_precision(seed, name):
     run, every pass's grads reach on_before_optimizer_step unscaled, and the loss falls."""
     batches = regression_batches(seed, epochs=1)
     module = Regression(name, seed)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 24)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 18)
     trainer = fit(module, batches, plugins=[ChaseMixedPrecision("16-mixed", "cpu", scaler=scaler)])
     stats = trainer.optimizers[0].stats
-    assert stats["overflow_skips"] > 0 and scaler.get_scale() < 2.0 ** 20
+    assert stats["overflow_skips"] > 0 and scaler.get_scale() < 2.0 ** 18
     assert stats["chased_batches"] > 0 and stats["nonfinite"] == 0
     assert len(module.hook_grad_norms) == stats["batches"] + stats["extra_passes"]
     finite = [norm for norm in module.hook_grad_norms if torch.isfinite(torch.tensor(norm))]
     assert finite and max(finite) < 1e3  # unscaled: a scaled gradient would be >= 2**k times larger
     firsts = first_passes(module.calls)
     assert module.outputs == firsts
-    assert sum(firsts[-N_BATCHES:]) < 0.5 * sum(firsts[:N_BATCHES])
+    assert statistics.median(firsts[-N_BATCHES:]) < 0.5 * statistics.median(firsts[:N_BATCHES])
     assert all(torch.isfinite(p).all() for p in module.parameters())
 
 

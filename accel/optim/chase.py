@@ -149,7 +149,7 @@ class ChaseEngine:
         if closure is None:
             raise RuntimeError(CLOSURE_REQUIRED.format(name=type(optimizer).__name__))
         param_groups = optimizer.param_groups
-        stack = TrainingStack(closure, type(optimizer).__name__)
+        stack = TrainingStack.around(closure, type(optimizer).__name__)
         stack.refuse_unsupported()
         scaler = grad_scaler if scaling_enabled(grad_scaler) else None
         sign = group_sign(param_groups)

@@ -73,6 +73,13 @@ class TrainingStack:
         self.optimizer_name = optimizer_name
         self._first_result = None
 
+    @classmethod
+    def around(cls, closure: Callable[[], Any], optimizer_name: str) -> "TrainingStack":
+        """The stack of this call; a shared do-nothing one when neither Lightning nor accelerate is loaded."""
+        if "lightning.pytorch" in sys.modules or "accelerate.optimizer" in sys.modules:
+            return cls(closure, optimizer_name)
+        return _PLAIN
+
     def refuse_unsupported(self) -> None:
         """Raise at once where the stack would make a chase silently wrong (gradient accumulation)."""
         trainer = getattr(self.module, "_trainer", None)
@@ -116,3 +123,6 @@ class TrainingStack:
 
 def _ignore(*args: Any, **kwargs: Any) -> None:
     return None
+
+
+_PLAIN = TrainingStack(lambda: None, "")  # plain PyTorch: nothing to refuse, keep or mute
