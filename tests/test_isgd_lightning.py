@@ -121,7 +121,7 @@ def test_lightning_16_mixed_with_chase_mixed_precision(seed, name):
     batches = regression_batches(seed, epochs=1)
     module = Regression(name, seed)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 18)
-    trainer = fit(module, batches, plugins=[ChaseMixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    trainer = fit(module, batches, epochs=4, plugins=[ChaseMixedPrecision("16-mixed", "cpu", scaler=scaler)])
     stats = trainer.optimizers[0].stats
     assert stats["overflow_skips"] > 0 and scaler.get_scale() < 2.0 ** 18
     assert stats["chased_batches"] > 0 and stats["nonfinite"] == 0
@@ -130,7 +130,7 @@ def test_lightning_16_mixed_with_chase_mixed_precision(seed, name):
     assert finite and max(finite) < 1e3  # unscaled: a scaled gradient would be >= 2**k times larger
     firsts = first_passes(module.calls)
     assert module.outputs == firsts
-    assert statistics.median(firsts[-N_BATCHES:]) < 0.5 * statistics.median(firsts[:N_BATCHES])
+    assert statistics.median(firsts[-N_BATCHES:]) < 0.5 * statistics.median(firsts[:5])  # first 5: before training
     assert all(torch.isfinite(p).all() for p in module.parameters())
 
 
