@@ -1,5 +1,9 @@
 """SGD vs ISGD: same model, data order, lr, momentum and batch size; several seeds; two offline data sets.
 
+ISGD runs in four variants beside SGD (same seeds, same data order): the paper's Shewhart chart (``isgd``), the
+residual chart around the loss trend (``isgd-residual``), and each with the full Polyak chase step
+(``isgd-polyak``, ``isgd-residual-polyak``): the two levers, what the chart flags and how far a chase moves.
+
 (a) MNIST-1D generated offline by ``mnist1d.data.make_dataset`` (4,000 train / 1,000 test signals of length 40)
     with the CNN of the MNIST-1D paper (three stride-2 Conv1d layers of 25 channels, a linear head);
 (b) scikit-learn's ``load_digits`` (1,797 8x8 images, 80/20 split) with a 64-128-10 MLP.
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import sys
@@ -28,7 +33,8 @@ from torch import nn
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from accel.optim import ISGD, plot_control_chart  # noqa: E402
+from accel.optim import ISGD  # noqa: E402
+from accel.optim.spc import make_chart  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -74,6 +80,13 @@ DATASETS = {
 }
 
 
+VARIANTS = {"sgd": None,
+            "isgd": dict(chart="shewhart", chase_step="gradient"),
+            "isgd-residual": dict(chart="residual", chase_step="gradient"),
+            "isgd-polyak": dict(chart="shewhart", chase_step="polyak"),
+            "isgd-residual-polyak": dict(chart="residual", chase_step="polyak")}
+
+
 # -- one training run ----------------------------------------------------------------------------------
 @torch.no_grad()
 def accuracy(model, x, y):
@@ -89,7 +102,8 @@ def make_optimizer(name, model, spec, args, n_batches, history=False, sigma=None
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=spec["lr"], momentum=args.momentum)
     return ISGD(model.parameters(), lr=spec["lr"], momentum=args.momentum, sigma=sigma or args.sigma,
-                window=n_batches, max_chase=args.max_chase, epsilon=args.epsilon, history=history)
+                window=n_batches, max_chase=args.max_chase, epsilon=args.epsilon, history=history,
+                **VARIANTS[name])
 
 
 def train_run(name, dataset, data, spec, args, seed, epochs, history=False):
@@ -118,7 +132,7 @@ def train_run(name, dataset, data, spec, args, seed, epochs, history=False):
     run = {"optimizer": name, "seed": seed, "curve": curve, "final_accuracy": curve[-1]["accuracy"],
            "epochs_to_target": reached and reached["epoch"], "seconds_to_target": reached and reached["seconds"],
            "train_seconds": seconds}
-    if name == "isgd":
+    if name != "sgd":
         run["stats"] = optimizer.stats
         if history:
             run["history"] = optimizer.history
@@ -127,18 +141,19 @@ def train_run(name, dataset, data, spec, args, seed, epochs, history=False):
 
 # -- overhead when nothing is chased -------------------------------------------------------------------
 def step_overhead(dataset, data, spec, args, blocks, steps_per_block):
-    """Median per-step time of ISGD with a chart that never fires over SGD's, timed in interleaved blocks."""
+    """Median per-step time of ISGD (each chart) with a chart that never fires over SGD's, in interleaved blocks."""
     x_train, y_train, *_ = data
     batches = fixed_cycle_batches(len(y_train), spec["batch_size"], 0)
     loss_fn = nn.CrossEntropyLoss()
     runners = {}
-    for name in ("sgd", "isgd"):
+    names = ("sgd", "isgd", "isgd-residual")
+    for name in names:
         torch.manual_seed(0)
         model = spec["model"]()
         runners[name] = (model, make_optimizer(name, model, spec, args, len(batches), sigma=1e30))
-    times = {"sgd": [], "isgd": []}
+    times = {name: [] for name in names}
     for block in tqdm(range(blocks + 1), desc=f"{dataset} overhead", leave=False):
-        for name in (("sgd", "isgd") if block % 2 else ("isgd", "sgd")):
+        for name in (names if block % 2 else names[::-1]):
             model, optimizer = runners[name]
             start = time.perf_counter()
             for step in range(steps_per_block):
@@ -152,15 +167,17 @@ def step_overhead(dataset, data, spec, args, blocks, steps_per_block):
                 optimizer.step(closure)
             if block:  # block 0 warms up
                 times[name].append((time.perf_counter() - start) / steps_per_block)
-    assert runners["isgd"][1].stats["chased_batches"] == 0
-    sgd, isgd = statistics.median(times["sgd"]), statistics.median(times["isgd"])
-    bookkeeping = bookkeeping_seconds(len(batches))
+    assert all(runners[name][1].stats["chased_batches"] == 0 for name in names[1:])
+    sgd, isgd, residual = (statistics.median(times[name]) for name in names)
+    bookkeeping = {chart: bookkeeping_seconds(len(batches), chart) for chart in ("shewhart", "residual")}
     return {"sgd_step_ms": 1e3 * sgd, "isgd_step_ms": 1e3 * isgd, "overhead": isgd / sgd - 1.0,
-            "bookkeeping_us": 1e6 * bookkeeping, "bookkeeping_fraction_of_sgd_step": bookkeeping / sgd,
+            "isgd_residual_step_ms": 1e3 * residual, "residual_overhead": residual / sgd - 1.0,
+            "bookkeeping_us": 1e6 * bookkeeping["shewhart"], "residual_bookkeeping_us": 1e6 * bookkeeping["residual"],
+            "bookkeeping_fraction_of_sgd_step": bookkeeping["shewhart"] / sgd,
             "blocks": blocks, "steps_per_block": steps_per_block}
 
 
-def bookkeeping_seconds(window, steps=20000, repeats=5):
+def bookkeeping_seconds(window, chart, steps=20000, repeats=5):
     """ISGD's own cost per step, free of the model: step(closure) on a constant loss and a parameter without grad,
     minus the same call on torch.optim.SGD. Timing noise from shared cores hardly touches a loop this tight."""
     loss = torch.tensor(1.0)
@@ -168,7 +185,7 @@ def bookkeeping_seconds(window, steps=20000, repeats=5):
     for name in ("sgd", "isgd"):
         parameter = nn.Parameter(torch.zeros(1))
         optimizer = (torch.optim.SGD([parameter], lr=0.1) if name == "sgd"
-                     else ISGD([parameter], lr=0.1, sigma=1e30, window=window))
+                     else ISGD([parameter], lr=0.1, sigma=1e30, window=window, chart=chart))
         closure = lambda: loss  # noqa: E731
         samples = []
         for _ in range(repeats):
@@ -188,27 +205,47 @@ def spread(values):
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-def summarize(runs, seeds):
+def summarize(runs, seeds, names):
     summary = {}
-    for name in ("sgd", "isgd"):
+    sgd_runs = {r["seed"]: r for r in runs if r["optimizer"] == "sgd"}
+    for name in names:
         mine = [r for r in runs if r["optimizer"] == name]
-        summary[name] = {"reached_target": f"{sum(r['epochs_to_target'] is not None for r in mine)}/{len(seeds)}",
-                         "epochs_to_target": spread([r["epochs_to_target"] for r in mine]),
-                         "seconds_to_target": spread([r["seconds_to_target"] for r in mine]),
-                         "final_accuracy": spread([r["final_accuracy"] for r in mine]),
-                         "seconds_per_epoch": spread([r["train_seconds"] / (len(r["curve"]) - 1) for r in mine])}
-    isgd_runs = [r for r in runs if r["optimizer"] == "isgd"]
-    summary["isgd"]["extra_pass_fraction"] = spread([r["stats"]["extra_pass_fraction"] for r in isgd_runs])
-    summary["isgd"]["chased_batch_fraction"] = spread([r["stats"]["chased_batches"] / r["stats"]["batches"]
-                                                       for r in isgd_runs])
-    # paired by seed: same initialisation and data order for both optimizers
-    pairs = [(s, i) for s in runs if s["optimizer"] == "sgd" for i in isgd_runs
-             if i["seed"] == s["seed"] and s["seconds_to_target"] and i["seconds_to_target"]]
-    summary["isgd_over_sgd_seconds_to_target"] = spread([i["seconds_to_target"] / s["seconds_to_target"]
+        entry = {"reached_target": f"{sum(r['epochs_to_target'] is not None for r in mine)}/{len(seeds)}",
+                 "epochs_to_target": spread([r["epochs_to_target"] for r in mine]),
+                 "seconds_to_target": spread([r["seconds_to_target"] for r in mine]),
+                 "final_accuracy": spread([r["final_accuracy"] for r in mine]),
+                 "seconds_per_epoch": spread([r["train_seconds"] / (len(r["curve"]) - 1) for r in mine])}
+        if name != "sgd":
+            entry["extra_pass_fraction"] = spread([r["stats"]["extra_pass_fraction"] for r in mine])
+            entry["chased_batch_fraction"] = spread([r["stats"]["chased_batches"] / r["stats"]["batches"]
+                                                     for r in mine])
+            # paired by seed: same initialisation and data order as SGD's run
+            pairs = [(sgd_runs[r["seed"]], r) for r in mine
+                     if sgd_runs[r["seed"]]["seconds_to_target"] and r["seconds_to_target"]]
+            entry["over_sgd_seconds_to_target"] = spread([i["seconds_to_target"] / s["seconds_to_target"]
+                                                          for s, i in pairs])
+            entry["over_sgd_epochs_to_target"] = spread([i["epochs_to_target"] / s["epochs_to_target"]
                                                          for s, i in pairs])
-    summary["isgd_over_sgd_epochs_to_target"] = spread([i["epochs_to_target"] / s["epochs_to_target"]
-                                                        for s, i in pairs])
+            entry["fewer_epochs_than_sgd"] = f"{sum(i['epochs_to_target'] < s['epochs_to_target'] for s, i in pairs)}" \
+                                             f"/{len(pairs)}"
+        summary[name] = entry
     return summary
+
+
+def replay_charts(history, window, sigma):
+    """Both charts' limits over one run's batch losses, each judged before the loss enters its window."""
+    charts = {kind: make_chart(kind, window=window, sigma=sigma, warmup=None) for kind in ("shewhart", "residual")}
+    limits = {kind: [] for kind in charts}
+    for record in history:
+        for kind, chart in charts.items():
+            limits[kind].append(chart.limit if chart.warm else math.nan)
+            if math.isfinite(record["loss"]):
+                chart.observe(record["loss"])
+    return limits
+
+
+COLORS = {"sgd": "tab:blue", "isgd": "tab:red", "isgd-residual": "tab:green", "isgd-polyak": "tab:orange",
+          "isgd-residual-polyak": "tab:purple"}
 
 
 def plot(results, path):
@@ -216,24 +253,37 @@ def plot(results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     names = list(results["datasets"])
-    figure, axes = plt.subplots(1, len(names) + 1, figsize=(6 * (len(names) + 1), 4.2))
-    colors = {"sgd": "tab:blue", "isgd": "tab:red"}
+    figure, axes = plt.subplots(1, len(names) + 1, figsize=(6 * (len(names) + 1), 4.4))
     for ax, dataset in zip(axes, names):
         entry = results["datasets"][dataset]
         for run in entry["runs"]:
-            label = run["optimizer"].upper() if run["seed"] == entry["runs"][0]["seed"] else None
+            label = run["optimizer"] if run["seed"] == entry["runs"][0]["seed"] else None
             ax.plot([p["seconds"] for p in run["curve"]], [p["accuracy"] for p in run["curve"]],
-                    color=colors[run["optimizer"]], alpha=0.6, lw=1, label=label)
+                    color=COLORS[run["optimizer"]], alpha=0.55, lw=1, label=label)
         ax.axhline(entry["target"], color="gray", ls=":", lw=1, label=f"target {entry['target']:.0%}")
         ax.set_xlabel("training seconds (1 CPU thread)")
         ax.set_ylabel("test accuracy")
         ax.set_title(f"{dataset}: accuracy vs time, {len(entry['seeds'])} seeds")
         ax.set_ylim(max(0.0, entry["target"] - 0.35), 1.0)
-        ax.legend(loc="lower right", fontsize=8)
-    chart_run = next(r for r in results["datasets"][names[0]]["runs"] if "history" in r)
-    plot_control_chart(chart_run["history"], ax=axes[-1],
-                       title=f"ISGD control chart, {names[0]} seed {chart_run['seed']}")
-    axes[-1].set_yscale("log")
+        ax.legend(loc="lower right", fontsize=7)
+    entry = results["datasets"][names[0]]
+    chart_run = next((r for r in entry["runs"] if "history" in r), None)
+    if chart_run is not None:
+        history = chart_run["history"]
+        limits = replay_charts(history, entry["window"], results["settings"]["sigma"])
+        ax = axes[-1]
+        steps = [r["step"] for r in history]
+        ax.plot(steps, [r["loss"] for r in history], lw=0.5, color="tab:blue", label="batch loss")
+        ax.plot(steps, limits["shewhart"], lw=1.1, ls="--", color="tab:red", label="Shewhart limit (paper)")
+        ax.plot(steps, limits["residual"], lw=1.1, ls="--", color="tab:green", label="residual limit (trend)")
+        chased = [r for r in history if r["chased"]]
+        ax.scatter([r["step"] for r in chased], [r["loss"] for r in chased], s=12, color="black", zorder=3,
+                   label=f"chased by {chart_run['optimizer']} ({len(chased)})")
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_title(f"both charts on one run: {names[0]} {chart_run['optimizer']} seed {chart_run['seed']}")
+        ax.legend(loc="upper right", fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
@@ -241,6 +291,7 @@ def plot(results, path):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--seeds", type=int, default=5, help="number of seeds (0..N-1)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs per run (default: per data set)")
     parser.add_argument("--momentum", type=float, default=0.9)
@@ -249,11 +300,13 @@ def main(argv=None):
     parser.add_argument("--epsilon", type=float, default=0.1)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (timings are per thread count)")
     parser.add_argument("--overhead-blocks", type=int, default=20)
+    parser.add_argument("--chart-run", default="isgd-residual", help="variant whose seed-0 run the chart panel shows")
     parser.add_argument("--quick", action="store_true", help="2 seeds, 5 epochs, short overhead timing")
     parser.add_argument("--out", type=Path, default=RESULTS / "isgd_vs_sgd.json")
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.epochs, args.overhead_blocks = 2, args.epochs or 5, 2
+    names = ["sgd"] + [name for name in args.variants if name != "sgd"]
     torch.set_num_threads(args.threads)
     seeds = list(range(args.seeds))
     results = {"command": "python experiments/" + Path(__file__).name + " " + " ".join(argv or sys.argv[1:]),
@@ -266,33 +319,40 @@ def main(argv=None):
         epochs = args.epochs or spec["epochs"]
         runs = []
         for seed in tqdm(seeds, desc=dataset):
-            for name in ("sgd", "isgd"):
+            for name in names:
                 runs.append(train_run(name, dataset, data, spec, args, seed, epochs,
-                                      history=(name == "isgd" and seed == seeds[0])))
+                                      history=(name == args.chart_run and seed == seeds[0])))
         overhead = step_overhead(dataset, data, spec, args, args.overhead_blocks, 2 * len(data[1]) // spec["batch_size"])
         entry = {"target": spec["target"], "lr": spec["lr"], "batch_size": spec["batch_size"], "epochs": epochs,
-                 "seeds": seeds, "train_size": len(data[1]), "test_size": len(data[3]),
-                 "summary": summarize(runs, seeds), "overhead_no_chase": overhead, "runs": runs}
+                 "window": len(data[1]) // spec["batch_size"], "seeds": seeds, "train_size": len(data[1]),
+                 "test_size": len(data[3]), "summary": summarize(runs, seeds, names), "overhead_no_chase": overhead,
+                 "runs": runs}
         results["datasets"][dataset] = entry
-        s = entry["summary"]
-        print(f"\n{dataset}: target {spec['target']:.0%}  SGD reached {s['sgd']['reached_target']}, "
-              f"ISGD reached {s['isgd']['reached_target']}")
-        for name in ("sgd", "isgd"):
-            e, t, a = s[name]["epochs_to_target"], s[name]["seconds_to_target"], s[name]["final_accuracy"]
-            print(f"  {name:5s} epochs to target {e and e['median']} [{e and e['min']}-{e and e['max']}]  "
-                  f"seconds {t and round(t['median'], 2)} [{t and round(t['min'], 2)}-{t and round(t['max'], 2)}]  "
-                  f"final acc {a['median']:.4f} [{a['min']:.4f}-{a['max']:.4f}]")
-        ratio = s["isgd_over_sgd_seconds_to_target"]
-        print(f"  ISGD/SGD seconds to target (paired by seed): {ratio and round(ratio['median'], 3)} "
-              f"[{ratio and round(ratio['min'], 3)}-{ratio and round(ratio['max'], 3)}]; extra passes "
-              f"{s['isgd']['extra_pass_fraction']['median']:.2%} of batches; per-step overhead with nothing chased "
-              f"{overhead['overhead']:+.2%} ({overhead['isgd_step_ms']:.3f} vs {overhead['sgd_step_ms']:.3f} ms); "
-              f"ISGD bookkeeping {overhead['bookkeeping_us']:.1f} us/step = "
-              f"{overhead['bookkeeping_fraction_of_sgd_step']:.2%} of an SGD step")
+        print_summary(dataset, spec, entry, names)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
     plot(results, args.out.with_suffix(".png"))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+def print_summary(dataset, spec, entry, names):
+    s, overhead = entry["summary"], entry["overhead_no_chase"]
+    print(f"\n{dataset}: target {spec['target']:.0%}")
+    for name in names:
+        e, t, a = s[name]["epochs_to_target"], s[name]["seconds_to_target"], s[name]["final_accuracy"]
+        line = (f"  {name:21s} reached {s[name]['reached_target']}  epochs {e and e['median']} "
+                f"[{e and e['min']}-{e and e['max']}]  seconds {t and round(t['median'], 2)} "
+                f"[{t and round(t['min'], 2)}-{t and round(t['max'], 2)}]  final acc {a['median']:.4f} "
+                f"[{a['min']:.4f}-{a['max']:.4f}]")
+        if name != "sgd":
+            ratio, chased = s[name]["over_sgd_epochs_to_target"], s[name]["chased_batch_fraction"]
+            line += (f"  chased {chased['median']:.2%}  extra passes {s[name]['extra_pass_fraction']['median']:.2%}"
+                     f"  epochs/SGD {ratio and round(ratio['median'], 3)}  fewer epochs than SGD in "
+                     f"{s[name]['fewer_epochs_than_sgd']} seeds")
+        print(line)
+    print(f"  per-step overhead with nothing chased: Shewhart {overhead['overhead']:+.2%}, residual "
+          f"{overhead['residual_overhead']:+.2%} (SGD step {overhead['sgd_step_ms']:.3f} ms); bookkeeping "
+          f"{overhead['bookkeeping_us']:.1f} / {overhead['residual_bookkeeping_us']:.1f} us per step")
 
 
 if __name__ == "__main__":

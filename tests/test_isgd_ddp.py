@@ -17,7 +17,8 @@ pytestmark = [pytest.mark.multiprocess,
 def result():
     seed = int.from_bytes(__import__("os").urandom(2), "little")
     print(f"seed={seed}")
-    output = check(torchrun(SCRIPT, str(seed), nproc=2, timeout=180))
+    output = check(torchrun(SCRIPT, str(seed), "gloo", nproc=2, timeout=180))  # explicit: nccl would be the
+    # default pick on a GPU machine, and these tests are about the CPU path
     line = next(line for line in output.splitlines() if line.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
 
@@ -31,6 +32,13 @@ def test_ranks_agree_and_match_a_single_process_run(result):
     for key in ("batches", "chased_batches", "extra_passes"):
         assert stats[0][key] == result["reference_stats"][key]
     assert result["max_diff_to_single_process"] < 1e-4
+    assert result["backend"] == "gloo"
+
+
+def test_a_closure_returning_a_python_float_agrees_on_every_rank(result):
+    """The float is made a tensor on the group's device for the all-reduce: same decisions, same weights."""
+    assert result["float_equals_tensor"]
+    assert repr(result["float_stats"]) == repr(result["stats"][0])
 
 
 def test_a_nan_on_one_rank_is_nonfinite_everywhere(result):

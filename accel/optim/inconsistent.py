@@ -6,7 +6,7 @@ from typing import Any, Callable
 import torch
 from torch.optim import Optimizer
 
-from accel.optim.chase import ChaseEngine
+from accel.optim.chase import CLOSURE_REQUIRED, ChaseEngine
 
 __all__ = ["Inconsistent"]
 
@@ -33,24 +33,30 @@ class Inconsistent(Optimizer):
 
     Args:
         optimizer (Optimizer): the base optimizer (e.g. ``torch.optim.AdamW``).
-        sigma, window, warmup, max_chase, epsilon, nonfinite, process_group, history: as in
-            :class:`~accel.optim.ISGD` (defaults 3.0, 100, None, 5, 0.1, ``"skip"``, None, False).
+        sigma, window, warmup, max_chase, epsilon, nonfinite, process_group, history, chart, chase_step: as in
+            :class:`~accel.optim.ISGD` (defaults 3.0, 100, None, 5, 0.1, ``"skip"``, None, False, ``"shewhart"``,
+            ``"gradient"``).
+
+    fp16 loss scaling, gradient accumulation and the training stacks: as for :class:`~accel.optim.ISGD`. A fused
+    base optimizer (``AdamW(fused=True)``) works: the wrapper unscales the grads itself before the base steps.
 
     Example:
         >>> opt = Inconsistent(torch.optim.AdamW(model.parameters(), lr=1e-3))  # doctest: +SKIP
         >>> loss = opt.step(closure)  # doctest: +SKIP
     """
 
+    _steps_scaled_closures = True  # step(closure, grad_scaler=...): see accel.optim.amp
+
     def __init__(self, optimizer: Optimizer, *, sigma: float = 3.0, window: int = 100, warmup: int | None = None,
                  max_chase: int = 5, epsilon: float = 0.1, nonfinite: str = "skip", process_group: Any = None,
-                 history: bool = False) -> None:
+                 history: bool = False, chart: str = "shewhart", chase_step: str = "gradient") -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"Inconsistent wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, torch.optim.LBFGS):
             raise TypeError("Inconsistent cannot wrap LBFGS: it needs its own closure for every step")
         self._chase = ChaseEngine(sigma=sigma, window=window, warmup=warmup, max_chase=max_chase,
                                   epsilon=epsilon, nonfinite=nonfinite, process_group=process_group,
-                                  history=history)
+                                  history=history, chart=chart, chase_step=chase_step)
         self.optimizer = optimizer
         super().__init__(optimizer.param_groups, optimizer.defaults)
         # share, do not copy: scheduler changes to lr and add_param_group reach the base optimizer
@@ -81,18 +87,23 @@ class Inconsistent(Optimizer):
         """As :attr:`ISGD.history <accel.optim.ISGD.history>`."""
         return self._chase.history
 
+    @property
+    def last_loss(self) -> Any:
+        """As :attr:`ISGD.last_loss <accel.optim.ISGD.last_loss>`."""
+        return self._chase.last_loss
+
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None, *, grad_scaler: Any = None) -> Any:  # type: ignore[override]
         """Regular ``optimizer.step()``, then a chase if the chart fires.
 
         Args:
             closure (Callable): zeroes the grads, computes the loss, calls ``backward()`` and returns the loss.
                 Required: a chase re-evaluates the same batch.
+            grad_scaler (torch.amp.GradScaler, optional): as in :meth:`ISGD.step <accel.optim.ISGD.step>`.
         """
         if closure is None:
-            raise RuntimeError("Inconsistent.step() needs the closure: opt.step(closure), where closure() zeroes "
-                               "the grads, computes the loss, calls loss.backward() and returns the loss")
-        return self._chase.step(closure, self.param_groups, self.optimizer.step, self.optimizer.step)
+            raise RuntimeError(CLOSURE_REQUIRED.format(name=type(self).__name__))
+        return self._chase.step(closure, self, self.optimizer.step, self.optimizer.step, grad_scaler)
 
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state dict plus the chart, the counters and the history under ``"chase"``."""

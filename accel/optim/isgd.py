@@ -5,19 +5,20 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
+from torch.optim import SGD
 from torch.optim.sgd import sgd
 
-from accel.optim.chase import ChaseEngine, group_sign, use_foreach
+from accel.optim.chase import CLOSURE_REQUIRED, ChaseEngine, group_sign, use_foreach
 
 __all__ = ["ISGD"]
 
 
-class ISGD(Optimizer):
+class ISGD(SGD):
     r"""Stochastic gradient descent that spends extra passes on the batches it under-trains.
 
-    Every :meth:`step` makes the regular update of :class:`torch.optim.SGD` (same arguments, same numerics:
-    it calls ``torch.optim.sgd.sgd``). A control chart then judges the batch loss against the recent ones; a
+    Every :meth:`step` makes the regular update of :class:`torch.optim.SGD` (it is a subclass taking the same
+    arguments, a Tensor ``lr``, ``fused`` and ``differentiable`` included, and its regular update is SGD's step body:
+    same ``torch.optim.sgd.sgd`` kernel, same state). A control chart then judges the batch loss against the recent ones; a
     batch whose loss lies above ``limit = mean + sigma * std`` is *under-trained* and ISGD *chases* it: up to
     ``max_chase`` more closure calls on the same batch, each followed by a step on the gradient of
 
@@ -59,13 +60,23 @@ class ISGD(Optimizer):
     every chase decision is the mean over the process group (one scalar all-reduce per closure call), so
     every rank makes the same number of forward/backward passes and the collective calls inside them match.
 
-    Mixed precision: ``torch.autocast(dtype=torch.bfloat16)`` inside the closure works as is. fp16 needs loss
-    scaling, and :class:`torch.amp.GradScaler` refuses closures: scale inside the closure with a fixed factor
-    (``(loss * S).backward()``, then divide the grads by ``S`` before returning the unscaled loss) or use bf16.
+    Mixed precision: ``torch.autocast(dtype=torch.bfloat16)`` inside the closure works as is. fp16 with dynamic loss
+    scaling: ``step(closure, grad_scaler=scaler)`` with the closure calling ``scaler.scale(loss).backward()``, then
+    ``scaler.update()``; every pass is unscaled and checked, a pass with inf/NaN grads makes no update (an
+    overflowed regular pass skips the whole step, chase included), and the scale is updated between passes.
+    :class:`~accel.optim.ClosureGradScaler` offers the same as ``scaler.step(opt, closure)`` (and so serves
+    accelerate); Lightning's "16-mixed" needs :class:`accel.optim.lightning.ChaseMixedPrecision`.
+
+    Gradient accumulation: the closure must cover every micro-batch of the step (a chase re-runs them all), see
+    :func:`~accel.optim.accumulating_closure`. Lightning's ``accumulate_grad_batches > 1`` and accelerate's
+    ``gradient_accumulation_steps > 1`` cannot be chased correctly and raise at the first step.
+
+    ``differentiable=True``: the regular update is differentiable as SGD's is; chase updates are too (same grad
+    mode), but the subproblem gradient is built from ``p.grad`` values, not differentiated through.
 
     Args:
         params (iterable): iterable of parameters or dicts defining parameter groups.
-        lr (float, optional): learning rate (default: 1e-3).
+        lr (float or Tensor, optional): learning rate (default: 1e-3).
         momentum (float, optional): momentum factor (default: 0).
         dampening (float, optional): dampening for momentum (default: 0).
         weight_decay (float, optional): weight decay (L2 penalty) (default: 0).
@@ -74,6 +85,8 @@ class ISGD(Optimizer):
             negated objective, so a batch far *below* the others is the under-trained one (default: False).
         foreach (bool, optional): use the ``torch._foreach_*`` implementation; ``None`` picks it when all
             params are on CUDA, as :class:`torch.optim.SGD` does (default: None).
+        differentiable (bool, optional): whether autograd should occur through the regular update (default: False).
+        fused (bool, optional): use SGD's fused kernel for the regular update (default: None).
         sigma (float, optional): width of the control limit in standard deviations, > 0 (default: 3.0).
         window (int, optional): number of recent batch losses in the chart, >= 2 (default: 100).
         warmup (int, optional): losses observed before the chart may start a chase, in ``[2, window]``;
@@ -86,6 +99,11 @@ class ISGD(Optimizer):
             default group when ``torch.distributed`` is initialized, else the local loss (default: None).
         history (bool, optional): keep one record per step in :attr:`history` for
             :func:`accel.optim.plot_control_chart` (default: False).
+        chart (str, optional): ``"shewhart"``, the paper's limit ``mean + sigma * std`` of the window, or
+            ``"residual"``, ``trend + sigma * residual std`` around a line fitted over the window, whose limit follows
+            a falling loss (:class:`~accel.optim.ResidualChart`) (default: "shewhart").
+        chase_step (str, optional): ``"gradient"``, the paper's gradient step on the subproblem (capped at the
+            Polyak length), or ``"polyak"``, always the full Polyak step to the limit (default: "gradient").
 
     Example:
         >>> opt = ISGD(model.parameters(), lr=0.05, momentum=0.9)  # doctest: +SKIP
@@ -97,31 +115,24 @@ class ISGD(Optimizer):
         >>> loss = opt.step(closure)  # doctest: +SKIP
     """
 
-    def __init__(self, params, lr: float = 1e-3, momentum: float = 0, dampening: float = 0,
-                 weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False,
-                 foreach: bool | None = None, sigma: float = 3.0, window: int = 100, warmup: int | None = None,
-                 max_chase: int = 5, epsilon: float = 0.1, nonfinite: str = "skip", process_group: Any = None,
-                 history: bool = False) -> None:
-        if isinstance(lr, Tensor):
-            raise TypeError("ISGD takes lr as a float (a Tensor lr is not supported)")
-        if lr < 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if momentum < 0.0:
-            raise ValueError(f"Invalid momentum value: {momentum}")
-        if weight_decay < 0.0:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-        defaults = {"lr": lr, "momentum": momentum, "dampening": dampening, "weight_decay": weight_decay,
-                    "nesterov": nesterov, "maximize": maximize, "foreach": foreach}
+    _steps_scaled_closures = True  # step(closure, grad_scaler=...): see accel.optim.amp
+
+    def __init__(self, params, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
+                 weight_decay: float | Tensor = 0, nesterov: bool = False, *, maximize: bool = False,
+                 foreach: bool | None = None, differentiable: bool = False, fused: bool | None = None,
+                 sigma: float = 3.0, window: int = 100, warmup: int | None = None, max_chase: int = 5,
+                 epsilon: float = 0.1, nonfinite: str = "skip", process_group: Any = None, history: bool = False,
+                 chart: str = "shewhart", chase_step: str = "gradient") -> None:
         self._chase = ChaseEngine(sigma=sigma, window=window, warmup=warmup, max_chase=max_chase,
                                   epsilon=epsilon, nonfinite=nonfinite, process_group=process_group,
-                                  history=history)
-        super().__init__(params, defaults)
+                                  history=history, chart=chart, chase_step=chase_step)
+        super().__init__(params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                         nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
+                         fused=fused)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         lr = param_group.get("lr", self.defaults["lr"])
-        if isinstance(lr, Tensor) or lr < 0.0:
+        if lr < 0.0:
             raise ValueError(f"Invalid learning rate in param group: {lr!r}")
         super().add_param_group(param_group)
 
@@ -143,57 +154,68 @@ class ISGD(Optimizer):
         against, whether it was chased, its extra passes and its loss at the end of the chase."""
         return self._chase.history
 
+    @property
+    def last_loss(self) -> Any:
+        """What the closure returned on the latest step's first (regular) pass; ``step`` returns it too, but
+        wrappers may drop it (accelerate's ``AcceleratedOptimizer.step`` returns None)."""
+        return self._chase.last_loss
+
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None, *, grad_scaler: Any = None) -> Any:  # type: ignore[override]
         """Perform one ISGD step: the regular SGD update, then a chase if the chart fires.
 
         Args:
             closure (Callable): zeroes the grads, computes the loss, calls ``backward()`` and returns the loss.
                 Required: a chase re-evaluates the same batch, which only the closure can do.
+            grad_scaler (torch.amp.GradScaler, optional): the scaler the closure scales its loss with
+                (``grad_scaler.scale(loss).backward()``); call ``grad_scaler.update()`` after the step.
 
         Returns:
             The loss the closure returned on its first (regular) call.
         """
         if closure is None:
-            raise RuntimeError("ISGD.step() needs the closure: opt.step(closure), where closure() zeroes the grads, "
-                               "computes the loss, calls loss.backward() and returns the loss")
-        return self._chase.step(closure, self.param_groups, self._regular_update, self._chase_update)
+            raise RuntimeError(CLOSURE_REQUIRED.format(name=type(self).__name__))
+        return self._chase.step(closure, self, self._regular_update, self._chase_update, grad_scaler)
 
     def _regular_update(self) -> None:
-        # torch.optim.SGD.step, verbatim in effect: same functional kernel, same state layout
+        if self.defaults["differentiable"]:  # step() runs under no_grad; SGD's differentiable step does not
+            with torch.enable_grad():
+                self._sgd_step()
+        else:
+            self._sgd_step()
+
+    def _sgd_step(self) -> None:
+        # torch.optim.SGD.step's body (torch 2.x): same _init_group, same functional kernel, same state layout
         for group in self.param_groups:
-            params, grads, momentum_buffers = [], [], []
-            has_sparse_grad = False
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                params.append(p)
-                grads.append(p.grad)
-                has_sparse_grad |= p.grad.is_sparse
-                if group["momentum"] != 0:
-                    momentum_buffers.append(self.state[p].get("momentum_buffer"))
-            if not params:
-                continue
-            sgd(params, grads, momentum_buffers, has_sparse_grad=has_sparse_grad, foreach=group["foreach"],
-                fused=None, weight_decay=group["weight_decay"], momentum=group["momentum"], lr=group["lr"],
-                dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"])
+            params: list[Tensor] = []
+            grads: list[Tensor] = []
+            momentum_buffer_list: list[Tensor | None] = []
+            has_sparse_grad = self._init_group(group, params, grads, momentum_buffer_list)
+            sgd(params, grads, momentum_buffer_list, weight_decay=group["weight_decay"],
+                momentum=group["momentum"], lr=group["lr"], dampening=group["dampening"],
+                nesterov=group["nesterov"], maximize=group["maximize"], has_sparse_grad=has_sparse_grad,
+                foreach=group["foreach"], fused=group["fused"], grad_scale=getattr(self, "grad_scale", None),
+                found_inf=getattr(self, "found_inf", None))
             if group["momentum"] != 0:
-                for p, buffer in zip(params, momentum_buffers):
-                    self.state[p]["momentum_buffer"] = buffer
+                for p, momentum_buffer in zip(params, momentum_buffer_list):
+                    self.state[p]["momentum_buffer"] = momentum_buffer
 
     def _chase_update(self) -> None:
         # p.grad holds the subproblem gradient with the group's sign folded in (see ChaseEngine)
         sign = group_sign(self.param_groups)
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            alpha = -group["lr"] * sign
-            if use_foreach(group, params):
-                torch._foreach_add_(params, [p.grad for p in params], alpha=alpha)
-            else:
-                for p in params:
-                    p.add_(p.grad, alpha=alpha)
+        with torch.set_grad_enabled(self.defaults["differentiable"]):
+            for group in self.param_groups:
+                params = [p for p in group["params"] if p.grad is not None]
+                if not params:
+                    continue
+                grads, alpha = [p.grad for p in params], -sign * group["lr"]
+                if isinstance(alpha, Tensor):  # a Tensor lr: scale first, add_'s alpha takes numbers only
+                    grads, alpha = [grad * alpha for grad in grads], 1.0
+                if use_foreach(group, params) and not self.defaults["differentiable"]:
+                    torch._foreach_add_(params, grads, alpha=alpha)
+                else:
+                    for p, grad in zip(params, grads):
+                        p.add_(grad, alpha=alpha)
 
     def state_dict(self) -> dict[str, Any]:
         """The SGD state (momentum buffers, param groups) plus the chart, the counters and the history."""
@@ -213,9 +235,3 @@ class ISGD(Optimizer):
         # torch.optim.Optimizer pickles only defaults, state and param_groups: keep the chart too
         return {**super().__getstate__(), "_chase": self._chase}
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("nesterov", False)
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)

@@ -10,7 +10,8 @@ __all__ = ["plot_control_chart"]
 
 def plot_control_chart(history: Sequence[dict[str, Any]], path: str | Path | None = None, *, ax=None,
                        title: str | None = "ISGD control chart"):
-    """Plot batch losses, the window mean and the control limit, with chased batches marked.
+    """Plot batch losses, the chart's center line (window mean, or the trend's prediction for the residual chart)
+    and the control limit, with chased batches marked.
 
     Args:
         history (sequence of dict): ``opt.history`` of an :class:`~accel.optim.ISGD` or
@@ -42,8 +43,8 @@ def plot_control_chart(history: Sequence[dict[str, Any]], path: str | Path | Non
     if ax is None:
         figure, ax = plt.subplots(figsize=(9, 4))
     ax.plot(steps, losses, lw=0.7, color="tab:blue", label="batch loss")
-    ax.plot([s for s, w in zip(steps, warm) if w], [r["mean"] for r, w in zip(history, warm) if w],
-            lw=1.2, color="tab:green", label="window mean")
+    ax.plot([s for s, w in zip(steps, warm) if w], [r.get("center", r["mean"]) for r, w in zip(history, warm) if w],
+            lw=1.2, color="tab:green", label="center line")
     ax.plot([s for s, w in zip(steps, warm) if w], [r["limit"] for r, w in zip(history, warm) if w],
             lw=1.2, ls="--", color="tab:red", label="control limit")
     chased = [r for r in history if r["chased"]]

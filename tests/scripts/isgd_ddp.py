@@ -3,7 +3,10 @@
 Phase "train": every rank holds half of each global batch; batch 7 of every epoch is hard only in rank 0's half,
 so only the all-reduced loss can make both ranks chase together. Every rank also runs ISGD single-process
 (before joining the process group) on the concatenated batches: the reference the DDP run must match.
-Phase "nan": rank 1 returns a NaN loss on one regular pass and on one chase pass; nobody hangs or diverges.
+Phase "float": the same training with a closure that returns a Python float (the loss all-reduce then makes its
+own tensor on the group's device). Phase "nan": rank 1 returns a NaN loss on one regular pass and on one chase
+pass; nobody hangs or diverges. The backend is chosen explicitly (argv[2], "gloo" from the test): a default pick
+would take nccl on a GPU machine.
 Rank 0 prints one line ``RESULT <json>`` for the test to check.
 """
 import json
@@ -36,7 +39,7 @@ def mlp(seed):
     return nn.Sequential(nn.Linear(DIM, 8), nn.Tanh(), nn.Linear(8, 1))
 
 
-def train(model, optimizer, batches, poison=lambda step, call: False):
+def train(model, optimizer, batches, poison=lambda step, call: False, as_float=False):
     for step, (x, y) in enumerate(batches):
         calls = [0]
 
@@ -47,7 +50,7 @@ def train(model, optimizer, batches, poison=lambda step, call: False):
                 loss = loss * math.nan
             calls[0] += 1
             loss.backward()
-            return loss
+            return loss.item() if as_float else loss
         optimizer.step(closure)
 
 
@@ -67,13 +70,13 @@ def gathered_object(value):
     return pieces
 
 
-def main(seed):
+def main(seed, backend):
     batches = global_batches(seed)
     reference_model = mlp(seed)
     reference = ISGD(reference_model.parameters(), **SETTINGS)
     train(reference_model, reference, batches)  # single process: torch.distributed is not initialized yet
 
-    dist.init_process_group("gloo")
+    dist.init_process_group(backend)
     rank = dist.get_rank()
     local = [(x[rank * HALF:(rank + 1) * HALF], y[rank * HALF:(rank + 1) * HALF]) for x, y in batches]
     model = DistributedDataParallel(mlp(seed))
@@ -82,6 +85,11 @@ def main(seed):
     params = gathered(flat(model.module))
     stats = gathered_object(optimizer.stats)
     chased = gathered_object([h["step"] for h in optimizer.history if h["chased"]])
+
+    float_model = DistributedDataParallel(mlp(seed))
+    float_optimizer = ISGD(float_model.parameters(), **SETTINGS)
+    train(float_model, float_optimizer, local, as_float=True)
+    float_params = gathered(flat(float_model.module))
 
     # phase "nan": rank 1 poisons the regular pass of step 25 and the first chase pass of the first chased batch
     first_hard = next(s for s in chased[0] if s >= 0)
@@ -94,6 +102,9 @@ def main(seed):
 
     if rank == 0:
         result = {
+            "backend": dist.get_backend(),
+            "float_equals_tensor": all(torch.equal(a, b) for a, b in zip(params, float_params)),
+            "float_stats": float_optimizer.stats,
             "ranks_identical": all(torch.equal(params[0], p) for p in params[1:]),
             "max_diff_to_single_process": float((params[0] - flat(reference_model)).abs().max()),
             "stats": stats, "reference_stats": reference.stats,
@@ -111,4 +122,4 @@ def main(seed):
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]))
+    main(int(sys.argv[1]), sys.argv[2])
