@@ -175,6 +175,8 @@ class _Run:
                      "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
             checkpoint.save(self.directory, state, epoch=self.epoch, step=self.global_step,
                             keep=self.args.keep_checkpoints)
+        if self.info.world_size > 1:
+            dist.barrier()  # nobody exits (on SIGUSR1) while rank 0 is still writing
         self.saved += 1
 
     def resume(self) -> None:
