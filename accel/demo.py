@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from accel import distributed
-from accel.demo_train import NUM_CLASSES, train
+from accel.demo_train import NUM_CLASSES, StopRequest, train
 
 DEFAULT_TIMEOUT_SECONDS = 60.0
 # the process group's own timeout is longer, so the watchdog's message (naming the collective) comes first
@@ -185,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
     _validate(args)
     if args.nproc > 1 and distributed.detect().launcher == "single":
         return _relaunch_through_torchrun(args)
+    StopRequest.install()  # early: SIGUSR1's default action would end the process
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     # --device cpu on a GPU machine: gloo and no GPU bound, since nccl cannot reduce host tensors
     timeout = timedelta(seconds=args.timeout + _GROUP_TIMEOUT_MARGIN_SECONDS)

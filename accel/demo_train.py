@@ -26,6 +26,9 @@ from accel.watchdog import CollectiveWatchdog
 
 NUM_CLASSES = 10
 EXIT_STOPPED = 75  # stopped on SIGUSR1 after a checkpoint: run again to resume (EX_TEMPFAIL)
+# written next to the checkpoints when SIGUSR1 stopped the run: the batch script's cue to requeue
+# (srun's own status may be another rank's, killed by --kill-on-bad-exit after rank 0 exited 75)
+STOP_MARKER = "stopped-on-sigusr1"
 FAULT_VARIABLE = "ACCEL_DEMO_FAULT"  # test hook: "SIGNAL@STEP[:RANK]", e.g. "KILL@12:1"
 _RESUME_MUST_MATCH = ("epochs", "batch_size", "lr", "hidden_size", "sigma", "seed", "quick", "world_size")
 
@@ -75,16 +78,23 @@ def parse_fault(text: str | None) -> tuple[signal.Signals, int, int | None] | No
         raise SystemExit(f"accel demo: {FAULT_VARIABLE}={text!r}: expected SIGNAL@STEP[:RANK], e.g. KILL@12:1")
 
 
-class _StopRequest:
-    """Set by SIGUSR1 (sent by SLURM before the time limit): checkpoint at the next step and stop."""
+class StopRequest:
+    """Set by SIGUSR1 (SLURM's warning before a time limit): checkpoint at the next step and stop.
 
-    def __init__(self):
-        self.signalled = False
+    Install it as early as possible (SIGUSR1's default action ends the process): :func:`accel.demo.run`
+    does so before the process group and the data are set up.
+    """
+
+    signalled = False
+
+    @classmethod
+    def install(cls) -> None:
         if hasattr(signal, "SIGUSR1"):
-            signal.signal(signal.SIGUSR1, self._handle)
+            signal.signal(signal.SIGUSR1, cls._handle)
 
-    def _handle(self, signum, frame) -> None:
-        self.signalled = True
+    @classmethod
+    def _handle(cls, signum, frame) -> None:
+        cls.signalled = True
 
 
 def _shard(count: int, info) -> torch.Tensor:
@@ -227,6 +237,8 @@ def train(args: argparse.Namespace, info, device: torch.device) -> tuple[dict, _
 
     run = _Run(args, info, device)
     restarts = launcher_restarts()
+    if info.rank == 0:
+        (run.directory / STOP_MARKER).unlink(missing_ok=True)
     if args.no_resume and restarts == 0:
         if info.rank == 0:
             removed = checkpoint.remove_all(run.directory)
@@ -242,7 +254,7 @@ def train(args: argparse.Namespace, info, device: torch.device) -> tuple[dict, _
         # the head's parameters live in host memory: average them over a gloo group even under nccl
         head_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
     fault = parse_fault(os.environ.get(FAULT_VARIABLE)) if not run.resumed_from and restarts == 0 else None
-    stop = _StopRequest()
+    StopRequest.install()
     loss_fn = nn.CrossEntropyLoss()
     watchdog = (CollectiveWatchdog(args.timeout, rank=info.rank, world_size=info.world_size)
                 if info.world_size > 1 else None)
@@ -282,13 +294,14 @@ def train(args: argparse.Namespace, info, device: torch.device) -> tuple[dict, _
                 if fault is not None and fault[1] == run.global_step and fault[2] in (None, info.rank):
                     os.kill(os.getpid(), fault[0])
                 with waiting(f"step {run.global_step}: the stop-request all-reduce"):
-                    stopping = _agree(stop.signalled, info, device)
+                    stopping = _agree(StopRequest.signalled, info, device)
                 if stopping or (args.checkpoint_every and run.global_step % args.checkpoint_every == 0
                                 and run.batch < run.batches_per_epoch):
                     with waiting(f"the checkpoint after step {run.global_step}"):
                         run.save(run.elapsed_before + time.perf_counter() - start)
                 if stopping:
                     if info.rank == 0:
+                        (run.directory / STOP_MARKER).write_text(f"step {run.global_step}\n")
                         print(f"\naccel demo: stopped on SIGUSR1 after step {run.global_step}; checkpoint saved in "
                               f"{run.directory}. Run the same command again to resume.", flush=True)
                     raise SystemExit(EXIT_STOPPED)

@@ -4,9 +4,11 @@ The cluster has this host (partition `local`) and two emulated nodes n1, n2 (par
 """
 from __future__ import annotations
 
+import json
 import re
 import socket
 import sys
+import time
 
 import pytest
 
@@ -83,3 +85,60 @@ def test_sbatch_multi_node_template_torchrun_per_node(cluster, tmp_path):
         assert (report["launcher"], report["world_size"], report["all_reduce"]) == ("torchrun", 2, 3.0)
         assert (report["local_rank"], report["local_world_size"]) == (0, 1)  # one worker per node
     assert {report["SLURMD_NODENAME"] for report in reports.values()} == {"n1", "n2"}
+
+
+# ------------------------------------------------------------------------- the demo survives requeues
+
+def _demo_job(cluster, tmp_path):
+    """Submit slurm/demo.sbatch (2 tasks, a quick epoch) and wait until it has written a checkpoint."""
+    out, log = tmp_path / "demo", tmp_path / "demo.log"
+    job = cluster.sbatch(["--ntasks=2", "--overcommit", "--time=5", str(procs.REPO_ROOT / "slurm" / "demo.sbatch")],
+                         log, PYTHON=sys.executable, OUT=str(out),
+                         DEMO_ARGS="--quick --epochs 1 --checkpoint-every 3 --device cpu")
+    deadline = time.monotonic() + 180
+    while not list((out / "checkpoints").glob("checkpoint-*.pt")):
+        if time.monotonic() > deadline:
+            cluster.run(["scancel", job], 30)
+            pytest.fail(f"job {job} wrote no checkpoint in 180 s:\n{log.read_text() if log.exists() else ''}")
+        time.sleep(0.2)
+    return job, out, log
+
+
+def _release_requeued(cluster, job, limit=120):
+    """A requeued job waits out a begin-time delay (about 2 minutes); start it now instead."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        shown = procs.check(cluster.run(["scontrol", "show", "job", "--oneliner", job], 30))
+        if re.search(r"Restarts=[1-9]", shown) and "JobState=PENDING" in shown:
+            procs.check(cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], 30))
+            return
+        if re.search(r"JobState=(COMPLETED|FAILED|CANCELLED)", shown):
+            return
+        time.sleep(0.2)
+
+
+def _check_resumed(cluster, job, out, log):
+    _release_requeued(cluster, job)
+    state = cluster.wait(job, log, limit=240)
+    text = log.read_text()
+    assert state == "COMPLETED", text
+    report = json.loads((out / "report.json").read_text())
+    assert report["launcher"] == "slurm" and report["world_size"] == 2
+    assert report["resumes"] >= 1 and report["launcher_restarts"] >= 1, text
+    assert len(report["history"]) == 1 and "resumed from" in text
+    return text
+
+
+def test_demo_sbatch_requeued_while_running_resumes_and_completes(cluster, tmp_path):
+    job, out, log = _demo_job(cluster, tmp_path)
+    procs.check(cluster.run(["scontrol", "requeue", job], 30))
+    text = _check_resumed(cluster, job, out, log)
+    assert f"job {job} (restart 1)" in text
+
+
+def test_demo_sbatch_checkpoints_on_the_time_limit_signal_and_requeues_itself(cluster, tmp_path):
+    # what --signal=USR1@90 does before the time limit, sent now
+    job, out, log = _demo_job(cluster, tmp_path)
+    procs.check(cluster.run(["scancel", "--signal=USR1", job], 30))
+    text = _check_resumed(cluster, job, out, log)
+    assert "stopped on SIGUSR1" in text and "checkpointed before the time limit; requeueing" in text
