@@ -272,7 +272,7 @@ def _torchrun_store(launch: Launch, timeout: timedelta) -> dist.Store:
     store = dist.TCPStore(launch.master_addr, launch.master_port, launch.world_size,
                           is_master=not agent_serves and launch.rank == 0, timeout=timeout)
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return dist.PrefixStore(f"accel/attempt_{attempt}/", store)
+    return dist.PrefixStore(f"accel/attempt_{attempt}", store)
 
 
 def _master_from_mpi(launch: Launch, addr: str | None, port: int | None) -> tuple[str, int]:

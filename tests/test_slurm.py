@@ -18,11 +18,14 @@ from scripts.dist_report import read_reports
 
 pytestmark = [pytest.mark.slurm, pytest.mark.multiprocess]
 REPORT = "tests/scripts/dist_report.py"
+GLOO_ON_CPU = ["--backend", "gloo", "--device", "cpu"]  # explicit: the same test on a one-GPU machine
+PROGRAM = " ".join([REPORT, *GLOO_ON_CPU])
 
 
 def test_srun_two_tasks_run_the_check(cluster):
     output = procs.check(cluster.run(["srun", "--ntasks=2", "--overcommit", "--time=2",
-                                      sys.executable, "-m", "accel", "check"]))
+                                      sys.executable, "-m", "accel", "check", "--backend", "gloo"],
+                                     ACCEL_DEVICE="cpu"))
     for rank in (0, 1):
         assert re.search(rf"rank {rank}/2 local {rank}/2 .*launcher slurm, backend gloo.*all_reduce 3 "
                          r"\(expected 3\).*replicas identical: yes; ok", output), output
@@ -33,7 +36,7 @@ def test_sbatch_single_node_template_completes(cluster, tmp_path):
     output = tmp_path / "job.out"
     job_id = cluster.sbatch(["--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--overcommit",
                              "--time=3", str(procs.REPO_ROOT / "slurm" / "single_node.sbatch")], output,
-                            PYTHON=sys.executable, PROGRAM=REPORT)
+                            PYTHON=sys.executable, PROGRAM=PROGRAM)
     state = cluster.wait(job_id, output)
     log = output.read_text()
     assert state == "COMPLETED", log
@@ -59,7 +62,7 @@ def test_two_emulated_nodes_two_tasks_each(cluster):
     # n1 and n2 do not resolve, so the rendezvous address is given; everything else is SLURM's.
     output = procs.check(cluster.run(
         ["srun", "--partition=emulated", "--nodes=2", "--ntasks-per-node=2", "--overcommit", "--time=2",
-         sys.executable, REPORT], MASTER_ADDR="127.0.0.1"))
+         sys.executable, REPORT, *GLOO_ON_CPU], MASTER_ADDR="127.0.0.1"))
     reports = read_reports(output)
     assert sorted(reports) == [0, 1, 2, 3], output
     for rank, report in reports.items():
@@ -74,7 +77,7 @@ def test_sbatch_multi_node_template_torchrun_per_node(cluster, tmp_path):
     output = tmp_path / "job.out"
     job_id = cluster.sbatch(["--partition=emulated", "--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1",
                              "--time=3", str(procs.REPO_ROOT / "slurm" / "multi_node.sbatch")], output,
-                            PYTHON=sys.executable, PROGRAM=REPORT, GPUS_PER_NODE="1",
+                            PYTHON=sys.executable, PROGRAM=PROGRAM, GPUS_PER_NODE="1",
                             RDZV_HOST="127.0.0.1", RDZV_PORT=str(procs.free_port()))
     state = cluster.wait(job_id, output)
     log = output.read_text()
