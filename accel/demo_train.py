@@ -15,7 +15,6 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -350,7 +349,3 @@ def _report(run: _Run, device: torch.device, seconds: float, restarts: int) -> d
         "block_term": {"parameters": bt.num_weight_parameters, "dense_parameters": bt.in_features * bt.out_features,
                        "compression_ratio": bt.compression_ratio},
     }
-
-
-def output_paths(out: Path) -> list[Path]:
-    return [out / "report.json", out / "control_chart.png", out / "accuracy.png"]
