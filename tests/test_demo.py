@@ -160,3 +160,18 @@ def test_the_training_device_is_the_one_init_bound(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match="stop here"):
         cli.main(["demo", "--out", str(tmp_path)])
     assert calls == {"init": (None, None), "device": torch.device("cuda", 1)}
+
+
+def test_digits_are_read_without_scikit_learn_and_equal_load_digits():
+    """The demo's data must stay bit-identical while skipping the scikit-learn import at every (re)start."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    from accel.datasets import _digits
+
+    images, labels = _digits()
+    reference = load_digits()
+    assert images.dtype == reference.images.dtype and labels.dtype == reference.target.dtype
+    assert np.array_equal(images, reference.images) and np.array_equal(labels, reference.target)
+    code = "import sys, accel.datasets as d; d.moving_digits(sequences_per_image=1); print('sklearn' in sys.modules)"
+    assert procs.check(procs.run([sys.executable, "-c", code], timeout=120)).strip() == "False"
