@@ -3,7 +3,7 @@
 Alternates two runs of ``python -m accel demo --nproc 2 --max-restarts 1`` with the same options, one
 uninterrupted and one whose rank 1 SIGKILLs itself after step ``--kill-at`` (the test hook
 ``ACCEL_DEMO_FAULT``), and reports the difference of their wall times (median over ``--pairs``),
-with the steps redone since the last checkpoint. Both must end with the same ``params_sha256``.
+with the steps redone since the checkpoint it resumed from. Both must end with the same ``params_sha256``.
 
     python experiments/restart_cost.py                    # 3 pairs, --quick --epochs 2 (~5 min on 2 cores)
 """
@@ -46,7 +46,6 @@ def main() -> None:
     parser.add_argument("--options", default="--quick --epochs 2", help="further demo options")
     args = parser.parse_args()
     options = args.options.split() + ["--checkpoint-every", str(args.checkpoint_every)]
-    last_checkpoint = args.kill_at // args.checkpoint_every * args.checkpoint_every
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for pair in range(args.pairs):
@@ -59,8 +58,12 @@ def main() -> None:
             print(f"pair {pair + 1}: uninterrupted {clean_seconds:.1f} s, killed after step {args.kill_at} and "
                   f"restarted {killed_seconds:.1f} s: {killed_seconds - clean_seconds:+.1f} s", flush=True)
     lost = statistics.median(row["seconds_lost"] for row in rows)
+    # the checkpoint resumed from (periodic or an epoch's end) is named ...-s<step>.pt
+    resumed_step = int(rows[0]["resumed_from"][0].rsplit("-s", 1)[1].split(".")[0])
     summary = {"options": options, "nproc": 2, "kill_at_step": args.kill_at,
-               "steps_redone": args.kill_at - last_checkpoint, "median_seconds_lost": lost,
+               "steps_redone": args.kill_at - resumed_step, "median_seconds_lost": lost,
+               "min_seconds_lost": min(row["seconds_lost"] for row in rows),
+               "max_seconds_lost": max(row["seconds_lost"] for row in rows),
                "median_uninterrupted_seconds": statistics.median(row["uninterrupted_seconds"] for row in rows),
                "params_identical": True, "pairs": rows}
     print(f"median seconds lost per restart: {lost:.1f} s (steps redone: {summary['steps_redone']}), "

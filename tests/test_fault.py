@@ -81,6 +81,12 @@ def test_a_truncated_latest_checkpoint_is_skipped_for_the_one_before(reference, 
     _same_run(report, reference)
     assert report["resumed_from"] == ["checkpoint-e00001-s000000010.pt"]
 
+    # a checkpoint of another run (here: another number of epochs) is refused, naming the option
+    other = [*DEMO[:DEMO.index("--epochs")], "--epochs", "2", *DEMO[DEMO.index("--epochs") + 2:]]
+    refused = procs.run(other + ["--out", str(out)], timeout=180)
+    assert refused.returncode != 0 and "belongs to a different run: --epochs 1 (this run: 2)" in refused.stdout
+    assert "--no-resume to start over" in refused.stdout and "Traceback" not in refused.stdout
+
 
 @pytest.mark.multiprocess
 def test_torchrun_restarts_a_killed_worker_and_ends_with_the_same_parameters(tmp_path):
