@@ -1,6 +1,6 @@
 """The main job, `python -m accel demo --quick`, run for real: in one process, under torchrun, mpiexec
 and a SLURM batch job (slurm/demo.sbatch on the local test cluster). Each run must write a coherent
-report and both pictures."""
+report and both pictures. Bad arguments and launch environments fail at once, in one line, before any work."""
 from __future__ import annotations
 
 import json
