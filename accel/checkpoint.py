@@ -70,6 +70,7 @@ def save(directory: str | Path, state: dict[str, Any], *, epoch: int, step: int,
     descriptor, temporary = tempfile.mkstemp(prefix=final.name + ".", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(descriptor, "wb") as handle:
+            os.fchmod(handle.fileno(), 0o666 & ~_umask())  # mkstemp's 0600 would hide it from the group
             handle.write(header)
             handle.write(payload)
             handle.flush()
@@ -82,6 +83,12 @@ def save(directory: str | Path, state: dict[str, Any], *, epoch: int, step: int,
     for old in list_checkpoints(directory)[:-keep]:
         old.unlink(missing_ok=True)
     return final
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_directory(directory: Path) -> None:

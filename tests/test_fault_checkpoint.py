@@ -34,6 +34,9 @@ def test_save_load_round_trip_and_keep_the_newest(tmp_path, seed):
     path, loaded = checkpoint.load_latest(tmp_path)
     assert path == kept[-1] and _same(loaded, states[20])
     assert not list(tmp_path.glob("*.tmp"))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as any file this user writes, not mkstemp's 0600
 
 
 def test_a_crash_mid_write_leaves_the_previous_checkpoint_intact(tmp_path, seed, monkeypatch):
