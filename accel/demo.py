@@ -7,26 +7,32 @@ A sequence classifier on :func:`accel.datasets.moving_digits` (1,600 inputs per 
   through the out-of-core GEMM engine;
 * :class:`accel.ISGD` with a cosine LR schedule, data-parallel over every process
   :func:`accel.distributed.init` finds (torchrun, SLURM, mpirun, or ``--nproc N`` which relaunches
-  itself through torchrun).
+  itself through torchrun, with ``--max-restarts K`` elastic restarts).
 
-It writes ``report.json``, ``control_chart.png`` and ``accuracy.png`` to ``--out``.
+It checkpoints every epoch and every ``--checkpoint-every`` steps under ``<out>/checkpoints/`` and,
+started again with the same ``--out``, resumes from the newest valid checkpoint (the training loop is
+:mod:`accel.demo_train`). SIGUSR1 (SLURM's warning before a time limit) makes it checkpoint and exit
+with status 75. It writes ``report.json``, ``control_chart.png`` and ``accuracy.png`` to ``--out``.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
-import time
+import tempfile
+from datetime import timedelta
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from torch import nn
 
 from accel import distributed
+from accel.demo_train import NUM_CLASSES, StopRequest, train
 
-NUM_CLASSES = 10
+DEFAULT_TIMEOUT_SECONDS = 60.0
+# the process group's own timeout is longer, so the watchdog's message (naming the collective) comes first
+_GROUP_TIMEOUT_MARGIN_SECONDS = 30.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=None, help="epochs (default: 12, or 3 with --quick)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
                         help="default: cuda when a GPU is visible, else cpu")
-    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="directory for the report and plots")
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"),
+                        help="directory for the report, plots and checkpoints")
     parser.add_argument("--quick", action="store_true", help="a small, fast run (for tests and a first look)")
     parser.add_argument("--batch-size", type=int, default=64, help="global batch size (default: 64)")
     parser.add_argument("--lr", type=float, default=0.1, help="peak learning rate (default: 0.1)")
@@ -44,23 +51,70 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sigma", type=float, default=3.0,
                         help="ISGD control limit in standard deviations (default: 3.0, the paper's)")
     parser.add_argument("--seed", type=int, default=0, help="seed for data and initialisation (default: 0)")
+    parser.add_argument("--checkpoint-every", type=int, default=20, metavar="N",
+                        help="also checkpoint every N steps, not only at each epoch's end; 0: epochs only "
+                             "(default: 20)")
+    parser.add_argument("--keep-checkpoints", type=int, default=3, metavar="K",
+                        help="checkpoints kept in <out>/checkpoints, newest first (default: 3)")
+    parser.add_argument("--no-resume", action="store_true",
+                        help="start over, deleting the checkpoints in <out>/checkpoints (default: resume from "
+                             "the newest valid one); a launcher's restart of this run still resumes")
+    parser.add_argument("--max-restarts", type=int, default=0, metavar="K",
+                        help="with --nproc N: torchrun restarts the whole group up to K times after a worker "
+                             "fails, and it resumes from the last checkpoint (default: 0)")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_SECONDS, metavar="SECONDS",
+                        help="a rank that waits this long on a peer that stopped responding exits, naming the "
+                             f"collective (default: {DEFAULT_TIMEOUT_SECONDS:g})")
 
 
-class DemoModel(nn.Module):
-    """BT-LSTM encoder -> last hidden state -> out-of-core linear head."""
+def _validate(args: argparse.Namespace) -> None:
+    """One-line errors (no traceback) for values that would fail, or silently mislead, later."""
+    def fail(message: str) -> None:
+        raise SystemExit(f"accel demo: error: {message}")
 
-    def __init__(self, input_size: int, hidden_size: int, *, device: torch.device, memory_limit: int):
-        super().__init__()
-        from accel.nn import BTLSTM, OutOfCoreLinear
+    cores = os.cpu_count() or 1
+    checks = [
+        (args.nproc >= 1, f"--nproc must be >= 1, got {args.nproc}"),
+        (args.nproc <= 8 * cores, f"--nproc {args.nproc} is more than 8 processes per CPU core ({cores} cores)"),
+        (args.epochs is None or args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}"),
+        (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
+        (math.isfinite(args.lr) and args.lr > 0, f"--lr must be a positive number, got {args.lr}"),
+        (args.hidden_size >= 1, f"--hidden-size must be >= 1, got {args.hidden_size}"),
+        (math.isfinite(args.sigma) and args.sigma > 0, f"--sigma must be a positive number, got {args.sigma}"),
+        (args.seed >= 0, f"--seed must be >= 0, got {args.seed}"),
+        (args.checkpoint_every >= 0, f"--checkpoint-every must be >= 0 (0: at epoch ends only), "
+                                     f"got {args.checkpoint_every}"),
+        (args.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {args.keep_checkpoints}"),
+        (args.max_restarts >= 0, f"--max-restarts must be >= 0, got {args.max_restarts}"),
+        (math.isfinite(args.timeout) and args.timeout > 0, f"--timeout must be a positive number of seconds, "
+                                                           f"got {args.timeout}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            fail(message)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda asked for, but torch sees no CUDA GPU")
+    try:
+        launch = distributed.detect()
+    except distributed.LaunchError as error:
+        fail(str(error))
+    if args.max_restarts and not (args.nproc > 1 and launch.launcher == "single"):
+        fail("--max-restarts needs --nproc N > 1 (torchrun restarts the group); under srun or sbatch use "
+             "slurm/demo.sbatch, which requeues the job")
+    world_size = args.nproc if launch.launcher == "single" else launch.world_size
+    if args.batch_size % world_size:
+        fail(f"--batch-size {args.batch_size} does not split evenly over {world_size} processes")
+    _check_writable(args.out, fail)
 
-        self.encoder = BTLSTM(input_size, hidden_size, batch_first=True, ranks=8, num_blocks=2, device=device)
-        # The head's weight stays in host memory whatever the device; its three matmuls per step run
-        # on this rank's device through the out-of-core engine (tile cache included).
-        self.head = OutOfCoreLinear(hidden_size, NUM_CLASSES, devices=[str(device)], memory_limit=memory_limit)
 
-    def forward(self, clips: torch.Tensor) -> torch.Tensor:
-        _, (hidden, _) = self.encoder(clips)
-        return self.head(hidden[-1])
+def _check_writable(out: Path, fail) -> None:
+    """Create ``out`` and prove it writable now, not after the whole run."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        fail(f"--out {out}: cannot write there ({error.strerror or error})")
 
 
 def _relaunch_through_torchrun(args: argparse.Namespace) -> int:
@@ -68,47 +122,17 @@ def _relaunch_through_torchrun(args: argparse.Namespace) -> int:
     import subprocess
 
     forwarded = ["--out", str(args.out), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
-                 "--hidden-size", str(args.hidden_size), "--sigma", str(args.sigma), "--seed", str(args.seed)]
+                 "--hidden-size", str(args.hidden_size), "--sigma", str(args.sigma), "--seed", str(args.seed),
+                 "--checkpoint-every", str(args.checkpoint_every), "--keep-checkpoints", str(args.keep_checkpoints),
+                 "--timeout", str(args.timeout)]
     forwarded += ["--epochs", str(args.epochs)] if args.epochs is not None else []
     forwarded += ["--device", args.device] if args.device is not None else []
     forwarded += ["--quick"] if args.quick else []
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={args.nproc}", "-m", "accel", "demo", *forwarded]
+    forwarded += ["--no-resume"] if args.no_resume else []  # restarted workers resume regardless
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+               f"--max-restarts={args.max_restarts}", "-m", "accel", "demo", *forwarded]
     print("launching:", " ".join(command), flush=True)
     return subprocess.call(command)
-
-
-def _shard(count: int, info) -> torch.Tensor:
-    return torch.arange(info.rank, count, info.world_size)
-
-
-def _average_gradients(parameters, group) -> None:
-    """Mean of the gradients over the group, for parameters that DDP does not own (the host-side head)."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=group)
-    flat /= dist.get_world_size(group)
-    offset = 0
-    for grad in grads:
-        grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
-        offset += grad.numel()
-
-
-@torch.no_grad()
-def _accuracy(model: nn.Module, split, indices: torch.Tensor, device, batch_size: int, info) -> float:
-    model.eval()
-    correct = torch.zeros(2, dtype=torch.float64)
-    for start in range(0, len(indices), batch_size):
-        idx = indices[start:start + batch_size]
-        logits = model(split.inputs[idx].to(device))
-        correct[0] += (logits.argmax(1).cpu() == split.labels[idx]).sum().item()
-        correct[1] += len(idx)
-    if info.world_size > 1:
-        dist.all_reduce(correct)
-    model.train()
-    return float(correct[0] / correct[1])
 
 
 def _plot_accuracy(epochs: list[dict], path: Path) -> None:
@@ -134,92 +158,6 @@ def _plot_accuracy(epochs: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _train(args: argparse.Namespace, info) -> dict:
-    from tqdm import tqdm
-
-    from accel.datasets import moving_digits
-    from accel.optim import ISGD, plot_control_chart
-
-    device = torch.device(info.device if args.device is None else args.device)
-    if device.type == "cuda" and info.device.startswith("cuda"):
-        device = torch.device(info.device)  # this rank's GPU
-    epochs = args.epochs if args.epochs is not None else (3 if args.quick else 12)
-    per_rank_batch = max(1, args.batch_size // info.world_size)
-    torch.manual_seed(args.seed)  # identical initial weights on every rank
-    train, test = moving_digits(sequences_per_image=1 if args.quick else 2, seed=args.seed)
-    features = train.inputs.shape[-1]
-
-    model = DemoModel(features, args.hidden_size, device=device, memory_limit=64 << 20)
-    encoder = model.encoder
-    head_group = None
-    if info.world_size > 1:
-        encoder = nn.parallel.DistributedDataParallel(
-            model.encoder, device_ids=[device.index] if device.type == "cuda" else None)
-        # the head's parameters live in host memory: average them over a gloo group even under nccl
-        head_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
-
-    train_indices = _shard(len(train), info)
-    batches_per_epoch = -(-len(train_indices) // per_rank_batch)
-    # the paper's window: one epoch of batch losses
-    optimizer = ISGD(model.parameters(), lr=args.lr, momentum=0.9, sigma=args.sigma, window=batches_per_epoch,
-                     max_chase=3, history=info.rank == 0)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
-    loss_fn = nn.CrossEntropyLoss()
-    generator = torch.Generator().manual_seed(args.seed)  # the same shuffle on every rank
-
-    history, start = [], time.perf_counter()
-    for epoch in range(1, epochs + 1):
-        order = train_indices[torch.randperm(len(train_indices), generator=generator)]
-        bar = tqdm(range(batches_per_epoch), desc=f"epoch {epoch}/{epochs}", disable=info.rank != 0,
-                   file=sys.stdout, dynamic_ncols=True, mininterval=0.1 if sys.stdout.isatty() else 5.0)
-        losses = []
-        for b in bar:
-            idx = order[b * per_rank_batch:(b + 1) * per_rank_batch]
-            clips, labels = train.inputs[idx].to(device), train.labels[idx].to(device)
-
-            def closure():
-                optimizer.zero_grad()
-                _, (hidden, _) = encoder(clips)
-                loss = loss_fn(model.head(hidden[-1]), labels)
-                loss.backward()
-                if head_group is not None:
-                    _average_gradients(model.head.parameters(), head_group)
-                return loss
-
-            loss = optimizer.step(closure)
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", chased=optimizer.stats["chased_batches"], refresh=False)
-        scheduler.step()
-        accuracy = _accuracy(model, test, _shard(len(test), info), device, 256, info)
-        history.append({"epoch": epoch, "train_loss": sum(losses) / len(losses), "test_accuracy": accuracy,
-                        "seconds": time.perf_counter() - start})
-        if info.rank == 0:
-            print(f"epoch {epoch}: train loss {history[-1]['train_loss']:.3f}, "
-                  f"test accuracy {100 * accuracy:.1f}%", flush=True)
-
-    seconds = time.perf_counter() - start
-    bt = model.encoder.input_projection
-    engine_totals = model.head.engine.totals.as_dict()
-    report = {
-        "launcher": info.launcher, "world_size": info.world_size, "backend": info.backend,
-        "device": str(device), "epochs": epochs, "global_batch_size": per_rank_batch * info.world_size,
-        "train_sequences": len(train), "test_sequences": len(test), "features_per_frame": features,
-        "test_accuracy": history[-1]["test_accuracy"], "chance_accuracy": 1 / NUM_CLASSES,
-        "history": history, "wall_seconds": seconds,
-        "isgd": {k: v for k, v in optimizer.stats.items()},
-        "out_of_core": engine_totals,
-    }
-    report["block_term"] = {"parameters": bt.num_weight_parameters,
-                            "dense_parameters": bt.in_features * bt.out_features,
-                            "compression_ratio": bt.compression_ratio}
-    if info.rank == 0:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "report.json").write_text(json.dumps(report, indent=2, default=float))
-        plot_control_chart(optimizer.history, args.out / "control_chart.png")
-        _plot_accuracy(history, args.out / "accuracy.png")
-    return report
-
-
 def _summary(report: dict, out: Path) -> str:
     isgd, ooc = report["isgd"], report["out_of_core"]
     lines = [
@@ -236,25 +174,36 @@ def _summary(report: dict, out: Path) -> str:
         f"{isgd['extra_passes']} extra forward/backward passes",
         f"  out-of-core head   {ooc['bytes_to_device'] / 2**20:.1f} MiB in, {ooc['bytes_to_host'] / 2**20:.1f} MiB out "
         f"over {ooc['calls']} GEMMs, tile-cache hit rate {100 * ooc['cache_hit_rate']:.0f}%",
+        f"  parameters sha256  {report['params_sha256'][:16]}...; resumed {report['resumes']} time(s), "
+        f"launcher restarts {report['launcher_restarts']}; checkpoints in {out / 'checkpoints'}",
         f"  wrote {out / 'report.json'}, {out / 'control_chart.png'}, {out / 'accuracy.png'}",
     ]
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.nproc < 1:
-        raise SystemExit(f"--nproc must be >= 1, got {args.nproc}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda asked for, but torch sees no CUDA GPU")
+    _validate(args)
     if args.nproc > 1 and distributed.detect().launcher == "single":
         return _relaunch_through_torchrun(args)
+    StopRequest.install()  # early: SIGUSR1's default action would end the process
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    # --device cpu on a GPU machine: gloo, since nccl cannot reduce host tensors
-    with distributed.init(backend="gloo" if args.device == "cpu" else None) as info:
+    # --device cpu on a GPU machine: gloo and no GPU bound, since nccl cannot reduce host tensors
+    timeout = timedelta(seconds=args.timeout + _GROUP_TIMEOUT_MARGIN_SECONDS)
+    try:
+        info = distributed.init(backend="gloo" if args.device == "cpu" else None, timeout=timeout,
+                                device=args.device)
+    except (distributed.LaunchError, ValueError) as error:
+        raise SystemExit(f"accel demo: error: {error}") from None
+    with info:
         if info.rank == 0:
             print(f"accel demo: rank 0 of {info.world_size} ({info.launcher}, {info.backend or 'no process group'})",
                   flush=True)
-        report = _train(args, info)
+        report, state = train(args, info, info.device)  # init() bound this rank's GPU, or the CPU asked for
         if info.rank == 0:
+            from accel.optim import plot_control_chart
+
+            (args.out / "report.json").write_text(json.dumps(report, indent=2, default=float))
+            plot_control_chart(state.optimizer.history, args.out / "control_chart.png")
+            _plot_accuracy(report["history"], args.out / "accuracy.png")
             print(_summary(report, args.out), flush=True)
     return 0

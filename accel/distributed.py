@@ -75,7 +75,7 @@ _exit_hook_registered = False
 _LOCAL_RANK_VARIABLES = ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID")
 
 
-def init(backend: str | None = None, timeout: timedelta = DEFAULT_TIMEOUT) -> DistInfo:
+def init(backend: str | None = None, timeout: timedelta = DEFAULT_TIMEOUT, device: str | None = None) -> DistInfo:
     """Detect the launcher, pick backend and device, and join the ``torch.distributed`` group.
 
     With one process no group is created (``backend`` is ``None`` in the result): there is nobody
@@ -83,8 +83,12 @@ def init(backend: str | None = None, timeout: timedelta = DEFAULT_TIMEOUT) -> Di
     same record; a group made elsewhere is adopted if its rank and size agree with the environment.
 
     Args:
-        backend: ``"nccl"``, ``"gloo"``, ... or ``None`` for ``nccl`` when CUDA is available, else ``gloo``.
+        backend: ``"nccl"``, ``"gloo"``, ... or ``None``: the ``ACCEL_BACKEND`` environment variable if set,
+            else ``nccl`` when this rank uses a GPU, else ``gloo``.
         timeout: how long collectives (and the rendezvous) may wait for the other ranks.
+        device: ``"cpu"`` (no GPU is bound, even where CUDA is available: several CPU ranks on a
+            one-GPU machine), ``"cuda"`` (a GPU is required), or ``None``: the ``ACCEL_DEVICE``
+            environment variable if set, else ``cuda`` when CUDA is available.
 
     Returns:
         A :class:`DistInfo`; ``with init() as info:`` calls :func:`shutdown` at the end of the block.
@@ -92,7 +96,8 @@ def init(backend: str | None = None, timeout: timedelta = DEFAULT_TIMEOUT) -> Di
     Raises:
         LaunchError: a bad launch environment (see :func:`detect`), a local rank beyond the visible
             GPUs, or a master address that does not resolve.
-        ValueError: an unavailable backend, or a different backend than an existing initialisation.
+        ValueError: an unavailable backend or device (``ACCEL_BACKEND`` / ``ACCEL_DEVICE`` named when
+            they gave it), or a different backend than an existing initialisation.
         TypeError: ``timeout`` is not a ``timedelta``.
     """
     global _info, _exit_hook_registered
@@ -100,7 +105,13 @@ def init(backend: str | None = None, timeout: timedelta = DEFAULT_TIMEOUT) -> Di
         raise TypeError(f"timeout must be a datetime.timedelta, got {type(timeout).__name__}")
     if timeout <= timedelta(0):
         raise ValueError(f"timeout must be positive, got {timeout}")
-    cuda = torch.cuda.is_available()
+    cuda = _wants_cuda(device if device is not None else os.environ.get("ACCEL_DEVICE"),
+                       "device" if device is not None else "ACCEL_DEVICE")
+    if backend is None and os.environ.get("ACCEL_BACKEND"):
+        try:
+            backend = choose_backend(os.environ["ACCEL_BACKEND"], cuda)
+        except ValueError as error:
+            raise ValueError(f"ACCEL_BACKEND={os.environ['ACCEL_BACKEND']!r}: {error}") from None
     chosen = choose_backend(backend, cuda)
     if _info is not None:
         if backend is not None and _info.backend is not None and chosen != _info.backend:
@@ -124,7 +135,9 @@ def init(backend: str | None = None, timeout: timedelta = DEFAULT_TIMEOUT) -> Di
     elif launch.world_size == 1:
         chosen = None
     else:
-        dist.init_process_group(chosen, init_method=_init_method(launch), rank=launch.rank,
+        method = _init_method(launch)  # resolves the master address first, for every launcher
+        store = _torchrun_store(launch, timeout) if launch.launcher == "torchrun" else None
+        dist.init_process_group(chosen, init_method=method, store=store, rank=launch.rank,
                                 world_size=launch.world_size, timeout=timeout)
 
     _info = DistInfo(launch.rank, launch.world_size, launch.local_rank, launch.local_world_size,
@@ -133,6 +146,18 @@ def init(backend: str | None = None, timeout: timedelta = DEFAULT_TIMEOUT) -> Di
         atexit.register(shutdown)
         _exit_hook_registered = True
     return _info
+
+
+def _wants_cuda(device: str | None, source: str) -> bool:
+    """Whether this rank binds a GPU: ``device`` validated (``source`` names where it came from)."""
+    available = torch.cuda.is_available()
+    if device is None or device == "":
+        return available
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"{source}={device!r}: expected 'cpu' or 'cuda'")
+    if device == "cuda" and not available:
+        raise ValueError(f"{source}='cuda' but torch.cuda.is_available() is False")
+    return device == "cuda"
 
 
 def shutdown() -> None:
@@ -215,22 +240,39 @@ def _describe(launch: Launch) -> str:
     return " ".join(f"{name}={value}" for name, value in launch.variables) or launch.launcher
 
 
-def _init_method(launch: Launch) -> str:
-    if launch.launcher == "torchrun":
-        # torchrun's agent already serves the store on MASTER_PORT; env:// makes workers its clients.
-        return "env://"
+def _init_method(launch: Launch) -> str | None:
+    """The ``tcp://`` rendezvous URL, or ``None`` under torchrun (see :func:`_torchrun_store`)."""
     addr, port = launch.master_addr, launch.master_port
-    origin = "MASTER_ADDR" if "MASTER_ADDR" in dict(launch.variables) else "the first host of the SLURM nodelist"
+    names = dict(launch.variables)
+    origin = "MASTER_ADDR" if "MASTER_ADDR" in names else "the first host of the SLURM nodelist"
     if addr is None or port is None:
         addr, port = _master_from_mpi(launch, addr, port)
         origin = "rank 0's host name, broadcast with mpi4py"
+    # Checked for every launcher (torchrun's too): an address that does not resolve would otherwise
+    # make the store client retry for the whole timeout.
     try:
         socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)
     except OSError as error:
         raise LaunchError(f"master address {addr!r} ({origin}) does not resolve ({error}); "
                           "set MASTER_ADDR to an address of rank 0's host") from None
+    if launch.launcher == "torchrun":
+        return None
     host = f"[{addr}]" if ":" in addr else addr  # IPv6 literal
     return f"tcp://{host}:{port}"
+
+
+def _torchrun_store(launch: Launch, timeout: timedelta) -> dist.Store:
+    """The rendezvous store under torchrun, with a key prefix for each restart of the group.
+
+    torchrun's agent serves one store for the whole job; after an elastic restart the keys of the
+    previous attempt's gloo/nccl rendezvous are still there, and the new workers would dial the dead
+    ones' addresses (torch's ``env://`` adds no prefix). ``TORCHELASTIC_RESTART_COUNT`` separates them.
+    """
+    agent_serves = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(launch.master_addr, launch.master_port, launch.world_size,
+                          is_master=not agent_serves and launch.rank == 0, timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"accel/attempt_{attempt}", store)
 
 
 def _master_from_mpi(launch: Launch, addr: str | None, port: int | None) -> tuple[str, int]:

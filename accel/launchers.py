@@ -14,6 +14,10 @@ from dataclasses import dataclass
 
 __all__ = ["Launch", "LaunchError", "detect", "expand_hostlist", "expand_tasks_per_node", "slurm_port"]
 
+# More hosts than any SLURM cluster has: a nodelist asking for more is a typo (node[1-99999999999]), and
+# expanding it would exhaust memory long before any error. Counted before anything is built.
+MAX_HOSTS = 65536
+
 # A port in 20000-29999 derived from the job and step ids, so that every srun step of every job
 # gets its own rendezvous port without anyone choosing one (MASTER_PORT overrides it).
 _SLURM_PORT_BASE, _SLURM_PORT_SPAN = 20000, 10000
@@ -61,7 +65,8 @@ def expand_hostlist(hostlist: str) -> list[str]:
         The host names in order.
 
     Raises:
-        LaunchError: on an empty list, unbalanced or nested brackets, or a malformed range.
+        LaunchError: on an empty list, unbalanced or nested brackets, a malformed range, or more than
+            :data:`MAX_HOSTS` hosts in all (counted before anything is expanded).
     """
     names, depth, start = [], 0, 0
     for position, char in enumerate(hostlist):
@@ -79,12 +84,27 @@ def expand_hostlist(hostlist: str) -> list[str]:
     if depth:
         raise LaunchError(f"unclosed '[' in hostlist {hostlist!r}")
     names.append(hostlist[start:])
-    hosts = []
+    total = 0
     for name in names:
         if not name.strip():
             raise LaunchError(f"empty host name in hostlist {hostlist!r}")
-        hosts.extend(_expand_name(name.strip(), hostlist))
-    return hosts
+        total += _count_hosts(name.strip(), hostlist)
+        if total > MAX_HOSTS:
+            raise LaunchError(f"hostlist {hostlist!r} names more than {MAX_HOSTS:,} hosts "
+                              f"(accel.launchers.MAX_HOSTS); is a range mistyped?")
+    return [host for name in names for host in _expand_name(name.strip(), hostlist)]
+
+
+def _count_hosts(name: str, hostlist: str) -> int:
+    """How many hosts ``name`` expands to, from the range bounds alone (nothing is built)."""
+    count, rest = 1, name
+    while "[" in rest:
+        open_at = rest.index("[")
+        close_at = rest.index("]", open_at)
+        count *= sum(high - low + 1 for _, low, high in
+                     (_range_bounds(part, hostlist) for part in rest[open_at + 1:close_at].split(",")))
+        rest = rest[close_at + 1:]
+    return count
 
 
 def _expand_name(name: str, hostlist: str) -> list[str]:
@@ -97,19 +117,27 @@ def _expand_name(name: str, hostlist: str) -> list[str]:
     return [prefix + item + suffix for item in _expand_ranges(body, hostlist) for suffix in suffixes]
 
 
+def _range_bounds(part: str, hostlist: str) -> tuple[str, int, int]:
+    """``"01-03"`` -> ``("01", 1, 3)``; ``"7"`` -> ``("7", 7, 7)``."""
+    low, dash, high = part.partition("-")
+    if not low.isdigit() or (dash and not high.isdigit()):
+        raise LaunchError(f"bad range {part!r} in hostlist {hostlist!r} (expected N or N-M)")
+    if len(low) > 64 or len(high) > 64:  # int() of thousands of digits is itself slow, then refused
+        raise LaunchError(f"range {part!r} in hostlist {hostlist!r} has numbers of more than 64 digits")
+    if dash and int(high) < int(low):
+        raise LaunchError(f"descending range {part!r} in hostlist {hostlist!r}")
+    return low, int(low), int(high) if dash else int(low)
+
+
 def _expand_ranges(body: str, hostlist: str) -> list[str]:
     items = []
     for part in body.split(","):
-        low, dash, high = part.partition("-")
-        if not low.isdigit() or (dash and not high.isdigit()):
-            raise LaunchError(f"bad range {part!r} in hostlist {hostlist!r} (expected N or N-M)")
-        if not dash:
-            items.append(low)
+        low_text, low, high = _range_bounds(part, hostlist)
+        if low == high and "-" not in part:
+            items.append(low_text)
             continue
-        if int(high) < int(low):
-            raise LaunchError(f"descending range {part!r} in hostlist {hostlist!r}")
-        width = len(low)  # "01-10" pads to the width of the low end, as SLURM does
-        items.extend(str(number).zfill(width) for number in range(int(low), int(high) + 1))
+        width = len(low_text)  # "01-10" pads to the width of the low end, as SLURM does
+        items.extend(str(number).zfill(width) for number in range(low, high + 1))
     return items
 
 

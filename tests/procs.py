@@ -67,6 +67,27 @@ def _kill_tree(pid: int) -> None:
             pass
 
 
+def spawn(cmd: list[str], *, env: dict[str, str] | None = None, output: Path | None = None) -> subprocess.Popen:
+    """Start ``cmd`` in a session of its own (for :func:`kill_tree`), its output to ``output`` or a pipe.
+
+    For tests that must act on a running child (stop it, signal it); pair with ``kill_tree(proc.pid)``
+    in a ``finally``.
+    """
+    stream = open(output, "w") if output is not None else subprocess.PIPE
+    try:
+        return subprocess.Popen(cmd, stdout=stream, stderr=subprocess.STDOUT, text=True,
+                                env=env if env is not None else child_env(), cwd=REPO_ROOT,
+                                start_new_session=True)
+    finally:
+        if output is not None:
+            stream.close()
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL what ``pid`` started (see :func:`spawn`); harmless if it already ended."""
+    _kill_tree(pid)
+
+
 def run(cmd: list[str], *, timeout: float, env: dict[str, str] | None = None,
         cwd: str | Path | None = None) -> subprocess.CompletedProcess:
     """Run ``cmd`` to completion; on timeout kill its process group and raise with its output."""

@@ -310,3 +310,59 @@ def test_init_under_mpi_variables_but_no_mpi_launcher_fails_clearly():
                        env=procs.child_env(PMI_RANK="0", PMI_SIZE="2"))
     output = procs.check(result)
     assert "LaunchError: mpi4py sees rank 0 of 1" in output and "PMI_SIZE=2" in output
+
+
+@pytest.mark.parametrize("hostlist", ["node[1-99999999999]", "r[1-300]n[1-300]", "a,n[1-65536]",
+                                      "n[1-" + "9" * 5000 + "]"])
+def test_expand_hostlist_refuses_absurd_ranges_before_expanding(hostlist):
+    import time
+
+    start = time.monotonic()
+    with pytest.raises(LaunchError, match="more than 65,536 hosts|more than 64 digits"):
+        expand_hostlist(hostlist)
+    assert time.monotonic() - start < 1.0  # counted from the bounds, nothing built
+    assert len(expand_hostlist("n[1-65536]")) == 65536  # the limit itself is accepted
+
+
+def test_init_under_torchrun_variables_fails_fast_on_a_master_that_does_not_resolve(clean_env):
+    import time
+
+    env = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "no-such-host.invalid", "MASTER_PORT": "29555"}
+    for name, value in env.items():
+        clean_env.setenv(name, value)
+    start = time.monotonic()
+    with pytest.raises(LaunchError, match="'no-such-host.invalid' \\(MASTER_ADDR\\) does not resolve"):
+        distributed.init(timeout=timedelta(minutes=5))
+    assert time.monotonic() - start < 30 and not dist.is_initialized()
+
+
+def test_init_device_and_backend_from_arguments_or_environment(clean_env):
+    with distributed.init(device="cpu") as info:
+        assert info.device == torch.device("cpu")
+    clean_env.setenv("ACCEL_DEVICE", "gpu")
+    with pytest.raises(ValueError, match="ACCEL_DEVICE='gpu': expected 'cpu' or 'cuda'"):
+        distributed.init()
+    clean_env.setenv("ACCEL_DEVICE", "cpu")
+    clean_env.setenv("ACCEL_BACKEND", "carrier-pigeon")
+    with pytest.raises(ValueError, match="ACCEL_BACKEND='carrier-pigeon'.*not available"):
+        distributed.init()
+    clean_env.setenv("ACCEL_BACKEND", "gloo")
+    with distributed.init() as info:
+        assert info.device == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device='cuda' but torch.cuda.is_available\\(\\) is False"):
+            distributed.init(device="cuda")
+
+
+@pytest.mark.multiprocess
+def test_torchrun_store_separates_restart_attempts(clean_env):
+    """After an elastic restart the agent's store still holds the last attempt's keys: each attempt gets a prefix."""
+    port = procs.free_port()
+    server = dist.TCPStore("127.0.0.1", port, 1, is_master=True, timeout=timedelta(seconds=10))
+    launch = detect({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    clean_env.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    clean_env.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    distributed._torchrun_store(launch, timedelta(seconds=10)).set("rank_0", "dead address")
+    clean_env.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    second = distributed._torchrun_store(launch, timedelta(seconds=10))
+    assert second.check(["rank_0"]) is False and server.check(["accel/attempt_0/rank_0"])

@@ -34,7 +34,7 @@ def mpiexec() -> str:
 
 
 def test_mpiexec_init_and_all_reduce(mpiexec):
-    output = procs.check(procs.run([mpiexec, "-n", "2", sys.executable, str(SCRIPT)], timeout=120))
+    output = procs.check(procs.run([mpiexec, "-n", "2", sys.executable, str(SCRIPT), "--backend", "gloo", "--device", "cpu"], timeout=120))
     reports = read_reports(output)
     assert sorted(reports) == [0, 1], output
     for rank, report in reports.items():

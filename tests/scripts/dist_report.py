@@ -2,7 +2,10 @@
 
 Used by the torchrun, MPI and SLURM tests. With --replicas it also checks that
 accel.cli.replica_difference sees identical replicas as identical and a perturbed one as different.
+``--backend NAME`` and ``--device cpu|cuda`` go to init(): the tests ask for gloo on the CPU, so that
+several ranks on a one-GPU machine neither pick nccl nor share the GPU.
 """
+import argparse
 import json
 import os
 import socket
@@ -17,8 +20,13 @@ from accel.cli import replica_difference
 
 
 def main() -> None:
-    with distributed.init(timeout=timedelta(seconds=60)) as info:
-        total = torch.tensor([float(info.rank + 1)])
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--replicas", action="store_true")
+    parser.add_argument("--backend", default=None)
+    parser.add_argument("--device", default=None)
+    args = parser.parse_args()
+    with distributed.init(backend=args.backend, timeout=timedelta(seconds=60), device=args.device) as info:
+        total = torch.tensor([float(info.rank + 1)], device=info.device)  # on the group's device
         dist.all_reduce(total)
         launch = distributed.detect()
         nodelist = os.environ.get("SLURM_STEP_NODELIST")
@@ -32,9 +40,9 @@ def main() -> None:
             **{name: os.environ.get(name) for name in ("SLURM_PROCID", "SLURM_NODEID", "SLURM_LOCALID",
                                                       "SLURMD_NODENAME", "PMI_RANK", "LOCAL_RANK")},
         }
-        if "--replicas" in sys.argv:
+        if args.replicas:
             torch.manual_seed(0)  # the same weights on every rank
-            model = torch.nn.Linear(3, 2)
+            model = torch.nn.Linear(3, 2).to(info.device)
             record["replica_difference_same"] = replica_difference(model)
             if info.rank == 1:
                 with torch.no_grad():

@@ -1,0 +1,155 @@
+"""Checkpoint files that a crash cannot corrupt: atomic writes, a checksum, the last few kept.
+
+A checkpoint is one file ``<directory>/checkpoint-e<epoch>-s<step>.pt``: a header line with the
+SHA-256 of the payload, then the payload as :func:`torch.save` writes it. :func:`save` writes to a
+temporary file in the same directory, flushes it to disk and renames it into place, so a process
+killed mid-write leaves at worst a stray ``.tmp`` file, never a damaged checkpoint under a real
+name. :func:`load_latest` walks the checkpoints newest first and skips any whose checksum or
+contents do not verify (a truncated copy, a disk error), saying which and why.
+
+Payloads are loaded with ``weights_only=True``: plain containers, numbers, strings and tensors.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["CheckpointError", "save", "load_latest", "list_checkpoints", "remove_all"]
+
+_MAGIC = b"accel-checkpoint v1 sha256="
+_NAME = re.compile(r"^checkpoint-e(\d+)-s(\d+)\.pt$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that does not verify (the message names the file and the fault)."""
+
+
+def _name(epoch: int, step: int) -> str:
+    return f"checkpoint-e{epoch:05d}-s{step:09d}.pt"
+
+
+def list_checkpoints(directory: str | Path) -> list[Path]:
+    """The checkpoint files in ``directory``, oldest first (by epoch, then step); ``[]`` if none."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), int(m.group(2)), path) for path in directory.iterdir()
+             if (m := _NAME.match(path.name))]
+    return [path for _, _, path in sorted(found)]
+
+
+def save(directory: str | Path, state: dict[str, Any], *, epoch: int, step: int, keep: int = 3) -> Path:
+    """Write ``state`` atomically as the checkpoint for (``epoch``, ``step``); keep the newest ``keep``.
+
+    Args:
+        directory: where checkpoints live (created if missing).
+        state: what :func:`torch.save` can write with ``weights_only`` loading (containers, numbers, tensors).
+        epoch, step: the position the state resumes at; they order the checkpoints.
+        keep: how many checkpoints to keep, newest first (older ones are deleted after the write).
+
+    Returns:
+        The checkpoint's path.
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    header = _MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n"
+    final = directory / _name(epoch, step)
+    descriptor, temporary = tempfile.mkstemp(prefix=final.name + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            os.fchmod(handle.fileno(), 0o666 & ~_umask())  # mkstemp's 0600 would hide it from the group
+            handle.write(header)
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, final)  # atomic on POSIX: readers see the old name set or the new one
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    _fsync_directory(directory)
+    for old in list_checkpoints(directory)[:-keep]:
+        old.unlink(missing_ok=True)
+    return final
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename itself durable (a crash of the machine right after must not undo it)."""
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """Read and verify one checkpoint.
+
+    Raises:
+        CheckpointError: the file is truncated, altered, or not a checkpoint.
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    header, newline, payload = data.partition(b"\n")
+    if not newline or not header.startswith(_MAGIC):
+        raise CheckpointError(f"{path}: not an accel checkpoint (bad header)")
+    expected = header[len(_MAGIC):].decode(errors="replace")
+    if hashlib.sha256(payload).hexdigest() != expected:
+        raise CheckpointError(f"{path}: checksum mismatch ({len(payload):,} payload bytes): truncated or corrupt")
+    try:
+        state = torch.load(io.BytesIO(payload), weights_only=True)
+    except Exception as error:  # a checksum that matches a payload torch cannot read: still unusable
+        raise CheckpointError(f"{path}: unreadable payload ({error})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: payload is a {type(state).__name__}, not a dict")
+    return state
+
+
+def load_latest(directory: str | Path, *, say: Callable[[str], None] | None = None
+                ) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint in ``directory`` that verifies, as ``(path, state)``; ``None`` if none does.
+
+    Each checkpoint skipped is reported through ``say`` (default: a line on stderr) with the reason.
+    """
+    say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+    for path in reversed(list_checkpoints(directory)):
+        try:
+            return path, load(path)
+        except (CheckpointError, OSError) as error:
+            say(f"skipping checkpoint {path.name}: {error}; trying the one before it")
+    return None
+
+
+def remove_all(directory: str | Path) -> int:
+    """Delete every checkpoint (and stray temporary file) in ``directory``; the number of checkpoints removed."""
+    directory = Path(directory)
+    removed = list_checkpoints(directory)
+    for path in removed:
+        path.unlink(missing_ok=True)
+    if directory.is_dir():
+        for stray in directory.glob("checkpoint-*.tmp"):
+            stray.unlink(missing_ok=True)
+    return len(removed)
