@@ -100,15 +100,8 @@ def _backward(ctx, grads):
     return None, grad_x, grad_h0, grad_c0, grad_weight, grad_bias if ctx.has_bias else None, None, None
 
 
+# torch marks the backward once-differentiable: double backward raises 'trying to differentiate twice'
 _recurrence.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _double_backward_error(*args, **kwargs):
-    raise RuntimeError("accel.nn's fused recurrence does not support double backward (its backward-through-time "
-                       "is hand-written); build the layer with recurrence='loop' for higher-order gradients")
-
-
-_recurrence_backward.register_autograd(_double_backward_error)
 
 
 def padded_direction(mode: str, x_proj: Tensor, state: tuple[Tensor, ...], weight_hh: Tensor,

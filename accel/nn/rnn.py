@@ -279,7 +279,7 @@ _CONSTRUCTOR_DOC = """
         recurrence (str): ``"fused"``: each direction of each layer is one op with a hand-written
             backward-through-time (:mod:`accel.nn.recurrence_op`), which ``torch.export`` keeps with a
             dynamic sequence length; ``"loop"``: the Python reference loop that autograd differentiates
-            (supports double backward; exported at a fixed length). Default: ``"fused"``.
+            step by step (exported unrolled at a fixed length). Default: ``"fused"``.
         device, dtype: of the parameters.
 """
 
