@@ -31,7 +31,7 @@ import torch
 __all__ = ["SAVED", "forward", "backward", "previous"]
 
 # tensors each mode keeps for its backward besides ``out``; the LSTM also returns ``c_n``
-SAVED = {"LSTM": ("gates", "cells", "tanh_cells"), "GRU": ("gates", "hidden_gates"), "RNN_TANH": (),
+SAVED = {"LSTM": ("gates", "factors", "cell_from_hidden"), "GRU": ("gates", "hidden_gates"), "RNN_TANH": (),
          "RNN_RELU": ()}
 
 
@@ -104,39 +104,38 @@ def forward(mode: str, x_proj, h0, c0, weight_hh, bias_hh, active: list[int], re
             _carry(out, t, h, a)
             h = outs[t]
         return out, []
-    cells = x_proj.new_empty(steps, batch, hidden)
-    tanh_cells = x_proj.new_zeros(steps, batch, hidden) if min(active) < batch else torch.empty_like(cells)
-    cells_all, tanh_all = _per_step(cells), _per_step(tanh_cells)
+    # the backward's factors are computed here, per step, while the step's tensors are in cache
+    # (as whole-sequence passes afterwards they cost more than the steps' GEMMs on 2 cores)
+    packed = min(active) < batch
+    factors = x_proj.new_zeros(steps, batch, 4 * hidden) if packed else torch.empty_like(gates)
+    cell_from_hidden = x_proj.new_zeros(steps, batch, hidden) if packed else torch.empty_like(out)
+    cells, tanh_cell = x_proj.new_empty(steps, batch, hidden), x_proj.new_empty(batch, hidden)
+    cells_all, factors_all, from_hidden = _per_step(cells), _per_step(factors), _per_step(cell_from_hidden)
     i_all, f_all, if_all = _per_step(gates, 0, hidden), _per_step(gates, hidden, 2 * hidden), _per_step(gates, 0, 2 * hidden)
     g_all, o_all = _per_step(gates, 2 * hidden, 3 * hidden), _per_step(gates, 3 * hidden)
+    fi, ff, fg, fo = (_per_step(factors, k * hidden, (k + 1) * hidden) for k in range(4))
     c = c0
     for t in _time_steps(steps, reverse):
         a = active[t]
         rows = _rows(a, batch)
-        rows(gates_all[t]).addmm_(rows(h), w_t)
+        s_t = rows(gates_all[t]).addmm_(rows(h), w_t)
         rows(if_all[t]).sigmoid_()
         g = rows(g_all[t]).tanh_()
-        o = rows(o_all[t]).sigmoid_()
-        c_new = torch.mul(rows(f_all[t]), rows(c), out=rows(cells_all[t])).addcmul_(rows(i_all[t]), g)
-        torch.mul(o, torch.tanh(c_new, out=rows(tanh_all[t])), out=rows(outs[t]))
+        o, i, c_prev = rows(o_all[t]).sigmoid_(), rows(i_all[t]), rows(c)
+        c_new = torch.mul(rows(f_all[t]), c_prev, out=rows(cells_all[t])).addcmul_(i, g)
+        tc = torch.tanh(c_new, out=rows(tanh_cell))
+        h_new = torch.mul(o, tc, out=rows(outs[t]))
+        # d pre-activation per unit of dc (i, f, g) or of dh (o): sigmoid' = s (1 - s), tanh' = 1 - g^2
+        torch.addcmul(s_t, s_t, s_t, value=-1, out=rows(factors_all[t]))
+        rows(fi[t]).mul_(g)
+        rows(ff[t]).mul_(c_prev)
+        torch.addcmul(i, torch.mul(i, g, out=rows(fg[t])), g, value=-1, out=rows(fg[t]))
+        rows(fo[t]).mul_(tc)
+        torch.addcmul(o, h_new, tc, value=-1, out=rows(from_hidden[t]))  # d c / d h = o (1 - tanh(c)^2)
         _carry(out, t, h, a)
         _carry(cells, t, c, a)
         h, c = outs[t], cells_all[t]
-    return out, [c.clone(), gates, cells, tanh_cells]
-
-
-def _lstm_factors(gates, c_prev, tanh_cells):
-    """For every step at once: the derivative of each gate's pre-activation per unit of the cell
-    gradient (i, f, g) or of the hidden gradient (o), and ``d c / d h`` through the output."""
-    s = gates.unflatten(-1, (4, -1))
-    i, f, g, o = s.unbind(-2)
-    factors = torch.addcmul(s, s, s, value=-1)  # sigmoid' = s (1 - s) (the g slot is overwritten)
-    factors[..., 0, :].mul_(g)
-    factors[..., 1, :].mul_(c_prev)
-    torch.mul(i, 1 - g.square(), out=factors[..., 2, :])
-    factors[..., 3, :].mul_(tanh_cells)
-    cell_from_hidden = (1 - tanh_cells.square()).mul_(o)
-    return factors, cell_from_hidden
+    return out, [c.clone(), gates, factors, cell_from_hidden]
 
 
 def _gru_factors(gates, hidden_gates, h_prev):
@@ -159,7 +158,6 @@ def backward(mode: str, grad_out, grad_c_n, h0, c0, weight_hh, out, saved: list,
     ``grad_c_n`` is the gradient of the LSTM's ``c_n`` (or ``None``)."""
     steps, batch, hidden = out.shape
     packed = min(active) < batch
-    h_prev = previous(out, h0, reverse)
     width = weight_hh.shape[0]
     # the gradient of the pre-activation gates is the gradient of x_proj (for the GRU: of W_hh h + b_hh)
     grad_gates = out.new_zeros(steps, batch, width) if packed else out.new_empty(steps, batch, width)
@@ -187,8 +185,8 @@ def backward(mode: str, grad_out, grad_c_n, h0, c0, weight_hh, out, saved: list,
 
     grad_c0 = None
     if mode == "LSTM":
-        gates, cells, tanh_cells = saved
-        factors, cell_from_hidden = _lstm_factors(gates, previous(cells, c0, reverse), tanh_cells)
+        gates, factors, cell_from_hidden = saved
+        factors = factors.unflatten(-1, (4, hidden))
         grad_c = grad_c_n.clone() if grad_c_n is not None else torch.zeros_like(c0)
         grad_c_columns = grad_c.unsqueeze(1)
         by_cell, by_hidden = _per_step(factors[:, :, :3]), _per_step(factors[:, :, 3])
@@ -209,7 +207,7 @@ def backward(mode: str, grad_out, grad_c_n, h0, c0, weight_hh, out, saved: list,
         grad_x = grad_gates
     elif mode == "GRU":
         gates, hidden_gates = saved
-        factors, d_n = _gru_factors(gates, hidden_gates, h_prev)
+        factors, d_n = _gru_factors(gates, hidden_gates, previous(out, h0, reverse))
         grad_x_n = out.new_zeros(steps, batch, hidden) if packed else torch.empty_like(out)
         direct = torch.empty_like(h0)
         factors, d_n, grad_n, update = (_per_step(factors), _per_step(d_n), _per_step(grad_x_n),
@@ -239,6 +237,10 @@ def backward(mode: str, grad_out, grad_c_n, h0, c0, weight_hh, out, saved: list,
             torch.mul(dh, rows(derivative[t]), out=rows(grad_gates_all[t]))
             carry_back(rows, t, dh, next_grad)
         grad_x = grad_gates
-    flat = grad_gates.reshape(-1, width)
-    grad_weight = flat.t().mm(h_prev.reshape(-1, hidden))
-    return grad_x, grad_h, grad_c0, grad_weight, flat.sum(0)
+    return grad_x, grad_h, grad_c0, _weight_grad(grad_gates, out, h0, reverse), grad_gates.sum((0, 1))
+
+
+def _weight_grad(grad_gates, out, h0, reverse: bool):
+    """``sum_t grad_gates[t]^T h_prev[t]`` as two GEMMs over all steps (``h_prev`` is ``out`` shifted)."""
+    first, later, earlier = (-1, grad_gates[:-1], out[1:]) if reverse else (0, grad_gates[1:], out[:-1])
+    return torch.addmm(grad_gates[first].t().mm(h0), later.flatten(0, 1).t(), earlier.flatten(0, 1))

@@ -54,7 +54,7 @@ def _(mode, x_proj, h0, c0, weight_hh, bias_hh, batch_sizes, reverse):
     out = x_proj.new_empty(steps, batch, hidden)
     if mode == "LSTM":
         return [out, h0.new_empty(batch, hidden), x_proj.new_empty(steps, batch, width),
-                x_proj.new_empty(steps, batch, hidden), x_proj.new_empty(steps, batch, hidden)]
+                x_proj.new_empty(steps, batch, width), x_proj.new_empty(steps, batch, hidden)]
     if mode == "GRU":
         return [out, x_proj.new_empty(steps, batch, width), x_proj.new_empty(steps, batch, width)]
     return [out]
