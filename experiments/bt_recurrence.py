@@ -131,6 +131,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="3 repetitions instead of 9")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of a BTLSTM model")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--only", default=None, help="run only the settings whose name contains this")
     parser.add_argument("--out", default=str(RESULTS / "bt_recurrence.json"))
     args = parser.parse_args()
     if args.threads:
@@ -138,7 +139,7 @@ def main():
     repeats = 3 if args.quick else 9
     results = {"torch": torch.__version__, "threads": torch.get_num_threads(), "repeats": repeats,
                "load_average_before": os.getloadavg(), "settings": []}
-    for setting in SETTINGS:
+    for setting in [s for s in SETTINGS if args.only is None or args.only in s[0]]:
         result = measure(setting, repeats, skip_loop=False)
         results["settings"].append(result)
         print(f"{result['setting']}: wall ms " + ", ".join(f"{k} {v:.1f}" for k, v in result["wall_ms"].items())
