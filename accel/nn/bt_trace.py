@@ -92,5 +92,5 @@ def rebuild_matmul(x: torch.Tensor, core: torch.Tensor, factors) -> torch.Tensor
     out0, in_features = factors[0].shape[2], x.shape[1]
     dtype = matmul_dtype(x, left, right)
     weight = torch.mm(left.to(dtype), right.to(dtype)).view(out0, in_features, -1)
-    y = torch.matmul(x.to(dtype), weight)  # (J_0, B, J')
+    y = torch.bmm(x.to(dtype).expand(out0, -1, -1), weight)  # (J_0, B, J'), x not copied
     return y.permute(1, 0, 2).reshape(x.shape[0], -1)
