@@ -1,7 +1,7 @@
 """torch.compile of BTLinear on each contraction path: first-call time, graph breaks, accuracy, speed.
 
-For every setting and path a fresh process (so the compile time is the one a user's first call sees,
-Dynamo and Inductor warm-up included) builds the layer, compiles it with ``torch.compile`` (default
+For every setting and path a fresh process with an empty Inductor cache (so the compile time is the one a
+user's very first call sees, Dynamo and Inductor warm-up included) builds the layer, compiles it with ``torch.compile`` (default
 mode), and records:
 
 - ``first_call_s``: the compiled layer's first forward+backward (tracing and code generation);
@@ -28,6 +28,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -109,7 +110,9 @@ def main():
     for setting in args.settings:
         for path in args.paths:
             command = [sys.executable, __file__, "--one", setting, path] + (["--quick"] if args.quick else [])
-            done = subprocess.run(command, capture_output=True, text=True, check=True)
+            with tempfile.TemporaryDirectory() as cache:  # a cold Inductor cache: a user's very first call
+                env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
+                done = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
             row = json.loads(done.stdout.strip().splitlines()[-1])
             rows.append(row)
             print(f"{setting:18s} {path:7s} (eager: {row['eager_path']:6s}) first call {row['first_call_s']:5.1f} s, "

@@ -47,9 +47,10 @@ def test_compile_no_graph_break_static_and_dynamic_batch(seed):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert sum(torch._dynamo.utils.counters["graph_break"].values()) == 0
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2  # static, then one dynamic graph
-    # the eager module is untouched: its workspace holds the same (real) buffers
+    # the compiled dense path runs the eager kernels in the layer's workspace: the same real buffers
     assert {k: v.data_ptr() for k, v in model[2].workspace._buffers.items()} == \
         {k: v.data_ptr() for k, v in workspace.items()}
+    assert all(type(v) is torch.Tensor for v in model[2].workspace._buffers.values())
     torch.testing.assert_close(step(model, x)[0], eager[0], rtol=0, atol=0)
 
 
@@ -71,3 +72,21 @@ def test_inductor_default_path_matches_eager(seed):
     torch._dynamo.reset()
     for a, b in zip(step(torch.compile(layer, fullgraph=True), x), eager):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("need_x", [False, True])
+def test_compiled_dense_op_passes_opcheck(seed, need_x):
+    """The dense path's custom op (used under torch.compile): fake shapes, autograd and schema checked by torch."""
+    from accel.nn.bt_dense import rebuild_operands
+    from accel.nn.bt_trace import _rebuild_linear_op
+
+    torch.manual_seed(seed)
+    layer = BTLinear(24, 12, in_shape=(2, 3, 4), out_shape=(3, 2, 2), ranks=2, dtype=torch.float64)
+    left, right = rebuild_operands(layer.core, list(layer.factors))
+    x = torch.randn(5, 24, dtype=torch.float64, requires_grad=need_x)
+    torch.library.opcheck(_rebuild_linear_op, (x, left, right, 3, layer.workspace.key))
+    y = _rebuild_linear_op(x, left, right, 3, layer.workspace.key)
+    torch.testing.assert_close(y, x @ layer.to_dense().t(), rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x, a, b: _rebuild_linear_op(x, a, b, 3, layer.workspace.key),
+                                    (x.detach().requires_grad_(need_x), left.detach().requires_grad_(),
+                                     right.detach().requires_grad_()))

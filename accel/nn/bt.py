@@ -28,7 +28,8 @@ from accel.nn.bt_dense import RebuildWorkspace, matmul_dtype, rebuild_linear
 from accel.nn.bt_paths import (FACTORIZED_FLOP_PENALTY, GEMM_CHAIN_MAX_EXTRA_FLOPS,  # noqa: F401 (re-exported)
                                REBUILD_FLOP_PENALTY, contraction_costs, contraction_method, dense_is_cheaper,
                                factorized_expression, factorized_method, rebuild_expression)
-from accel.nn.bt_trace import contract_steps, is_tracing, plan_rows, rebuild_matmul, traced_plan
+from accel.nn.bt_trace import (compiled_rebuild_linear, contract_steps, is_tracing, plan_rows, rebuild_matmul,
+                                traced_plan)
 
 __all__ = ["BTLinear", "balanced_factors"]
 
@@ -315,6 +316,8 @@ class BTLinear(nn.Module):
         # jit.trace cannot record the chain's autograd.Function ("unordered_map::at"): it gets the einsum twin
         method, steps = traced_plan(*self._key(), self.contraction, plan_rows(x.shape[0]),
                                     gemm_chain=not torch.jit.is_tracing())
+        if method == "dense" and torch.compiler.is_dynamo_compiling() and not torch.compiler.is_exporting():
+            return compiled_rebuild_linear(x, self.core, self.factors, self.workspace)
         if method == "dense":
             return rebuild_matmul(x, self.core, self.factors)
         if method == "gemm":
