@@ -150,3 +150,16 @@ def test_onnx_export_matches_onnxruntime(seed, contraction, tmp_path):
         x = torch.randn(batch, 24)
         out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
         torch.testing.assert_close(torch.from_numpy(out), layer(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("contraction", ["gemm", "einsum", "dense"])
+def test_strict_export(seed, contraction):
+    """torch.export's strict mode traces with Dynamo: the plan is a constant there too, and the dense path stays
+    ordinary ops (the custom op of torch.compile is not exported)."""
+    layer = trained_layer(contraction, seed)
+    program = torch.export.export(layer, (torch.randn(4, 24),), dynamic_shapes=({0: torch.export.Dim("batch")},),
+                                  strict=True)
+    assert "bt_rebuild_linear" not in str(program.graph)
+    x = torch.randn(9, 24)
+    torch.testing.assert_close(program.module()(x), layer(x), rtol=1e-4, atol=1e-5)

@@ -76,7 +76,14 @@ class BTLinear(nn.Module):
         workspace (RebuildWorkspace): the dense path keeps ``W`` and its gradient here between calls
             (2 x ``in_features * out_features`` elements once used); ``layer.workspace.clear()`` frees them.
 
-    The weight uses ``N * (sum_k I_k J_k R_k + prod_k R_k)`` parameters (``num_weight_parameters``).
+    The weight uses ``N * (sum_k I_k J_k R_k + prod_k R_k)`` parameters (``num_weight_parameters``); a layer
+    larger than the dense weight is built with a warning giving both figures. As for ``nn.Linear``, the input
+    must have the parameters' dtype (autocast aside).
+
+    Under ``torch.compile``, ``torch.export`` (a dynamic batch included), ``torch.onnx.export(dynamo=True)``,
+    ``torch.jit.trace`` or on FakeTensors the layer runs the same contraction with ordinary ops, its plan made
+    outside the graph (:mod:`accel.nn.bt_trace`); no traced tensor reaches a cache or ``workspace`` (compiled, the
+    dense path is one custom op that runs the eager kernels, workspace included, on the real tensors).
     """
 
     def __init__(self, in_features: int, out_features: int, *, in_shape: Sequence[int] | None = None,

@@ -11,9 +11,11 @@ The eager forward pass does three things a tracer cannot take:
 - the factorized path splits the batch into cache-sized pieces, a count that depends on the batch size.
 
 So a traced call takes a plan made outside the graph (:func:`traced_plan`, a constant for Dynamo),
-never touches the workspace, contracts the whole batch at once, and uses only ordinary differentiable
-ops (the GEMM chain, ``torch.einsum`` steps along the ``opt_einsum`` path, or the rebuilt weight), each
-the same arithmetic as its eager twin. The plan of a symbolic (dynamic) batch is made for its example
+never touches the workspace while tracing, contracts the whole batch at once, and uses only ordinary
+differentiable ops (the GEMM chain, ``torch.einsum`` steps along the ``opt_einsum`` path, or the rebuilt
+weight), each the same arithmetic as its eager twin. One exception, under ``torch.compile`` only (not
+export): the dense path is a custom op running the eager kernels and workspace on the real tensors at run
+time (see ``compiled_rebuild_linear``). The plan of a symbolic (dynamic) batch is made for its example
 size where Python can read it (``torch.export``), else for ``SYMBOLIC_BATCH_PLAN_ROWS`` rows (inside
 ``torch.compile``); any batch size then runs correctly, only the choice of path is fixed.
 """
