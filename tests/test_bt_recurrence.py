@@ -147,3 +147,24 @@ def test_onnx_lowering_refuses_packed_sequences():
     with pytest.raises(NotImplementedError, match="PackedSequence is not supported"):
         onnx_direction("GRU", torch.randn(2, 2, 6), (torch.zeros(2, 2),), torch.randn(6, 2), None, False,
                        torch.tensor([2, 1]))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused LSTM/GRU cells (aten._thnn_fused_*_cell) "
+                    "have only CUDA kernels; no GPU here")
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_cuda_fused_cells_match_loop(seed, kind):
+    torch.manual_seed(seed)
+    bt = make(kind, num_layers=2, bidirectional=True).cuda()
+    x = torch.randn(6, 4, INPUT, dtype=torch.float64, device="cuda")
+    lengths = torch.tensor([6, 2, 5, 1])
+    for model_input in (x, pack_padded_sequence(x, lengths, enforce_sorted=False)):
+        results, grads = {}, {}
+        for recurrence in ("fused", "loop"):
+            bt.recurrence = recurrence
+            bt.zero_grad()
+            results[recurrence] = _flat_outputs(*bt(model_input))
+            sum(r.square().sum() for r in results[recurrence]).backward()
+            grads[recurrence] = [p.grad.clone() for p in bt.parameters()]
+        for a, b in zip(results["fused"] + grads["fused"], results["loop"] + grads["loop"]):
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9)

@@ -52,6 +52,10 @@ def _(mode, x_proj, h0, c0, weight_hh, bias_hh, batch_sizes, reverse):
     steps, batch, width = x_proj.shape
     hidden = h0.shape[-1]
     out = x_proj.new_empty(steps, batch, hidden)
+    if x_proj.device.type == "cuda" and mode in ("LSTM", "GRU"):
+        from accel.nn.fused_recurrence_cuda import saved_widths
+        saved = [x_proj.new_empty(steps, batch, w) for w in saved_widths(mode, hidden)]
+        return [out, *([h0.new_empty(batch, hidden)] if mode == "LSTM" else []), *saved]
     if mode == "LSTM":
         return [out, h0.new_empty(batch, hidden), x_proj.new_empty(steps, batch, width),
                 x_proj.new_empty(steps, batch, width), x_proj.new_empty(steps, batch, hidden)]
