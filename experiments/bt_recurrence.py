@@ -148,7 +148,8 @@ def main():
         print(f"{result['setting']}: wall ms " + ", ".join(f"{k} {v:.1f}" for k, v in result["wall_ms"].items())
               + f" | BT/nn {result['bt_over_nn_wall']:.2f}x (cpu {result['bt_over_nn_cpu']:.2f}x), "
               f"BT/(nn+projection) {result['bt_over_nn_plus_projection_wall']:.2f}x "
-              f"(cpu {result['bt_over_nn_plus_projection_cpu']:.2f}x), loop/fused {result['loop_over_fused_wall']:.2f}x",
+              f"(cpu {result['bt_over_nn_plus_projection_cpu']:.2f}x), "
+              f"loop/fused {result['loop_over_fused_wall']:.2f}x",
               flush=True)
     if args.compile:
         results["compile"] = measure_compile(repeats)

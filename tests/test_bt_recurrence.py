@@ -62,7 +62,7 @@ def test_fused_matches_loop_outputs_and_all_gradients(seed, kind, layout, num_la
 def test_op_gradcheck_float64(seed, mode, reverse, lengths):
     """gradcheck of the whole op (h0, c0, input projections, hidden weight and bias) on a tiny case."""
     torch.manual_seed(seed)
-    steps, batch, hidden = 3, 3, 2
+    batch, hidden = 3, 2
     width = GATES[mode] * hidden
     batch_sizes = torch.tensor([3, 3, 3] if lengths == "equal" else [3, 2, 1])
     x_proj = torch.randn(int(batch_sizes.sum()), width, dtype=torch.float64, requires_grad=True)

@@ -49,7 +49,8 @@ def _gru_cell_backward(grad_hy, workspace, has_bias):
 @pytest.fixture(scope="module")
 def emulated_cells():
     library = torch.library.Library("aten", "IMPL")
-    for name, fn in (("_thnn_fused_lstm_cell", _lstm_cell), ("_thnn_fused_lstm_cell_backward_impl", _lstm_cell_backward),
+    for name, fn in (("_thnn_fused_lstm_cell", _lstm_cell),
+                     ("_thnn_fused_lstm_cell_backward_impl", _lstm_cell_backward),
                      ("_thnn_fused_gru_cell", _gru_cell), ("_thnn_fused_gru_cell_backward", _gru_cell_backward)):
         library.impl(name, fn, "CPU")
     yield
@@ -64,7 +65,8 @@ def test_cuda_path_matches_generic_path(emulated_cells, seed, mode, reverse, len
     width = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1}[mode] * hidden
     active = [4] * 5 if lengths == "equal" else [4, 3, 3, 2, 1]
     kw = {"dtype": torch.float64}
-    x_proj, h0, c0 = torch.randn(steps, batch, width, **kw), torch.randn(batch, hidden, **kw), torch.randn(batch, hidden, **kw)
+    x_proj = torch.randn(steps, batch, width, **kw)
+    h0, c0 = torch.randn(batch, hidden, **kw), torch.randn(batch, hidden, **kw)
     weight, bias = torch.randn(width, hidden, **kw), torch.randn(width, **kw)
     c0 = c0 if mode == "LSTM" else None
     results = {}

@@ -7,13 +7,15 @@ still running at step ``t`` (a prefix of the batch, as in a ``PackedSequence``; 
 
 What makes it fast on CPU (measured against the reference in ``experiments/bt_recurrence.py``):
 
-- one GEMM per step for the hidden path, added in place into a preallocated gate buffer
-  (``addmm_``), and the gate activations applied in place in that buffer, which is then kept for
-  the backward: no per-step allocation, no autograd graph of ~10 nodes per step;
+- one GEMM per step for the hidden path, written into a preallocated gate buffer (``addmm`` with
+  ``out=``, then ``b_hh`` added in place), and the gate activations applied in place in that
+  buffer, which is then kept for the backward: no autograd graph of ~10 nodes per step;
 - the backward's per-step work reduced to ~5 small ops: every factor that does not depend on the
-  incoming gradient (``sigmoid'``, ``tanh'``, products with the saved gates) is computed for all
-  steps at once before the loop, with few large elementwise ops;
-- the weight and bias gradients taken after the loop with one GEMM over all ``T * B`` rows.
+  incoming gradient (``sigmoid'``, ``tanh'``, products with the saved gates) is computed
+  beforehand: for the LSTM inside the forward step, while the step's tensors are in cache (as
+  whole-sequence passes they cost about as much as the GEMMs on this 2-core machine), for the GRU
+  and the plain RNN in a few whole-sequence ops before the backward loop;
+- the weight and bias gradients taken after the loop with two GEMMs over all ``T * B`` rows.
 
 Rows of a sequence that has finished (forward) or not yet started (reverse) carry the state through
 the step unchanged, in the outputs as well: so ``out[last]`` is every sequence's final state, and
@@ -118,7 +120,8 @@ def forward(mode: str, x_proj, h0, c0, weight_hh, bias_hh, active: list[int], re
     cell_from_hidden = x_proj.new_zeros(steps, batch, hidden) if packed else torch.empty_like(out)
     cells, tanh_cell = x_proj.new_empty(steps, batch, hidden), x_proj.new_empty(batch, hidden)
     cells_all, factors_all, from_hidden = _per_step(cells), _per_step(factors), _per_step(cell_from_hidden)
-    i_all, f_all, if_all = _per_step(gates, 0, hidden), _per_step(gates, hidden, 2 * hidden), _per_step(gates, 0, 2 * hidden)
+    i_all, f_all = _per_step(gates, 0, hidden), _per_step(gates, hidden, 2 * hidden)
+    if_all = _per_step(gates, 0, 2 * hidden)
     g_all, o_all = _per_step(gates, 2 * hidden, 3 * hidden), _per_step(gates, 3 * hidden)
     fi, ff, fg, fo = (_per_step(factors, k * hidden, (k + 1) * hidden) for k in range(4))
     c = c0

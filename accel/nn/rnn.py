@@ -178,7 +178,8 @@ class _BTRNNBase(nn.Module):
         if not lstm and not isinstance(hx, torch.Tensor):
             raise TypeError(f"{type(self).__name__} expects hx as one tensor h_0 (only BTLSTM takes a tuple "
                             f"(h_0, c_0)), got {type(hx).__name__}")
-        states = tuple(self._check_state(s, n, batch, batched) for s, n in zip(hx if lstm else (hx,), ("h_0", "c_0")))
+        states = tuple(self._check_state(s, name, batch, batched)
+                       for s, name in zip(hx if lstm else (hx,), ("h_0", "c_0")))
         if sorted_indices is not None:
             states = tuple(s.index_select(1, sorted_indices) for s in states)
         return states
@@ -240,10 +241,10 @@ class _BTRNNBase(nn.Module):
             raise ValueError(f"LSTMs with projections are not supported, got proj_size={module.proj_size}")
         p = module.weight_ih_l0
         extra = {"nonlinearity": module.nonlinearity} if cls is BTRNN else {}
-        layer = cls(module.input_size, module.hidden_size, num_layers=module.num_layers, bias=module.bias, batch_first=module.batch_first,
-                    dropout=module.dropout, bidirectional=module.bidirectional, in_shape=in_shape,
-                    hidden_shape=hidden_shape, ranks=ranks, num_blocks=num_blocks, device=p.device, dtype=p.dtype,
-                    **extra)
+        layer = cls(module.input_size, module.hidden_size, num_layers=module.num_layers, bias=module.bias,
+                    batch_first=module.batch_first, dropout=module.dropout, bidirectional=module.bidirectional,
+                    in_shape=in_shape, hidden_shape=hidden_shape, ranks=ranks, num_blocks=num_blocks,
+                    device=p.device, dtype=p.dtype, **extra)
         errors = []
         with torch.no_grad():
             for name, parameter in layer.named_parameters():
