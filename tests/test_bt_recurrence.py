@@ -86,7 +86,7 @@ def test_op_passes_torch_library_opcheck(seed, mode):
     width = GATES[mode] * hidden
     args = (mode, torch.randn(steps, batch, width, requires_grad=True), torch.randn(batch, hidden),
             torch.randn(batch, hidden) if mode == "LSTM" else None, torch.randn(width, hidden, requires_grad=True),
-            torch.randn(width, requires_grad=True), None, False)
+            torch.randn(width, requires_grad=True), None, False, True)
     torch.library.opcheck(torch.ops.accel.recurrence.default, args)
 
 
@@ -168,3 +168,19 @@ def test_cuda_fused_cells_match_loop(seed, kind):
             grads[recurrence] = [p.grad.clone() for p in bt.parameters()]
         for a, b in zip(results["fused"] + grads["fused"], results["loop"] + grads["loop"]):
             torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9)
+
+
+def test_inference_keeps_nothing_for_backward_and_gives_the_same_outputs(seed):
+    """Under no_grad the LSTM skips its backward factors (empty saved tensors), outputs unchanged."""
+    torch.manual_seed(seed)
+    bt = make("lstm", num_layers=2, bidirectional=True)
+    x = torch.randn(5, 3, INPUT, dtype=torch.float64)
+    with torch.no_grad():
+        inference = bt(x)
+        state = torch.zeros(3, 6, dtype=torch.float64)
+        saved = torch.ops.accel.recurrence("LSTM", torch.randn(5, 3, 4 * 6, dtype=torch.float64), state, state,
+                                           bt.weight_hh_l0, bt.bias_hh_l0, None, False, False)
+    assert [t.numel() for t in saved[3:]] == [0, 0]
+    training = bt(x)
+    for a, b in zip(_flat_outputs(*inference), _flat_outputs(*training)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

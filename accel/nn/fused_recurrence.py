@@ -65,9 +65,10 @@ def _rows(active: int, batch: int):
     return (lambda v: v) if active == batch else (lambda v: v[:active])
 
 
-def forward(mode: str, x_proj, h0, c0, weight_hh, bias_hh, active: list[int], reverse: bool):
+def forward(mode: str, x_proj, h0, c0, weight_hh, bias_hh, active: list[int], reverse: bool,
+            keep_for_backward: bool = True):
     """Returns ``(out, extra)``: ``out`` ``(T, B, H)`` and the list of tensors named in
-    :data:`SAVED` (for the LSTM, ``c_n`` first)."""
+    :data:`SAVED` (for the LSTM, ``c_n`` first; its factors are empty unless ``keep_for_backward``)."""
     steps, batch, _ = x_proj.shape
     hidden = h0.shape[-1]
     w_t = weight_hh.t().contiguous()  # h @ W^T with W^T stored row-major: ~10% faster steps (MKL, 2 cores)
@@ -116,8 +117,8 @@ def forward(mode: str, x_proj, h0, c0, weight_hh, bias_hh, active: list[int], re
     # the backward's factors are computed here, per step, while the step's tensors are in cache
     # (as whole-sequence passes afterwards they cost more than the steps' GEMMs on 2 cores)
     packed = min(active) < batch
-    factors = x_proj.new_zeros(steps, batch, 4 * hidden) if packed else torch.empty_like(gates)
-    cell_from_hidden = x_proj.new_zeros(steps, batch, hidden) if packed else torch.empty_like(out)
+    shapes = ((steps, batch, 4 * hidden), (steps, batch, hidden)) if keep_for_backward else ((0,), (0,))
+    factors, cell_from_hidden = (x_proj.new_zeros(shape) if packed else x_proj.new_empty(shape) for shape in shapes)
     cells, tanh_cell = x_proj.new_empty(steps, batch, hidden), x_proj.new_empty(batch, hidden)
     cells_all, factors_all, from_hidden = _per_step(cells), _per_step(factors), _per_step(cell_from_hidden)
     i_all, f_all = _per_step(gates, 0, hidden), _per_step(gates, hidden, 2 * hidden)
@@ -135,6 +136,11 @@ def forward(mode: str, x_proj, h0, c0, weight_hh, bias_hh, active: list[int], re
         c_new = torch.mul(rows(f_all[t]), c_prev, out=rows(cells_all[t])).addcmul_(i, g)
         tc = torch.tanh(c_new, out=rows(tanh_cell))
         h_new = torch.mul(o, tc, out=rows(outs[t]))
+        _carry(out, t, h, a)
+        _carry(cells, t, c, a)
+        h, c = outs[t], cells_all[t]
+        if not keep_for_backward:
+            continue
         # d pre-activation per unit of dc (i, f, g) or of dh (o): sigmoid' = s (1 - s), tanh' = 1 - g^2
         torch.addcmul(s_t, s_t, s_t, value=-1, out=rows(factors_all[t]))
         rows(fi[t]).mul_(g)
@@ -142,9 +148,6 @@ def forward(mode: str, x_proj, h0, c0, weight_hh, bias_hh, active: list[int], re
         torch.addcmul(i, torch.mul(i, g, out=rows(fg[t])), g, value=-1, out=rows(fg[t]))
         rows(fo[t]).mul_(tc)
         torch.addcmul(o, h_new, tc, value=-1, out=rows(from_hidden[t]))  # d c / d h = o (1 - tanh(c)^2)
-        _carry(out, t, h, a)
-        _carry(cells, t, c, a)
-        h, c = outs[t], cells_all[t]
     return out, [c.clone(), gates, factors, cell_from_hidden]
 
 

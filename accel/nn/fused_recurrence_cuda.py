@@ -28,7 +28,9 @@ def saved_widths(mode: str, hidden: int) -> list[int]:
     return {"LSTM": [4 * hidden, hidden], "GRU": [5 * hidden]}[mode]
 
 
-def forward(mode: str, x_proj, h0, c0, weight_hh, bias_hh, active: list[int], reverse: bool):
+def forward(mode: str, x_proj, h0, c0, weight_hh, bias_hh, active: list[int], reverse: bool,
+            keep_for_backward: bool = True):
+    """The fused cells' workspace is their output: it is kept whatever ``keep_for_backward`` says."""
     if mode not in SAVED:  # the plain RNN's step is two ops: the generic path is as fused
         return _generic_forward(mode, x_proj, h0, c0, weight_hh, bias_hh, active, reverse)
     steps, batch, _ = x_proj.shape

@@ -39,16 +39,18 @@ def _implementation(x_proj: Tensor):
 
 @torch.library.custom_op("accel::recurrence", mutates_args=())
 def _recurrence(mode: str, x_proj: Tensor, h0: Tensor, c0: Optional[Tensor], weight_hh: Tensor,
-                bias_hh: Optional[Tensor], batch_sizes: Optional[Tensor], reverse: bool) -> list[Tensor]:
-    """``[out, *extra]``: ``out`` ``(T, B, H)``, then (LSTM) ``c_n`` and the tensors the backward needs."""
+                bias_hh: Optional[Tensor], batch_sizes: Optional[Tensor], reverse: bool,
+                keep_for_backward: bool) -> list[Tensor]:
+    """``[out, *extra]``: ``out`` ``(T, B, H)``, then (LSTM) ``c_n`` and the tensors the backward needs
+    (the LSTM's backward factors are left empty when ``keep_for_backward`` is false: inference)."""
     steps, batch, _ = x_proj.shape
     out, extra = _implementation(x_proj).forward(mode, x_proj, h0, c0, weight_hh, bias_hh,
-                                                 _active(batch_sizes, steps, batch), reverse)
+                                                 _active(batch_sizes, steps, batch), reverse, keep_for_backward)
     return [out, *extra]
 
 
 @_recurrence.register_fake
-def _(mode, x_proj, h0, c0, weight_hh, bias_hh, batch_sizes, reverse):
+def _(mode, x_proj, h0, c0, weight_hh, bias_hh, batch_sizes, reverse, keep_for_backward):
     steps, batch, width = x_proj.shape
     hidden = h0.shape[-1]
     out = x_proj.new_empty(steps, batch, hidden)
@@ -57,6 +59,9 @@ def _(mode, x_proj, h0, c0, weight_hh, bias_hh, batch_sizes, reverse):
         saved = [x_proj.new_empty(steps, batch, w) for w in saved_widths(mode, hidden)]
         return [out, *([h0.new_empty(batch, hidden)] if mode == "LSTM" else []), *saved]
     if mode == "LSTM":
+        if not keep_for_backward:
+            return [out, h0.new_empty(batch, hidden), x_proj.new_empty(steps, batch, width), x_proj.new_empty(0),
+                    x_proj.new_empty(0)]
         return [out, h0.new_empty(batch, hidden), x_proj.new_empty(steps, batch, width),
                 x_proj.new_empty(steps, batch, width), x_proj.new_empty(steps, batch, hidden)]
     if mode == "GRU":
@@ -85,7 +90,7 @@ def _(mode, grad_out, grad_c_n, h0, c0, weight_hh, out, saved, batch_sizes, reve
 
 
 def _setup_context(ctx, inputs, output):
-    mode, _, h0, c0, weight_hh, bias_hh, batch_sizes, reverse = inputs
+    mode, _, h0, c0, weight_hh, bias_hh, batch_sizes, reverse, _ = inputs
     ctx.mode, ctx.reverse, ctx.has_bias = mode, reverse, bias_hh is not None
     ctx.batch_sizes = batch_sizes
     saved = output[2:] if mode == "LSTM" else output[1:]
@@ -101,7 +106,7 @@ def _backward(ctx, grads):
                                   ctx.reverse)
     grad_x, grad_h0, grad_weight, grad_bias = result[:4]
     grad_c0 = result[4] if ctx.mode == "LSTM" else None
-    return None, grad_x, grad_h0, grad_c0, grad_weight, grad_bias if ctx.has_bias else None, None, None
+    return None, grad_x, grad_h0, grad_c0, grad_weight, grad_bias if ctx.has_bias else None, None, None, None
 
 
 # torch marks the backward once-differentiable: double backward raises 'trying to differentiate twice'
@@ -129,7 +134,9 @@ def padded_direction(mode: str, x_proj: Tensor, state: tuple[Tensor, ...], weigh
         if tensor.dtype != dtype:
             raise TypeError(f"the recurrence needs one dtype: input projection is {dtype}, {name} is {tensor.dtype}")
     c0 = state[1] if mode == "LSTM" else None
-    result = torch.ops.accel.recurrence(mode, x_proj, state[0], c0, weight_hh, bias_hh, batch_sizes, reverse)
+    keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (x_proj, state[0], c0, weight_hh, bias_hh))
+    result = torch.ops.accel.recurrence(mode, x_proj, state[0], c0, weight_hh, bias_hh, batch_sizes, reverse, keep)
     out = result[0]
     h_n = out[0] if reverse else out[-1]
     return out, ((h_n, result[1]) if mode == "LSTM" else (h_n,))
