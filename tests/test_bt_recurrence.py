@@ -184,3 +184,15 @@ def test_inference_keeps_nothing_for_backward_and_gives_the_same_outputs(seed):
     training = bt(x)
     for a, b in zip(_flat_outputs(*inference), _flat_outputs(*training)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_non_contiguous_initial_state(seed):
+    """An h0/c0 given as a transposed view (batch-major storage) gives the loop's results."""
+    torch.manual_seed(seed)
+    bt = make("lstm", num_layers=2)
+    x = torch.randn(4, 3, INPUT, dtype=torch.float64)
+    h0, c0 = (torch.randn(3, 2, 6, dtype=torch.float64).transpose(0, 1) for _ in range(2))
+    fused = bt(x, (h0, c0))
+    bt.recurrence = "loop"
+    for a, b in zip(_flat_outputs(*fused), _flat_outputs(*bt(x, (h0, c0)))):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)

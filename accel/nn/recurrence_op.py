@@ -133,6 +133,8 @@ def padded_direction(mode: str, x_proj: Tensor, state: tuple[Tensor, ...], weigh
     for name, tensor in (("h0/c0", state[0]), ("weight_hh", weight_hh)):
         if tensor.dtype != dtype:
             raise TypeError(f"the recurrence needs one dtype: input projection is {dtype}, {name} is {tensor.dtype}")
+    # the steps write through views into buffers shaped like these: contiguous rows (no copy when already so)
+    x_proj, state = x_proj.contiguous(), tuple(s.contiguous() for s in state)
     c0 = state[1] if mode == "LSTM" else None
     keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                            for t in (x_proj, state[0], c0, weight_hh, bias_hh))
