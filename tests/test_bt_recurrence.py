@@ -196,3 +196,43 @@ def test_non_contiguous_initial_state(seed):
     bt.recurrence = "loop"
     for a, b in zip(_flat_outputs(*fused), _flat_outputs(*bt(x, (h0, c0)))):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype,reverse,lengths", list(itertools.product([torch.float32, torch.float64], [False, True],
+                                                                         ["equal", "unequal"])))
+def test_lstm_step_kernel_matches_torch_ops(seed, monkeypatch, dtype, reverse, lengths):
+    """kernels/lstm_step.cpp against its twin, the torch-op LSTM step, forward and backward."""
+    from accel.nn import fused_recurrence, recurrence_kernel
+    if recurrence_kernel.lstm_step(dtype) is None:
+        pytest.skip(f"the kernel did not build here: {recurrence_kernel.status}")
+    torch.manual_seed(seed)
+    steps, batch, hidden = 6, 4, 5
+    active = [4] * 6 if lengths == "equal" else [4, 4, 3, 2, 2, 1]
+    kw = {"dtype": dtype}
+    x_proj, weight, bias = torch.randn(steps, batch, 4 * hidden, **kw), torch.randn(4 * hidden, hidden, **kw), None
+    h0, c0 = torch.randn(batch, hidden, **kw), torch.randn(batch, hidden, **kw)
+    grad_out, grad_c_n = torch.randn(steps, batch, hidden, **kw), torch.randn(batch, hidden, **kw)
+    results = {}
+    for use_kernel in (True, False):
+        monkeypatch.setattr(fused_recurrence, "use_kernel", use_kernel)
+        out, extra = fused_recurrence.forward("LSTM", x_proj, h0, c0, weight, bias, active, reverse)
+        grads = fused_recurrence.backward("LSTM", grad_out, grad_c_n, h0, c0, weight, out, extra[1:], active, reverse)
+        results[use_kernel] = [out, extra[0], *grads]
+    tolerance = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-12}
+    for a, b in zip(results[True], results[False]):
+        torch.testing.assert_close(a, b, **tolerance)
+
+
+def test_kernel_build_failure_falls_back_with_a_reason(seed, monkeypatch):
+    from accel.nn import fused_recurrence, recurrence_kernel
+    monkeypatch.setattr(recurrence_kernel, "_library", None)
+    monkeypatch.setattr(recurrence_kernel, "status", "not built yet")
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    assert recurrence_kernel.lstm_step(torch.float32) is None
+    assert "no C++ compiler (/nonexistent/c++) found" in recurrence_kernel.status
+    torch.manual_seed(seed)
+    bt = make("lstm")
+    x = torch.randn(4, 2, INPUT, dtype=torch.float64)
+    fallback = bt(x)[0]
+    monkeypatch.setattr(fused_recurrence, "use_kernel", False)
+    torch.testing.assert_close(fallback, bt(x)[0], rtol=0, atol=0)

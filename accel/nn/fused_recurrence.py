@@ -30,7 +30,18 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["SAVED", "forward", "backward", "previous"]
+from accel.nn import recurrence_kernel
+from accel.nn.recurrence_kernel import pointer
+
+__all__ = ["SAVED", "forward", "backward", "previous", "use_kernel"]
+
+# the LSTM step's elementwise work through kernels/lstm_step.cpp when it builds (else the torch ops below,
+# its reference twin); tests switch this off to compare the two
+use_kernel = True
+
+
+def _lstm_kernel(tensor: torch.Tensor):
+    return recurrence_kernel.lstm_step(tensor.dtype) if use_kernel and tensor.device.type == "cpu" else None
 
 # tensors each mode keeps for its backward besides ``out``; the LSTM also returns ``c_n``
 SAVED = {"LSTM": ("gates", "factors", "cell_from_hidden"), "GRU": ("gates", "hidden_gates"), "RNN_TANH": (),
@@ -126,10 +137,19 @@ def forward(mode: str, x_proj, h0, c0, weight_hh, bias_hh, active: list[int], re
     g_all, o_all = _per_step(gates, 2 * hidden, 3 * hidden), _per_step(gates, 3 * hidden)
     fi, ff, fg, fo = (_per_step(factors, k * hidden, (k + 1) * hidden) for k in range(4))
     c = c0
+    kernel = _lstm_kernel(x_proj)
     for t in _time_steps(steps, reverse):
         a = active[t]
         rows = _rows(a, batch)
         s_t = pre_activation(t, rows)
+        if kernel is not None:
+            kernel[0](a, hidden, pointer(s_t), pointer(rows(c)), pointer(rows(cells_all[t])), pointer(rows(outs[t])),
+                      pointer(rows(factors_all[t]) if keep_for_backward else None),
+                      pointer(rows(from_hidden[t]) if keep_for_backward else None))
+            _carry(out, t, h, a)
+            _carry(cells, t, c, a)
+            h, c = outs[t], cells_all[t]
+            continue
         rows(if_all[t]).sigmoid_()
         g = rows(g_all[t]).tanh_()
         o, i, c_prev = rows(o_all[t]).sigmoid_(), rows(i_all[t]), rows(c)
@@ -199,8 +219,12 @@ def backward(mode: str, grad_out, grad_c_n, h0, c0, weight_hh, out, saved: list,
     grad_c0 = None
     if mode == "LSTM":
         gates, factors, cell_from_hidden = saved
+        kernel = _lstm_kernel(out)
+        factor_rows, from_hidden_rows, gate_rows = _per_step(factors), _per_step(cell_from_hidden), _per_step(gates)
         factors = factors.unflatten(-1, (4, hidden))
-        grad_c = grad_c_n.clone() if grad_c_n is not None else torch.zeros_like(c0)
+        grad_c = torch.zeros_like(c0, memory_format=torch.contiguous_format)
+        if grad_c_n is not None:
+            grad_c.copy_(grad_c_n)
         grad_c_columns = grad_c.unsqueeze(1)
         by_cell, by_hidden = _per_step(factors[:, :, :3]), _per_step(factors[:, :, 3])
         cell_from_hidden, forget = _per_step(cell_from_hidden), _per_step(gates, hidden, 2 * hidden)
@@ -211,6 +235,12 @@ def backward(mode: str, grad_out, grad_c_n, h0, c0, weight_hh, out, saved: list,
             rows = _rows(a, batch)
             next_grad = start_step(k, t)
             dh, dc = rows(grad_h), rows(grad_c)
+            if kernel is not None:
+                kernel[1](a, hidden, pointer(dh), pointer(dc), pointer(rows(factor_rows[t])),
+                          pointer(rows(from_hidden_rows[t])), pointer(rows(gate_rows[t])),
+                          pointer(rows(grad_gates_all[t])))
+                carry_back(rows, t, dh, next_grad)
+                continue
             dc.addcmul_(dh, rows(cell_from_hidden[t]))
             torch.mul(rows(by_cell[t]), rows(grad_c_columns), out=rows(grad_by_cell[t]))
             torch.mul(rows(by_hidden[t]), dh, out=rows(grad_by_hidden[t]))

@@ -1,0 +1,91 @@
+// One LSTM time step's elementwise work, forward and backward, fused into one pass each (CPU).
+//
+// The reference twin is the torch-op step in accel/nn/fused_recurrence.py (tests compare the two).
+// The GEMMs stay torch's (addmm/mm); what this replaces is ~12 small torch ops per forward step and ~4
+// per backward step, each a pass over the step's rows plus a dispatch. Built at first use by
+// accel/nn/recurrence_kernel.py (g++ -O3 -ffast-math, vectorised expf from glibc's libmvec); plain C ABI,
+// called through ctypes with raw pointers: every row block is contiguous, gates rows are 4*H wide.
+#include <cmath>
+#include <cstdint>
+
+template <typename T> static inline T sigmoid(T x) { return T(1) / (T(1) + std::exp(-x)); }
+template <typename T> static inline T tanh_by_exp(T x) { return T(2) / (T(1) + std::exp(-T(2) * x)) - T(1); }
+
+// gates: (rows, 4H) pre-activations i, f, g, o -> activated in place.
+// c_prev: (rows, H); c_out, h_out: (rows, H). factors (rows, 4H) and from_hidden (rows, H) may be null
+// (inference): d pre-activation per unit of dc for i, f, g, per unit of dh for o, and dc/dh = o (1 - tanh(c)^2).
+template <typename T>
+static void forward_step(int64_t rows, int64_t H, T* gates, const T* c_prev, T* c_out, T* h_out, T* factors,
+                         T* from_hidden) {
+    for (int64_t r = 0; r < rows; ++r) {
+        T* g = gates + r * 4 * H;
+        const T* cp = c_prev + r * H;
+        T* co = c_out + r * H;
+        T* ho = h_out + r * H;
+#pragma omp simd
+        for (int64_t j = 0; j < H; ++j) {
+            T i = sigmoid(g[j]), f = sigmoid(g[H + j]), gg = tanh_by_exp(g[2 * H + j]), o = sigmoid(g[3 * H + j]);
+            g[j] = i; g[H + j] = f; g[2 * H + j] = gg; g[3 * H + j] = o;
+            T c = f * cp[j] + i * gg;
+            T tc = tanh_by_exp(c);
+            co[j] = c;
+            ho[j] = o * tc;
+        }
+        if (factors == nullptr) continue;
+        T* fa = factors + r * 4 * H;
+        T* fh = from_hidden + r * H;
+#pragma omp simd
+        for (int64_t j = 0; j < H; ++j) {
+            T i = g[j], f = g[H + j], gg = g[2 * H + j], o = g[3 * H + j];
+            T tc = ho[j] / o;  // o > 0 always (a sigmoid); recomputing tanh(c) would cost another exp
+            fa[j] = i * (T(1) - i) * gg;
+            fa[H + j] = f * (T(1) - f) * cp[j];
+            fa[2 * H + j] = i * (T(1) - gg * gg);
+            fa[3 * H + j] = o * (T(1) - o) * tc;
+            fh[j] = o * (T(1) - tc * tc);
+        }
+    }
+}
+
+// dh: (rows, H) the hidden gradient of this step; dc: (rows, H) in: the cell gradient from later steps,
+// out: the gradient of the previous cell state. grad_gates: (rows, 4H) out. gates: the activated gates (f).
+template <typename T>
+static void backward_step(int64_t rows, int64_t H, const T* dh, T* dc, const T* factors, const T* from_hidden,
+                          const T* gates, T* grad_gates) {
+    for (int64_t r = 0; r < rows; ++r) {
+        const T* d = dh + r * H;
+        T* c = dc + r * H;
+        const T* fa = factors + r * 4 * H;
+        const T* fh = from_hidden + r * H;
+        const T* f = gates + r * 4 * H + H;
+        T* gg = grad_gates + r * 4 * H;
+#pragma omp simd
+        for (int64_t j = 0; j < H; ++j) {
+            T cell = c[j] + d[j] * fh[j];
+            gg[j] = fa[j] * cell;
+            gg[H + j] = fa[H + j] * cell;
+            gg[2 * H + j] = fa[2 * H + j] * cell;
+            gg[3 * H + j] = fa[3 * H + j] * d[j];
+            c[j] = cell * f[j];
+        }
+    }
+}
+
+extern "C" {
+void lstm_forward_step_f32(int64_t rows, int64_t H, float* gates, const float* c_prev, float* c_out, float* h_out,
+                           float* factors, float* from_hidden) {
+    forward_step<float>(rows, H, gates, c_prev, c_out, h_out, factors, from_hidden);
+}
+void lstm_forward_step_f64(int64_t rows, int64_t H, double* gates, const double* c_prev, double* c_out,
+                           double* h_out, double* factors, double* from_hidden) {
+    forward_step<double>(rows, H, gates, c_prev, c_out, h_out, factors, from_hidden);
+}
+void lstm_backward_step_f32(int64_t rows, int64_t H, const float* dh, float* dc, const float* factors,
+                            const float* from_hidden, const float* gates, float* grad_gates) {
+    backward_step<float>(rows, H, dh, dc, factors, from_hidden, gates, grad_gates);
+}
+void lstm_backward_step_f64(int64_t rows, int64_t H, const double* dh, double* dc, const double* factors,
+                            const double* from_hidden, const double* gates, double* grad_gates) {
+    backward_step<double>(rows, H, dh, dc, factors, from_hidden, gates, grad_gates);
+}
+}
