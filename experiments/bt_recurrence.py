@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from accel.nn import BTGRU, BTLSTM, BTRNN  # noqa: E402
+from accel.nn import BTGRU, BTLSTM, BTRNN, fused_recurrence, recurrence_kernel  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # name, BT class, nn class, input_size, hidden_size, steps, batch, BT options
@@ -56,6 +56,17 @@ def step(module, x, grad):
     return run
 
 
+def without_kernel(fn):
+    """``fn`` with the LSTM step on torch ops instead of kernels/lstm_step.cpp."""
+    def run():
+        fused_recurrence.use_kernel = False
+        try:
+            fn()
+        finally:
+            fused_recurrence.use_kernel = True
+    return run
+
+
 def measure(setting, repeats: int, skip_loop: bool) -> dict:
     name, bt_class, nn_class, input_size, hidden, steps, batch, options = setting
     torch.manual_seed(0)
@@ -71,6 +82,8 @@ def measure(setting, repeats: int, skip_loop: bool) -> dict:
                   "projection": lambda: projection(x).backward(grad_projection)}
     if not skip_loop:
         candidates["bt_loop"] = step(loop, x, grad)
+    if bt.mode == "LSTM" and recurrence_kernel.lstm_step(x.dtype) is not None:
+        candidates["bt_fused_torch_ops"] = without_kernel(step(bt, x, grad))  # the kernel's twin
     with torch.no_grad():  # outputs of the fused and loop recurrences agree
         difference = (bt(x)[0] - loop(x)[0]).abs().max().item()
     times = {key: [] for key in candidates}
@@ -90,6 +103,8 @@ def measure(setting, repeats: int, skip_loop: bool) -> dict:
         result[f"bt_over_nn_plus_projection_{clock}"] = t["bt_fused"] / (t["nn"] + t["projection"])
         if "bt_loop" in t:
             result[f"loop_over_fused_{clock}"] = t["bt_loop"] / t["bt_fused"]
+        if "bt_fused_torch_ops" in t:
+            result[f"torch_ops_over_kernel_{clock}"] = t["bt_fused_torch_ops"] / t["bt_fused"]
     return result
 
 
@@ -149,7 +164,9 @@ def main():
               + f" | BT/nn {result['bt_over_nn_wall']:.2f}x (cpu {result['bt_over_nn_cpu']:.2f}x), "
               f"BT/(nn+projection) {result['bt_over_nn_plus_projection_wall']:.2f}x "
               f"(cpu {result['bt_over_nn_plus_projection_cpu']:.2f}x), "
-              f"loop/fused {result['loop_over_fused_wall']:.2f}x",
+              f"loop/fused {result['loop_over_fused_wall']:.2f}x"
+              + (f", torch ops/kernel {result['torch_ops_over_kernel_cpu']:.2f}x (cpu)"
+                 if "torch_ops_over_kernel_cpu" in result else ""),
               flush=True)
     if args.compile:
         results["compile"] = measure_compile(repeats)
