@@ -3,7 +3,8 @@
 // The reference twin is the torch-op step in accel/nn/fused_recurrence.py (tests compare the two).
 // The GEMMs stay torch's (addmm/mm); what this replaces is ~12 small torch ops per forward step and ~4
 // per backward step, each a pass over the step's rows plus a dispatch. Built at first use by
-// accel/nn/recurrence_kernel.py (g++ -O3 -ffast-math, vectorised expf from glibc's libmvec); plain C ABI,
+// accel/nn/recurrence_kernel.py (g++ -O3 -ffast-math -fno-finite-math-only: vectorised exp from glibc's
+// libmvec, while exp overflowing to inf in a saturated gate still gives 0 or 1); plain C ABI,
 // called through ctypes with raw pointers: every row block is contiguous, gates rows are 4*H wide.
 #include <cmath>
 #include <cstdint>
@@ -30,6 +31,7 @@ static void forward_step(int64_t rows, int64_t H, T* gates, const T* c_prev, T* 
             T tc = tanh_by_exp(c);
             co[j] = c;
             ho[j] = o * tc;
+            if (from_hidden != nullptr) from_hidden[r * H + j] = tc;  // kept for the second pass
         }
         if (factors == nullptr) continue;
         T* fa = factors + r * 4 * H;
@@ -37,7 +39,7 @@ static void forward_step(int64_t rows, int64_t H, T* gates, const T* c_prev, T* 
 #pragma omp simd
         for (int64_t j = 0; j < H; ++j) {
             T i = g[j], f = g[H + j], gg = g[2 * H + j], o = g[3 * H + j];
-            T tc = ho[j] / o;  // o > 0 always (a sigmoid); recomputing tanh(c) would cost another exp
+            T tc = fh[j];  // not h / o: a saturated o underflows to 0
             fa[j] = i * (T(1) - i) * gg;
             fa[H + j] = f * (T(1) - f) * cp[j];
             fa[2 * H + j] = i * (T(1) - gg * gg);

@@ -198,10 +198,11 @@ def test_non_contiguous_initial_state(seed):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
-@pytest.mark.parametrize("dtype,reverse,lengths", list(itertools.product([torch.float32, torch.float64], [False, True],
-                                                                         ["equal", "unequal"])))
-def test_lstm_step_kernel_matches_torch_ops(seed, monkeypatch, dtype, reverse, lengths):
-    """kernels/lstm_step.cpp against its twin, the torch-op LSTM step, forward and backward."""
+@pytest.mark.parametrize("dtype,reverse,lengths,scale", list(itertools.product(
+    [torch.float32, torch.float64], [False, True], ["equal", "unequal"], [1.0, 200.0])))
+def test_lstm_step_kernel_matches_torch_ops(seed, monkeypatch, dtype, reverse, lengths, scale):
+    """kernels/lstm_step.cpp against its twin, the torch-op LSTM step, forward and backward; scale 200
+    saturates the gates (exp overflows) and must still give finite, equal results."""
     from accel.nn import fused_recurrence, recurrence_kernel
     if recurrence_kernel.lstm_step(dtype) is None:
         pytest.skip(f"the kernel did not build here: {recurrence_kernel.status}")
@@ -209,7 +210,8 @@ def test_lstm_step_kernel_matches_torch_ops(seed, monkeypatch, dtype, reverse, l
     steps, batch, hidden = 6, 4, 5
     active = [4] * 6 if lengths == "equal" else [4, 4, 3, 2, 2, 1]
     kw = {"dtype": dtype}
-    x_proj, weight, bias = torch.randn(steps, batch, 4 * hidden, **kw), torch.randn(4 * hidden, hidden, **kw), None
+    x_proj = torch.randn(steps, batch, 4 * hidden, **kw) * scale
+    weight, bias = torch.randn(4 * hidden, hidden, **kw), None
     h0, c0 = torch.randn(batch, hidden, **kw), torch.randn(batch, hidden, **kw)
     grad_out, grad_c_n = torch.randn(steps, batch, hidden, **kw), torch.randn(batch, hidden, **kw)
     results = {}
@@ -220,6 +222,7 @@ def test_lstm_step_kernel_matches_torch_ops(seed, monkeypatch, dtype, reverse, l
         results[use_kernel] = [out, extra[0], *grads]
     tolerance = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-12}
     for a, b in zip(results[True], results[False]):
+        assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, **tolerance)
 
 

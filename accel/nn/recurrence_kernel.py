@@ -25,7 +25,8 @@ import torch
 __all__ = ["lstm_step", "status", "SOURCE"]
 
 SOURCE = Path(__file__).resolve().parents[2] / "kernels" / "lstm_step.cpp"
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-shared", "-fPIC"]
+# -ffast-math lets glibc's vector exp be used; -fno-finite-math-only keeps inf arithmetic (saturated gates)
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp-simd", "-shared", "-fPIC"]
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 _library: ctypes.CDLL | None = None
 status = "not built yet"
