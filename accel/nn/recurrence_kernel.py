@@ -25,8 +25,9 @@ import torch
 __all__ = ["lstm_step", "status", "SOURCE"]
 
 SOURCE = Path(__file__).resolve().parents[2] / "kernels" / "lstm_step.cpp"
-# -ffast-math lets glibc's vector exp be used; -fno-finite-math-only keeps inf arithmetic (saturated gates)
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp-simd", "-shared", "-fPIC"]
+# no -ffast-math: it links crtfastmath.o, which sets flush-to-zero for the whole process on load; the
+# kernel's own exp vectorises without it
+FLAGS = ["-std=c++17", "-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd", "-shared", "-fPIC"]
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 _library: ctypes.CDLL | None = None
 status = "not built yet"
