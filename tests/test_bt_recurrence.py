@@ -239,3 +239,11 @@ def test_kernel_build_failure_falls_back_with_a_reason(seed, monkeypatch):
     fallback = bt(x)[0]
     monkeypatch.setattr(fused_recurrence, "use_kernel", False)
     torch.testing.assert_close(fallback, bt(x)[0], rtol=0, atol=0)
+
+
+def test_loading_the_kernel_keeps_denormals():
+    """The kernel is built without -ffast-math, whose crtfastmath.o would set flush-to-zero process-wide."""
+    from accel.nn import recurrence_kernel
+    recurrence_kernel.lstm_step(torch.float32)
+    tiny = torch.tensor([1e-40], dtype=torch.float32)
+    assert (tiny * 1.5).item() > 0
