@@ -1,8 +1,8 @@
 """torch.compile of BTLinear on each contraction path: first-call time, graph breaks, accuracy, speed.
 
-For every setting and path a fresh process with an empty Inductor cache (so the compile time is the one a
-user's very first call sees, Dynamo and Inductor warm-up included) builds the layer, compiles it with ``torch.compile`` (default
-mode), and records:
+For every setting and path a fresh process with an empty Inductor cache (so the compile time is the one
+a user's very first call sees, Dynamo and Inductor warm-up included) builds the layer, compiles it with
+``torch.compile`` (default mode), and records:
 
 - ``first_call_s``: the compiled layer's first forward+backward (tracing and code generation), wall
   time, and ``first_call_cpu_s``: the CPU time it took, the C++ compilers' included (Inductor compiles in
@@ -22,6 +22,7 @@ frames) and a small one (64 = 4x4x4 -> 256 = 4x8x8, R=4, N=2, batch 32).
 
     python experiments/bt_compile.py            # writes results/bt_compile.json
     python experiments/bt_compile.py --quick    # fewer repetitions
+    python experiments/bt_compile.py --settings small --threads 1   # rerun some rows, keeping the others
 """
 from __future__ import annotations
 
@@ -90,15 +91,18 @@ def measure(setting: str, contraction: str, repetitions: int, warm_only: bool = 
     for _ in range(2):  # warm both
         step(layer, x), step(compiled, x)
     times = {"eager": [], "compiled": []}
+    # a millisecond step needs many repetitions to outlast the load spikes of a shared machine: >= 3 s of eager steps
+    repetitions = max(repetitions, min(500, int(3.0 / max(step(layer, x)[0][0], 1e-6))))
     for _ in range(repetitions):  # interleaved: load drifts hit both alike
         times["eager"].append(step(layer, x)[0])
         times["compiled"].append(step(compiled, x)[0])
     medians = {k: statistics.median(wall for wall, _ in v) for k, v in times.items()}
     cpu_medians = {k: statistics.median(cpu for _, cpu in v) for k, v in times.items()}
-    eager_path = layer.uses_dense(batch) and "dense" or layer.factorized_method(batch)
+    eager_path = "dense" if layer.uses_dense(batch) else layer.factorized_method(batch)
     return {"setting": setting, "contraction": contraction, "eager_path": eager_path, "in_shape": in_shape,
             "out_shape": out_shape, "ranks": ranks, "num_blocks": num_blocks, "batch": batch,
-            "first_call_s": first_call[0], "first_call_cpu_s": first_call_cpu, "graph_breaks": graph_breaks, "dynamic_recompile_s": recompile[0],
+            "first_call_s": first_call[0], "first_call_cpu_s": first_call_cpu, "graph_breaks": graph_breaks,
+            "dynamic_recompile_s": recompile[0],
             "max_relative_difference": max(differences), "median_s": medians,
             "median_cpu_s": cpu_medians, "compiled_over_eager": medians["compiled"] / medians["eager"],
             "compiled_over_eager_cpu": cpu_medians["compiled"] / cpu_medians["eager"], "repetitions": repetitions,
@@ -112,15 +116,27 @@ def main():
     parser.add_argument("--warm", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--paths", nargs="*", default=list(PATHS), choices=PATHS)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch's CPU threads (default: its own); 1 keeps millisecond steps out of thread "
+                             "barrier stalls when other jobs share the cores")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     repetitions = 5 if args.quick else 11
     if args.one:
         print(json.dumps(measure(*args.one, repetitions, warm_only=args.warm)))
         return
-    rows = []
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    output = RESULTS / "bt_compile.json"
+    # rows of settings and paths not rerun are kept from the previous results
+    rows = [row for row in (json.loads(output.read_text())["rows"] if output.exists() else [])
+            if row["setting"] not in args.settings or row["contraction"] not in args.paths]
+    meta = {"torch": torch.__version__, "cpu_count": os.cpu_count(), "quick": args.quick,
+            "note": "shared 2-core machine: other processes ran concurrently; see load_average_1min per row"}
     for setting in args.settings:
-        for path in args.paths:
-            command = [sys.executable, __file__, "--one", setting, path] + (["--quick"] if args.quick else [])
+        for contraction in args.paths:
+            command = [sys.executable, __file__, "--one", setting, contraction] + (["--quick"] if args.quick else [])
+            command += ["--threads", str(args.threads)] if args.threads else []
             with tempfile.TemporaryDirectory() as cache:  # a cold Inductor cache: a user's very first call
                 # compiling in this process (no worker pool) lets the compilers' CPU time count as children's
                 env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, TORCHINDUCTOR_COMPILE_THREADS="1")
@@ -130,19 +146,16 @@ def main():
                 warm = json.loads(done.stdout.strip().splitlines()[-1])  # a later process: the cache is warm
                 row["warm_first_call_s"], row["warm_first_call_cpu_s"] = warm["first_call_s"], warm["first_call_cpu_s"]
             rows.append(row)
-            print(f"{setting:18s} {path:7s} (eager: {row['eager_path']:6s}) first call {row['first_call_s']:5.1f} s "
+            print(f"{setting:18s} {contraction:7s} (eager: {row['eager_path']:6s}) "
+                  f"first call {row['first_call_s']:5.1f} s "
                   f"(CPU {row['first_call_cpu_s']:5.1f} s; warm cache {row['warm_first_call_s']:4.1f} s, CPU "
                   f"{row['warm_first_call_cpu_s']:4.1f} s), "
                   f"breaks {row['graph_breaks']}, dynamic recompile {row['dynamic_recompile_s']:5.1f} s, "
                   f"rel. diff {row['max_relative_difference']:.1e}, compiled/eager {row['compiled_over_eager']:.2f} "
                   f"(CPU time {row['compiled_over_eager_cpu']:.2f}) "
                   f"({row['median_s']['compiled'] * 1e3:.1f} / {row['median_s']['eager'] * 1e3:.1f} ms)", flush=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    meta = {"torch": torch.__version__, "cpu_count": os.cpu_count(), "quick": args.quick,
-            "note": "shared 2-core machine: other processes ran concurrently; see load_average_1min per row"}
-    path = RESULTS / "bt_compile.json"
-    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    print(f"wrote {path}")
+            output.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))  # after each row: a long run
+    print(f"wrote {output}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ from accel.nn.bt_paths import contraction_method
 from accel.nn.bt_trace import SYMBOLIC_BATCH_PLAN_ROWS, plan_rows, traced_plan
 
 CONTRACTIONS = ["auto", "factorized", "gemm", "einsum", "dense"]
-SHAPES = {2: ((6, 5), (4, 3)), 3: ((2, 3, 4), (3, 2, 2)), 4: ((3, 2, 4, 2), (2, 2, 3, 2)), 5: ((2, 3, 2, 2, 3), (2, 2, 1, 3, 2))}
+SHAPES = {2: ((6, 5), (4, 3)), 3: ((2, 3, 4), (3, 2, 2)), 4: ((3, 2, 4, 2), (2, 2, 3, 2)),
+          5: ((2, 3, 2, 2, 3), (2, 2, 1, 3, 2))}
 
 
 def trained_layer(contraction, seed, in_shape=(2, 3, 4), out_shape=(3, 2, 2), ranks=2):

@@ -333,8 +333,8 @@ def test_bad_float_and_other_ranks_are_named():
 
 
 def test_layers_larger_than_dense_warn_with_the_figures():
-    with pytest.warns(UserWarning, match=r"BTLinear\(97, 64\) with in_shape=\(97,\), out_shape=\(64,\), ranks=\(4,\), "
-                                         r"num_blocks=2 has 49,672 weight parameters, 8.0x the 6,208 of a dense weight"):
+    with pytest.warns(UserWarning, match=r"BTLinear\(97, 64\) with in_shape=\(97,\), out_shape=\(64,\), "
+                      r"ranks=\(4,\), num_blocks=2 has 49,672 weight parameters, 8.0x the 6,208 of a dense weight"):
         BTLinear(97, 64)  # a prime in_features: one mode, no compression
     with pytest.warns(UserWarning, match=r"num_blocks=1000 has 496,000 weight parameters, 12.1x the 40,960"):
         # 1000 * (4 * (5*4 + 4*4 + 4*4 + 4*2) + 4**4) = 496,000 for in_shape (4, 4, 4, 4), out_shape (5, 4, 4, 2)

@@ -125,7 +125,8 @@ class BTLinear(nn.Module):
         if self.num_weight_parameters > dense:
             warnings.warn(f"BTLinear({in_features}, {out_features}) with in_shape={self.in_shape}, out_shape="
                           f"{self.out_shape}, ranks={self.ranks}, num_blocks={num_blocks} has "
-                          f"{self.num_weight_parameters:,} weight parameters, {self.num_weight_parameters / dense:.1f}x "
+                          f"{self.num_weight_parameters:,} weight parameters, "
+                          f"{self.num_weight_parameters / dense:.1f}x "
                           f"the {dense:,} of a dense weight: lower ranks or fewer blocks (or features that "
                           f"factor into more modes) compress it", stacklevel=2)
 
