@@ -31,7 +31,7 @@ def trained(kind, **kwargs):
     rnn(x)[0].square().mean().backward()
     optimizer.step()
     optimizer.zero_grad()
-    return Outputs(rnn.eval())
+    return Outputs(rnn).eval()
 
 
 def fresh_input(model, steps, batch):
