@@ -14,8 +14,8 @@ where the chain costs many more flops).
 """
 from __future__ import annotations
 
-import functools
 import math
+import warnings
 from typing import Sequence
 
 import torch
@@ -24,61 +24,17 @@ from torch import nn
 from accel.nn.bt_contract import gemm_chain_contract, gemm_chain_largest
 from accel.nn.bt_dense import RebuildWorkspace, matmul_dtype, rebuild_linear
 from accel.nn.bt_paths import (FACTORIZED_FLOP_PENALTY, GEMM_CHAIN_MAX_EXTRA_FLOPS,  # noqa: F401 (re-exported)
-                               REBUILD_FLOP_PENALTY, contraction_costs, factorized_expression, factorized_method,
-                               rebuild_expression)
+                               REBUILD_FLOP_PENALTY, contraction_costs, contraction_method, dense_is_cheaper,
+                               factorized_expression, factorized_method, rebuild_expression)
+from accel.nn.bt_shapes import (auto_num_modes, balanced_factors, check_shape,  # noqa: F401 (re-exported)
+                                 resolve_ranks, weight_parameters)
+from accel.nn.bt_trace import (compiled_rebuild_linear, contract_steps, is_tracing, plan_rows, rebuild_matmul,
+                                traced_plan)
 
 __all__ = ["BTLinear", "balanced_factors"]
 
 _CONTRACTIONS = ("auto", "factorized", "gemm", "einsum", "dense")
-
-
-def balanced_factors(n: int, num_factors: int) -> tuple[int, ...]:
-    """Split ``n`` into ``num_factors`` integer factors as equal as possible, largest first.
-
-    Among all factorisations, the one with the smallest largest factor (then the largest smallest
-    factor) wins: ``balanced_factors(57600, 4) == (16, 16, 15, 15)``.
-    """
-    if n < 1 or num_factors < 1:
-        raise ValueError(f"need n >= 1 and num_factors >= 1, got n={n}, num_factors={num_factors}")
-
-    small = [k for k in range(1, math.isqrt(n) + 1) if n % k == 0]
-    divisors = sorted(set(small) | {n // k for k in small}, reverse=True)
-
-    @functools.cache
-    def search(rest: int, slots: int, cap: int):
-        if slots == 1:
-            return (rest,) if rest <= cap else None
-        best = None
-        low = math.ceil(rest ** (1.0 / slots) - 1e-9)  # the largest factor is at least the slots-th root
-        for first in divisors:
-            if first > min(cap, rest) or rest % first:
-                continue
-            if first < low:
-                break
-            if (tail := search(rest // first, slots - 1, first)) is not None:
-                candidate = (first, *tail)
-                if best is None or (candidate[0], -candidate[-1]) < (best[0], -best[-1]):
-                    best = candidate
-        return best
-
-    return search(n, num_factors, n)
-
-
-def _auto_num_modes(*sizes: int, max_modes: int = 4) -> int:
-    """The largest d <= max_modes for which every size splits into d factors all >= 2."""
-    for d in range(max_modes, 1, -1):
-        if all(min(balanced_factors(s, d)) >= 2 for s in sizes):
-            return d
-    return 1
-
-
-def _check_shape(name: str, shape: Sequence[int], total: int, features_name: str) -> tuple[int, ...]:
-    shape = tuple(int(s) for s in shape)
-    if not shape or any(s < 1 for s in shape):
-        raise ValueError(f"{name} must be a non-empty sequence of positive ints, got {shape}")
-    if math.prod(shape) != total:
-        raise ValueError(f"{name}={shape} has product {math.prod(shape)}, but {features_name}={total}")
-    return shape
+_auto_num_modes = auto_num_modes  # the name rnn.py imports
 
 
 class BTLinear(nn.Module):
@@ -91,9 +47,11 @@ class BTLinear(nn.Module):
             Chosen automatically (balanced factors, d <= 4) when not given.
         out_shape (sequence of int, optional): the factorisation ``J_1..J_d`` of ``out_features``,
             with the same ``d`` as ``in_shape``. Chosen automatically when not given.
-        ranks (int or sequence of int): the Tucker ranks ``R_1..R_d`` of every block. An int is used
-            for every mode and capped at each mode's size ``I_k * J_k``; a sequence must have one
-            entry per mode, each at most ``I_k * J_k``. Default: 4.
+        ranks (int, float or sequence of int): the Tucker ranks ``R_1..R_d`` of every block. An int is
+            used for every mode and capped at each mode's size ``I_k * J_k`` (with a warning); a float in
+            (0, 1) is a fraction of the dense weight's parameters (as in tensorly-torch): the largest
+            rank, the same for every mode and capped likewise, whose weight fits in it; a sequence must
+            have one entry per mode, each at most ``I_k * J_k``. Default: 4.
         num_blocks (int): the number ``N`` of Tucker blocks. Default: 2.
         bias (bool): if ``False``, the layer learns no additive bias. Default: ``True``.
         contraction (str): ``"auto"`` (per batch size, by flops, where those of the factorized path
@@ -118,7 +76,14 @@ class BTLinear(nn.Module):
         workspace (RebuildWorkspace): the dense path keeps ``W`` and its gradient here between calls
             (2 x ``in_features * out_features`` elements once used); ``layer.workspace.clear()`` frees them.
 
-    The weight uses ``N * (sum_k I_k J_k R_k + prod_k R_k)`` parameters (``num_weight_parameters``).
+    The weight uses ``N * (sum_k I_k J_k R_k + prod_k R_k)`` parameters (``num_weight_parameters``); a layer
+    larger than the dense weight is built with a warning giving both figures. As for ``nn.Linear``, the input
+    must have the parameters' dtype (autocast aside).
+
+    Under ``torch.compile``, ``torch.export`` (a dynamic batch included), ``torch.onnx.export(dynamo=True)``,
+    ``torch.jit.trace`` or on FakeTensors the layer runs the same contraction with ordinary ops, its plan made
+    outside the graph (:mod:`accel.nn.bt_trace`); no traced tensor reaches a cache or ``workspace`` (compiled, the
+    dense path is one custom op that runs the eager kernels, workspace included, on the real tensors).
     """
 
     def __init__(self, in_features: int, out_features: int, *, in_shape: Sequence[int] | None = None,
@@ -131,17 +96,17 @@ class BTLinear(nn.Module):
         if contraction not in _CONTRACTIONS:
             raise ValueError(f"contraction must be one of {_CONTRACTIONS}, got {contraction!r}")
         if in_shape is None and out_shape is None:
-            d = _auto_num_modes(in_features, out_features)
+            d = auto_num_modes(in_features, out_features)
         else:
             d = len(in_shape) if in_shape is not None else len(out_shape)
         in_shape = balanced_factors(in_features, d) if in_shape is None else in_shape
         out_shape = balanced_factors(out_features, d) if out_shape is None else out_shape
-        self.in_shape = _check_shape("in_shape", in_shape, in_features, "in_features")
-        self.out_shape = _check_shape("out_shape", out_shape, out_features, "out_features")
+        self.in_shape = check_shape("in_shape", in_shape, in_features, "in_features")
+        self.out_shape = check_shape("out_shape", out_shape, out_features, "out_features")
         if len(self.in_shape) != len(self.out_shape):
             raise ValueError(f"in_shape={self.in_shape} and out_shape={self.out_shape} must have the same "
                              f"number of modes, got {len(self.in_shape)} and {len(self.out_shape)}")
-        self.ranks = self._check_ranks(ranks)
+        self.ranks = resolve_ranks(ranks, self.in_shape, self.out_shape, num_blocks)
         if contraction == "gemm" and len(self.in_shape) < 2:
             raise ValueError(f"contraction='gemm' needs at least 2 modes, got in_shape={self.in_shape}")
         self.in_features, self.out_features, self.num_blocks = in_features, out_features, num_blocks
@@ -156,21 +121,14 @@ class BTLinear(nn.Module):
             for i, j, r in zip(self.in_shape, self.out_shape, self.ranks))
         self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
         self.reset_parameters()
-
-    def _check_ranks(self, ranks) -> tuple[int, ...]:
-        sizes = [i * j for i, j in zip(self.in_shape, self.out_shape)]
-        if isinstance(ranks, int) and not isinstance(ranks, bool):
-            if ranks < 1:
-                raise ValueError(f"ranks must be >= 1, got {ranks}")
-            return tuple(min(ranks, s) for s in sizes)
-        ranks = tuple(ranks)
-        if len(ranks) != len(sizes) or any(isinstance(r, bool) or not isinstance(r, int) for r in ranks):
-            raise ValueError(f"ranks must be an int or {len(sizes)} ints (one per mode), got {ranks}")
-        for k, (r, s) in enumerate(zip(ranks, sizes)):
-            if not 1 <= r <= s:
-                raise ValueError(f"ranks[{k}]={r} must be in [1, I_{k}*J_{k}] = [1, {s}] "
-                                 f"(in_shape={self.in_shape}, out_shape={self.out_shape})")
-        return ranks
+        dense = in_features * out_features
+        if self.num_weight_parameters > dense:
+            warnings.warn(f"BTLinear({in_features}, {out_features}) with in_shape={self.in_shape}, out_shape="
+                          f"{self.out_shape}, ranks={self.ranks}, num_blocks={num_blocks} has "
+                          f"{self.num_weight_parameters:,} weight parameters, "
+                          f"{self.num_weight_parameters / dense:.1f}x "
+                          f"the {dense:,} of a dense weight: lower ranks or fewer blocks (or features that "
+                          f"factor into more modes) compress it", stacklevel=2)
 
     @property
     def num_modes(self) -> int:
@@ -180,8 +138,7 @@ class BTLinear(nn.Module):
     @property
     def num_weight_parameters(self) -> int:
         """``N * (sum_k I_k J_k R_k + prod_k R_k)``: the parameters of the BT weight."""
-        return self.num_blocks * (sum(i * j * r for i, j, r in zip(self.in_shape, self.out_shape, self.ranks))
-                                  + math.prod(self.ranks))
+        return weight_parameters(self.in_shape, self.out_shape, self.ranks, self.num_blocks)
 
     @property
     def num_parameters(self) -> int:
@@ -217,10 +174,7 @@ class BTLinear(nn.Module):
         """Whether a forward pass over ``batch`` rows rebuilds the dense weight."""
         if self.contraction != "auto":
             return self.contraction == "dense"
-        cost = contraction_costs(*self._key(), batch)
-        # ties go to the dense path: its GEMMs are the large, efficient ones
-        return (REBUILD_FLOP_PENALTY * cost["rebuild"] + cost["matmul"]
-                <= FACTORIZED_FLOP_PENALTY * cost["factorized"])
+        return dense_is_cheaper(*self._key(), batch)
 
     def cost(self, batch: int) -> dict:
         """Flop estimates of the forward pass over ``batch`` rows: ``{"factorized": ..., "einsum": ...,
@@ -240,22 +194,49 @@ class BTLinear(nn.Module):
         return w.reshape(self.in_features, self.out_features).t()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if input.dim() == 0 or input.shape[-1] != self.in_features:
-            raise ValueError(f"expected input of shape (*, {self.in_features}), got {tuple(input.shape)}")
+        self._check_input(input)
         leading = input.shape[:-1]
         x = input.reshape(-1, self.in_features)
-        batch = x.shape[0]
-        if self.uses_dense(batch):
-            y = rebuild_linear(x, self.core, self.factors, self.workspace)
-            y = y if self.bias is None else y + self.bias.to(y.dtype)  # autocast: keep its dtype
-        else:
-            method = self.factorized_method(batch) if batch else "einsum"  # the chain reshapes by batch
-            pieces = x.split(self.chunk_size(batch, x)) if batch else [x]
-            y = self._contract(x, method) if len(pieces) == 1 else torch.cat([self._contract(p, method)
-                                                                               for p in pieces])
-            if self.bias is not None:
-                y = y + self.bias.to(y.dtype)
+        y = self._traced_product(x) if is_tracing(x, self.core) else self._eager_product(x)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)  # autocast: keep the product's dtype
         return y.reshape(*leading, self.out_features)
+
+    def _check_input(self, input: torch.Tensor) -> None:
+        if input.dim() == 0 or input.shape[-1] != self.in_features:
+            raise ValueError(f"expected input of shape (*, {self.in_features}), got {tuple(input.shape)}")
+        if input.dtype != self.core.dtype and not (  # as nn.Linear: autocast casts float16/32/bfloat16 only
+                torch.is_autocast_enabled(input.device.type) and input.is_floating_point()
+                and input.dtype != torch.float64 and self.core.dtype != torch.float64):
+            raise RuntimeError(f"BTLinear got an input of dtype {input.dtype} but its parameters are "
+                               f"{self.core.dtype}; like nn.Linear it does not convert: use "
+                               f"input.to({self.core.dtype}) or layer.to({input.dtype})")
+
+    def _eager_product(self, x: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[0]
+        method = contraction_method(*self._key(), self.contraction, batch)
+        if method == "dense":
+            return rebuild_linear(x, self.core, self.factors, self.workspace)
+        pieces = x.split(self.chunk_size(batch, x)) if batch else [x]
+        return self._contract(x, method) if len(pieces) == 1 else torch.cat([self._contract(p, method)
+                                                                             for p in pieces])
+
+    def _traced_product(self, x: torch.Tensor) -> torch.Tensor:
+        """The product under torch.compile / export / jit.trace (bt_trace.py): a plan made outside the graph,
+        no workspace, no pieces, ordinary differentiable ops."""
+        # jit.trace cannot record the chain's autograd.Function ("unordered_map::at"): it gets the einsum twin
+        method, steps = traced_plan(*self._key(), self.contraction, plan_rows(x.shape[0]),
+                                    gemm_chain=not torch.jit.is_tracing())
+        if method == "dense" and torch.compiler.is_dynamo_compiling() and not torch.compiler.is_exporting():
+            return compiled_rebuild_linear(x, self.core, self.factors, self.workspace)
+        if method == "dense":
+            return rebuild_matmul(x, self.core, self.factors)
+        if method == "gemm":
+            return gemm_chain_contract(x, self.core, self.factors, self.in_shape, self.out_shape, self.ranks)
+        dtype = matmul_dtype(x, self.core)
+        operands = [x.reshape(x.shape[0], *self.in_shape), self.core, *self.factors]
+        y = contract_steps(steps, [t.to(dtype) for t in operands])
+        return y.reshape(x.shape[0], self.out_features)
 
     def chunk_size(self, batch: int, input: torch.Tensor | None = None) -> int:
         """Rows per piece of the factorized forward on CPU: the batch is split so that the largest

@@ -1,0 +1,98 @@
+"""The fused recurrence's LSTM and GRU steps on CUDA: ``torch``'s fused cells that take precomputed gates.
+
+``aten._thnn_fused_lstm_cell(input_gates, hidden_gates, cx)`` returns ``(hy, cy, workspace)`` with the
+activated gates in ``workspace``; ``_thnn_fused_lstm_cell_backward_impl(grad_hy, grad_cy, cx, cy,
+workspace, has_bias)`` returns the pre-activation gate gradient and ``grad_cx``.
+``aten._thnn_fused_gru_cell(input_gates, hidden_gates, hx)`` returns ``(hy, workspace)`` (r, z, n, hx
+and the hidden part of n, ``5 * H`` wide) and ``_thnn_fused_gru_cell_backward(grad_hy, workspace,
+has_bias)`` the gradients of both gate inputs and of ``hx``'s direct path. These are the cells
+``torch.nn.LSTMCell`` / ``GRUCell`` run on CUDA; they have no CPU kernel. Biases are folded into the
+hidden GEMM (``addmm``), so the cells run without theirs. Same contract, carried rows and saved
+tensors' roles as :mod:`accel.nn.fused_recurrence`; the saved tensors differ (see :data:`SAVED`).
+"""
+from __future__ import annotations
+
+import torch
+
+from accel.nn.fused_recurrence import _carry, _per_step, _rows, _time_steps, _weight_grad, previous
+from accel.nn.fused_recurrence import backward as _generic_backward
+from accel.nn.fused_recurrence import forward as _generic_forward
+
+__all__ = ["SAVED", "forward", "backward", "saved_widths"]
+
+SAVED = {"LSTM": ("workspace", "cells"), "GRU": ("workspace",)}
+
+
+def saved_widths(mode: str, hidden: int) -> list[int]:
+    """Last-dimension sizes of the ``(T, B, *)`` tensors saved for the backward (for the fake op)."""
+    return {"LSTM": [4 * hidden, hidden], "GRU": [5 * hidden]}[mode]
+
+
+def forward(mode: str, x_proj, h0, c0, weight_hh, bias_hh, active: list[int], reverse: bool,
+            keep_for_backward: bool = True):
+    """The fused cells' workspace is their output: it is kept whatever ``keep_for_backward`` says."""
+    if mode not in SAVED:  # the plain RNN's step is two ops: the generic path is as fused
+        return _generic_forward(mode, x_proj, h0, c0, weight_hh, bias_hh, active, reverse)
+    steps, batch, _ = x_proj.shape
+    hidden = h0.shape[-1]
+    w_t = weight_hh.t()
+    out = x_proj.new_empty(steps, batch, hidden)
+    workspace = x_proj.new_zeros(steps, batch, (4 if mode == "LSTM" else 5) * hidden)
+    outs, inputs, workspaces = _per_step(out), _per_step(x_proj), _per_step(workspace)
+    cells = x_proj.new_empty(steps, batch, hidden) if mode == "LSTM" else None
+    h, c = h0, c0
+    for t in _time_steps(steps, reverse):
+        a = active[t]
+        rows = _rows(a, batch)
+        hidden_gates = torch.mm(rows(h), w_t) if bias_hh is None else torch.addmm(bias_hh, rows(h), w_t)
+        if mode == "LSTM":
+            hy, cy, ws = torch.ops.aten._thnn_fused_lstm_cell(rows(inputs[t]), hidden_gates, rows(c))
+            rows(cells[t]).copy_(cy)
+        else:
+            hy, ws = torch.ops.aten._thnn_fused_gru_cell(rows(inputs[t]), hidden_gates, rows(h))
+        rows(outs[t]).copy_(hy)
+        rows(workspaces[t]).copy_(ws)
+        _carry(out, t, h, a)
+        h = outs[t]
+        if mode == "LSTM":
+            _carry(cells, t, c, a)
+            c = cells[t]
+    return out, ([c.clone(), workspace, cells] if mode == "LSTM" else [workspace])
+
+
+def backward(mode: str, grad_out, grad_c_n, h0, c0, weight_hh, out, saved: list, active: list[int], reverse: bool):
+    if mode not in SAVED:
+        return _generic_backward(mode, grad_out, grad_c_n, h0, c0, weight_hh, out, saved, active, reverse)
+    steps, batch, hidden = out.shape
+    width = weight_hh.shape[0]
+    packed = min(active) < batch
+    grad_hidden_gates = out.new_zeros(steps, batch, width) if packed else out.new_empty(steps, batch, width)
+    grad_x = grad_hidden_gates if mode == "LSTM" else torch.zeros_like(grad_hidden_gates)
+    grad_hg_all, grad_x_all, workspaces = _per_step(grad_hidden_gates), _per_step(grad_x), _per_step(saved[0])
+    grad_outs = _per_step(grad_out) if grad_out is not None else None
+    grad_h = torch.zeros_like(h0)
+    if mode == "LSTM":
+        cells = _per_step(saved[1])
+        cells_prev = _per_step(previous(saved[1], c0, reverse))
+        grad_c = grad_c_n.clone() if grad_c_n is not None else torch.zeros_like(c0)
+    for t in _time_steps(steps, not reverse):
+        a = active[t]
+        rows = _rows(a, batch)
+        if grad_outs is not None:
+            grad_h.add_(grad_outs[t])
+        dh = rows(grad_h)
+        if mode == "LSTM":
+            grad_gates, grad_cx, _ = torch.ops.aten._thnn_fused_lstm_cell_backward_impl(
+                dh, rows(grad_c), rows(cells_prev[t]), rows(cells[t]), rows(workspaces[t]), False)
+            rows(grad_hg_all[t]).copy_(grad_gates)
+            rows(grad_c).copy_(grad_cx)
+            torch.mm(grad_gates, weight_hh, out=dh)
+        else:
+            grad_input, grad_hidden, grad_hx, _, _ = torch.ops.aten._thnn_fused_gru_cell_backward(
+                dh, rows(workspaces[t]), False)
+            rows(grad_x_all[t]).copy_(grad_input)
+            rows(grad_hg_all[t]).copy_(grad_hidden)
+            torch.addmm(grad_hx, grad_hidden, weight_hh, out=dh)
+    grad_c0 = grad_c if mode == "LSTM" else None
+    return (grad_x, grad_h, grad_c0, _weight_grad(grad_hidden_gates, out, h0, reverse),
+            grad_hidden_gates.sum((0, 1)))
