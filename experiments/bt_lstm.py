@@ -244,10 +244,27 @@ def time_steps(model, x, y, steps):
     return (time.perf_counter() - start) / steps
 
 
+def time_projection(projection, x, steps):
+    """Forward+backward of an input projection alone (all time steps of a batch in one call, as BTLSTM does)."""
+    start = time.perf_counter()
+    for _ in range(steps):
+        projection(x).sum().backward()
+    return (time.perf_counter() - start) / steps
+
+
+def bt_path(projection, rows):
+    """The contraction path BTLinear takes for ``rows`` inputs (None for other layers)."""
+    if not hasattr(projection, "uses_dense"):
+        return None
+    return "dense" if projection.uses_dense(rows) else projection.factorized_method(rows)
+
+
 def timing_part(args, results, path):
     """Seconds per training step of every model, interleaved (rotating order), on 1 thread; medians."""
     torch.set_num_threads(1)
-    timing = {"code": code_version(), "threads": 1, "reps": args.reps, "steps": args.steps, "tasks": {}}
+    timing = results.setdefault("timing", {})  # per task, so a rerun of one task keeps the other's
+    timing.update({"threads": 1, "reps": args.reps, "steps": args.steps})
+    timing.setdefault("tasks", {})
     tt_rank_by_task = tt_rank_table(args)
     for task in args.tasks:
         x, y = DATA[task]["train"]
@@ -261,22 +278,32 @@ def timing_part(args, results, path):
         names = list(models)
         for name in names:
             time_steps(models[name], xb, yb, 2)  # warm-up
+        rows = xb.reshape(-1, x.shape[-1])  # the projection's input: every time step of the batch
         samples = {name: [] for name in names}
+        projection = {name: [] for name in names if name != "LSTM"}
         for rep in tqdm(range(args.reps), desc=f"timing {task}"):
             for name in names[rep % len(names):] + names[:rep % len(names)]:
                 samples[name].append(time_steps(models[name], xb, yb, args.steps))
+                if name != "LSTM":
+                    projection[name].append(time_projection(models[name].rnn.input_projection, rows, args.steps))
         batches = math.ceil(len(y) / BATCH)
         timing["tasks"][task] = {name: {"step_seconds": statistics.median(s), "samples": s,
                                         "epoch_seconds": statistics.median(s) * batches,
+                                        "projection_step_seconds": (statistics.median(projection[name])
+                                                                    if name in projection else None),
+                                        "bt_path": bt_path(models[name].rnn.input_projection, len(rows))
+                                        if name != "LSTM" else None,
                                         "input_weight_parameters": input_weight_parameters(models[name].rnn)}
                                  for name, s in samples.items()}
+        timing.setdefault("code", {})[task] = code_version()
         for rank in args.ranks:
             bt, tt = (timing["tasks"][task][f"{k}|{rank}"] for k in ("BT", "TT"))
             print(f"{task} R={rank}: BT {bt['epoch_seconds']:.2f} s/epoch, TT {tt['epoch_seconds']:.2f} "
                   f"(BT/TT {bt['step_seconds'] / tt['step_seconds']:.2f}), LSTM "
-                  f"{timing['tasks'][task]['LSTM']['epoch_seconds']:.2f}")
-    results["timing"] = timing
-    save(results, path)
+                  f"{timing['tasks'][task]['LSTM']['epoch_seconds']:.2f}; projection alone: BT "
+                  f"{1e3 * bt['projection_step_seconds']:.1f} ms ({bt['bt_path']}), TT "
+                  f"{1e3 * tt['projection_step_seconds']:.1f} ms")
+        save(results, path)
 
 
 def main():

@@ -97,6 +97,6 @@ def report(results, png_path):
     for task, models in timing.get("tasks", {}).items():
         ratios = [models[k]["step_seconds"] / models["TT" + k[2:]]["step_seconds"] for k in models if k.startswith("BT|")]
         print(f"{task}: BT / TT seconds per step at equal budgets: " + ", ".join(f"{r:.2f}" for r in ratios)
-              + f" (geometric mean {float(np.exp(np.mean(np.log(ratios)))):.2f}; code {timing['code']})")
+              + f" (geometric mean {float(np.exp(np.mean(np.log(ratios)))):.2f}; code {timing['code'][task]})")
     plot(rows, png_path)
     print(f"wrote {png_path}")
