@@ -262,9 +262,11 @@ def bt_path(projection, rows):
 def timing_part(args, results, path):
     """Seconds per training step of every model, interleaved (rotating order), on 1 thread; medians."""
     torch.set_num_threads(1)
-    timing = results.setdefault("timing", {})  # per task, so a rerun of one task keeps the other's
+    timing = results.setdefault("timing", {})  # the latest per task, so a rerun of one task keeps the other's
     timing.update({"threads": 1, "reps": args.reps, "steps": args.steps})
     timing.setdefault("tasks", {})
+    history = {"code": code_version(), "reps": args.reps, "steps": args.steps, "tasks": {}}
+    results.setdefault("timing_runs", []).append(history)  # every timing run, e.g. before and after a new recurrence
     tt_rank_by_task = tt_rank_table(args)
     for task in args.tasks:
         x, y = DATA[task]["train"]
@@ -295,7 +297,8 @@ def timing_part(args, results, path):
                                         if name != "LSTM" else None,
                                         "input_weight_parameters": input_weight_parameters(models[name].rnn)}
                                  for name, s in samples.items()}
-        timing.setdefault("code", {})[task] = code_version()
+        timing.setdefault("code", {})[task] = history["code"]
+        history["tasks"][task] = timing["tasks"][task]
         for rank in args.ranks:
             bt, tt = (timing["tasks"][task][f"{k}|{rank}"] for k in ("BT", "TT"))
             print(f"{task} R={rank}: BT {bt['epoch_seconds']:.2f} s/epoch, TT {tt['epoch_seconds']:.2f} "
