@@ -147,3 +147,24 @@ def test_parity_without_bias(seed, kind):
     assert bt.input_projection.bias is None and not hasattr(bt, "bias_hh_l0")
     x = torch.randn(4, 3, INPUT, dtype=torch.float64)
     torch.testing.assert_close(bt(x)[0], bt.to_dense_module()(x)[0], rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
+@pytest.mark.parametrize("recurrence", ["fused", "loop"])
+def test_empty_sequence_is_refused_by_name(kind, recurrence):
+    bt = make(kind, batch_first=True, recurrence=recurrence)
+    with pytest.raises(ValueError, match=r"sequence length of at least 1 .*got input of shape \(2, 0, 24\)"):
+        bt(torch.randn(2, 0, INPUT, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"got input of shape \(0, 24\)"):
+        bt(torch.randn(0, INPUT, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("kind", ["gru", "rnn_tanh"])
+def test_tuple_state_for_gru_and_rnn_is_refused_by_name(kind):
+    bt = make(kind)
+    h0 = torch.zeros(1, 2, HIDDEN, dtype=torch.float64)
+    name = type(bt).__name__
+    with pytest.raises(TypeError, match=f"{name} expects hx as one tensor h_0 .*got tuple"):
+        bt(torch.randn(3, 2, INPUT, dtype=torch.float64), (h0,))
+    with pytest.raises(TypeError, match="BTLSTM expects hx as a tuple"):
+        make("lstm")(torch.randn(3, 2, INPUT, dtype=torch.float64), h0)

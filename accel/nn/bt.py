@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
+import warnings
 from typing import Sequence
 
 import torch
@@ -24,8 +26,9 @@ from torch import nn
 from accel.nn.bt_contract import gemm_chain_contract, gemm_chain_largest
 from accel.nn.bt_dense import RebuildWorkspace, matmul_dtype, rebuild_linear
 from accel.nn.bt_paths import (FACTORIZED_FLOP_PENALTY, GEMM_CHAIN_MAX_EXTRA_FLOPS,  # noqa: F401 (re-exported)
-                               REBUILD_FLOP_PENALTY, contraction_costs, factorized_expression, factorized_method,
-                               rebuild_expression)
+                               REBUILD_FLOP_PENALTY, contraction_costs, contraction_method, dense_is_cheaper,
+                               factorized_expression, factorized_method, rebuild_expression)
+from accel.nn.bt_trace import contract_steps, is_tracing, plan_rows, rebuild_matmul, traced_plan
 
 __all__ = ["BTLinear", "balanced_factors"]
 
@@ -91,9 +94,11 @@ class BTLinear(nn.Module):
             Chosen automatically (balanced factors, d <= 4) when not given.
         out_shape (sequence of int, optional): the factorisation ``J_1..J_d`` of ``out_features``,
             with the same ``d`` as ``in_shape``. Chosen automatically when not given.
-        ranks (int or sequence of int): the Tucker ranks ``R_1..R_d`` of every block. An int is used
-            for every mode and capped at each mode's size ``I_k * J_k``; a sequence must have one
-            entry per mode, each at most ``I_k * J_k``. Default: 4.
+        ranks (int, float or sequence of int): the Tucker ranks ``R_1..R_d`` of every block. An int is
+            used for every mode and capped at each mode's size ``I_k * J_k`` (with a warning); a float in
+            (0, 1) is a fraction of the dense weight's parameters (as in tensorly-torch): the largest
+            rank, the same for every mode and capped likewise, whose weight fits in it; a sequence must
+            have one entry per mode, each at most ``I_k * J_k``. Default: 4.
         num_blocks (int): the number ``N`` of Tucker blocks. Default: 2.
         bias (bool): if ``False``, the layer learns no additive bias. Default: ``True``.
         contraction (str): ``"auto"`` (per batch size, by flops, where those of the factorized path
@@ -141,7 +146,7 @@ class BTLinear(nn.Module):
         if len(self.in_shape) != len(self.out_shape):
             raise ValueError(f"in_shape={self.in_shape} and out_shape={self.out_shape} must have the same "
                              f"number of modes, got {len(self.in_shape)} and {len(self.out_shape)}")
-        self.ranks = self._check_ranks(ranks)
+        self.ranks = self._check_ranks(ranks, num_blocks)
         if contraction == "gemm" and len(self.in_shape) < 2:
             raise ValueError(f"contraction='gemm' needs at least 2 modes, got in_shape={self.in_shape}")
         self.in_features, self.out_features, self.num_blocks = in_features, out_features, num_blocks
@@ -156,21 +161,62 @@ class BTLinear(nn.Module):
             for i, j, r in zip(self.in_shape, self.out_shape, self.ranks))
         self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
         self.reset_parameters()
+        dense = in_features * out_features
+        if self.num_weight_parameters > dense:
+            warnings.warn(f"BTLinear({in_features}, {out_features}) with in_shape={self.in_shape}, out_shape="
+                          f"{self.out_shape}, ranks={self.ranks}, num_blocks={num_blocks} has "
+                          f"{self.num_weight_parameters:,} weight parameters, {self.num_weight_parameters / dense:.1f}x "
+                          f"the {dense:,} of a dense weight: lower ranks or fewer blocks (or features that "
+                          f"factor into more modes) compress it", stacklevel=2)
 
-    def _check_ranks(self, ranks) -> tuple[int, ...]:
+    def _weight_parameters(self, ranks, num_blocks) -> int:
+        return num_blocks * (sum(i * j * r for i, j, r in zip(self.in_shape, self.out_shape, ranks))
+                             + math.prod(ranks))
+
+    def _check_ranks(self, ranks, num_blocks) -> tuple[int, ...]:
         sizes = [i * j for i, j in zip(self.in_shape, self.out_shape)]
-        if isinstance(ranks, int) and not isinstance(ranks, bool):
+        if isinstance(ranks, float):
+            return self._ranks_for_fraction(ranks, sizes, num_blocks)
+        if isinstance(ranks, numbers.Integral) and not isinstance(ranks, bool):
             if ranks < 1:
                 raise ValueError(f"ranks must be >= 1, got {ranks}")
-            return tuple(min(ranks, s) for s in sizes)
+            capped = tuple(min(int(ranks), s) for s in sizes)
+            if any(r < ranks for r in capped):
+                warnings.warn(f"ranks={ranks} exceeds the size I_k*J_k of mode(s) "
+                              f"{[k for k, s in enumerate(sizes) if s < ranks]} (mode sizes {tuple(sizes)}): "
+                              f"capped to ranks={capped}", stacklevel=3)
+            return capped
+        if isinstance(ranks, (str, bytes)) or not isinstance(ranks, Sequence):
+            raise TypeError(f"ranks must be an int, a float in (0, 1) or {len(sizes)} ints (one per mode), "
+                            f"got {ranks!r}")
         ranks = tuple(ranks)
-        if len(ranks) != len(sizes) or any(isinstance(r, bool) or not isinstance(r, int) for r in ranks):
+        if len(ranks) != len(sizes) or any(isinstance(r, bool) or not isinstance(r, numbers.Integral) for r in ranks):
             raise ValueError(f"ranks must be an int or {len(sizes)} ints (one per mode), got {ranks}")
+        ranks = tuple(int(r) for r in ranks)
         for k, (r, s) in enumerate(zip(ranks, sizes)):
             if not 1 <= r <= s:
                 raise ValueError(f"ranks[{k}]={r} must be in [1, I_{k}*J_{k}] = [1, {s}] "
                                  f"(in_shape={self.in_shape}, out_shape={self.out_shape})")
         return ranks
+
+    def _ranks_for_fraction(self, fraction: float, sizes, num_blocks) -> tuple[int, ...]:
+        """The largest common rank (capped per mode) whose weight has at most ``fraction`` of the dense parameters."""
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"ranks={fraction!r}: a float rank is a fraction of the dense weight's parameters and "
+                             f"must be in (0, 1); give an int (or one int per mode) for a rank")
+        budget = fraction * math.prod(self.in_shape) * math.prod(self.out_shape)
+
+        def parameters(rank):
+            return self._weight_parameters([min(rank, s) for s in sizes], num_blocks)
+        if parameters(1) > budget:
+            raise ValueError(f"ranks={fraction!r} allows {budget:,.0f} weight parameters, but rank 1 with "
+                             f"num_blocks={num_blocks} already takes {parameters(1):,} (in_shape={self.in_shape}, "
+                             f"out_shape={self.out_shape})")
+        low, high = 1, max(sizes)  # parameters() grows with the rank: the largest rank within the budget
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if parameters(middle) <= budget else (low, middle - 1)
+        return tuple(min(low, s) for s in sizes)
 
     @property
     def num_modes(self) -> int:
@@ -180,8 +226,7 @@ class BTLinear(nn.Module):
     @property
     def num_weight_parameters(self) -> int:
         """``N * (sum_k I_k J_k R_k + prod_k R_k)``: the parameters of the BT weight."""
-        return self.num_blocks * (sum(i * j * r for i, j, r in zip(self.in_shape, self.out_shape, self.ranks))
-                                  + math.prod(self.ranks))
+        return self._weight_parameters(self.ranks, self.num_blocks)
 
     @property
     def num_parameters(self) -> int:
@@ -217,10 +262,7 @@ class BTLinear(nn.Module):
         """Whether a forward pass over ``batch`` rows rebuilds the dense weight."""
         if self.contraction != "auto":
             return self.contraction == "dense"
-        cost = contraction_costs(*self._key(), batch)
-        # ties go to the dense path: its GEMMs are the large, efficient ones
-        return (REBUILD_FLOP_PENALTY * cost["rebuild"] + cost["matmul"]
-                <= FACTORIZED_FLOP_PENALTY * cost["factorized"])
+        return dense_is_cheaper(*self._key(), batch)
 
     def cost(self, batch: int) -> dict:
         """Flop estimates of the forward pass over ``batch`` rows: ``{"factorized": ..., "einsum": ...,
@@ -240,22 +282,47 @@ class BTLinear(nn.Module):
         return w.reshape(self.in_features, self.out_features).t()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if input.dim() == 0 or input.shape[-1] != self.in_features:
-            raise ValueError(f"expected input of shape (*, {self.in_features}), got {tuple(input.shape)}")
+        self._check_input(input)
         leading = input.shape[:-1]
         x = input.reshape(-1, self.in_features)
-        batch = x.shape[0]
-        if self.uses_dense(batch):
-            y = rebuild_linear(x, self.core, self.factors, self.workspace)
-            y = y if self.bias is None else y + self.bias.to(y.dtype)  # autocast: keep its dtype
-        else:
-            method = self.factorized_method(batch) if batch else "einsum"  # the chain reshapes by batch
-            pieces = x.split(self.chunk_size(batch, x)) if batch else [x]
-            y = self._contract(x, method) if len(pieces) == 1 else torch.cat([self._contract(p, method)
-                                                                               for p in pieces])
-            if self.bias is not None:
-                y = y + self.bias.to(y.dtype)
+        y = self._traced_product(x) if is_tracing(x, self.core) else self._eager_product(x)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)  # autocast: keep the product's dtype
         return y.reshape(*leading, self.out_features)
+
+    def _check_input(self, input: torch.Tensor) -> None:
+        if input.dim() == 0 or input.shape[-1] != self.in_features:
+            raise ValueError(f"expected input of shape (*, {self.in_features}), got {tuple(input.shape)}")
+        if input.dtype != self.core.dtype and not (  # as nn.Linear: autocast casts float16/32/bfloat16 only
+                torch.is_autocast_enabled(input.device.type) and input.is_floating_point()
+                and input.dtype != torch.float64 and self.core.dtype != torch.float64):
+            raise RuntimeError(f"BTLinear got an input of dtype {input.dtype} but its parameters are "
+                               f"{self.core.dtype}; like nn.Linear it does not convert: use "
+                               f"input.to({self.core.dtype}) or layer.to({input.dtype})")
+
+    def _eager_product(self, x: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[0]
+        method = contraction_method(*self._key(), self.contraction, batch)
+        if method == "dense":
+            return rebuild_linear(x, self.core, self.factors, self.workspace)
+        pieces = x.split(self.chunk_size(batch, x)) if batch else [x]
+        return self._contract(x, method) if len(pieces) == 1 else torch.cat([self._contract(p, method)
+                                                                             for p in pieces])
+
+    def _traced_product(self, x: torch.Tensor) -> torch.Tensor:
+        """The product under torch.compile / export / jit.trace (bt_trace.py): a plan made outside the graph,
+        no workspace, no pieces, ordinary differentiable ops."""
+        # jit.trace cannot record the chain's autograd.Function ("unordered_map::at"): it gets the einsum twin
+        method, steps = traced_plan(*self._key(), self.contraction, plan_rows(x.shape[0]),
+                                    gemm_chain=not torch.jit.is_tracing())
+        if method == "dense":
+            return rebuild_matmul(x, self.core, self.factors)
+        if method == "gemm":
+            return gemm_chain_contract(x, self.core, self.factors, self.in_shape, self.out_shape, self.ranks)
+        dtype = matmul_dtype(x, self.core)
+        operands = [x.reshape(x.shape[0], *self.in_shape), self.core, *self.factors]
+        y = contract_steps(steps, [t.to(dtype) for t in operands])
+        return y.reshape(x.shape[0], self.out_features)
 
     def chunk_size(self, batch: int, input: torch.Tensor | None = None) -> int:
         """Rows per piece of the factorized forward on CPU: the batch is split so that the largest

@@ -10,11 +10,14 @@ import opt_einsum
 from accel.nn.bt_contract import gemm_chain_flops
 
 __all__ = ["FACTORIZED_FLOP_PENALTY", "REBUILD_FLOP_PENALTY", "GEMM_CHAIN_MAX_EXTRA_FLOPS", "contraction_costs",
-           "factorized_expression", "factorized_method", "rebuild_expression"]
+           "contraction_method", "dense_is_cheaper", "factorized_contraction_steps", "factorized_expression",
+           "factorized_method", "rebuild_expression"]
 
 
 def _einsum_indices(d: int):
     """Symbols for batch, block, the d input modes, the d output modes and the d rank modes."""
+    if 2 + 3 * d > 52:  # torch.einsum (the traced path) takes only a-z, A-Z
+        raise ValueError(f"BTLinear supports at most 16 modes, got {d}")
     s = [opt_einsum.get_symbol(i) for i in range(2 + 3 * d)]
     return s[0], s[1], s[2:2 + d], s[2 + d:2 + 2 * d], s[2 + 2 * d:]
 
@@ -53,6 +56,17 @@ def factorized_expression(in_shape, out_shape, ranks, num_blocks, batch):
     _, info = opt_einsum.contract_path(eq, *shapes, shapes=True, optimize=path)
     expression = opt_einsum.contract_expression(eq, *shapes, optimize=path)
     return expression, int(info.opt_cost), int(info.largest_intermediate)
+
+
+@functools.lru_cache(maxsize=256)
+def factorized_contraction_steps(in_shape, out_shape, ranks, num_blocks, batch) -> tuple:
+    """The pairwise steps of ``factorized_expression``'s path: ``((positions, equation), ...)``, where each
+    step pops the operands at ``positions`` (of ``[x, core, *factors]`` and the results appended so far)
+    and appends ``torch.einsum(equation, *popped)`` (a traced call runs these, see bt_trace.py)."""
+    path = _factorized_path(in_shape, out_shape, ranks, num_blocks, 1 << max(batch - 1, 0).bit_length())
+    eq, shapes = _factorized_equation(in_shape, out_shape, ranks, num_blocks, batch)
+    _, info = opt_einsum.contract_path(eq, *shapes, shapes=True, optimize=path)
+    return tuple((tuple(step[0]), step[2]) for step in info.contraction_list)
 
 
 @functools.lru_cache(maxsize=64)
@@ -108,3 +122,23 @@ def contraction_costs(in_shape, out_shape, ranks, num_blocks, batch) -> dict:
     return {"factorized": gemm if factorized_method(*key) == "gemm" else einsum, "einsum": einsum, "gemm": gemm,
             "rebuild": rebuild_expression(in_shape, out_shape, ranks, num_blocks)[1],
             "matmul": 2 * batch * math.prod(in_shape) * math.prod(out_shape)}
+
+
+def dense_is_cheaper(in_shape, out_shape, ranks, num_blocks, batch) -> bool:
+    """The rule of ``contraction="auto"``: rebuild W when its penalised flops plus the dense matmul's cost
+    no more than the penalised flops of the factorized path (ties go to the dense path: its GEMMs are
+    the large, efficient ones)."""
+    cost = contraction_costs(in_shape, out_shape, ranks, num_blocks, batch)
+    return REBUILD_FLOP_PENALTY * cost["rebuild"] + cost["matmul"] <= FACTORIZED_FLOP_PENALTY * cost["factorized"]
+
+
+def contraction_method(in_shape, out_shape, ranks, num_blocks, contraction, batch) -> str:
+    """``"dense"``, ``"gemm"`` or ``"einsum"``: how a layer set to ``contraction`` contracts ``batch`` rows."""
+    if contraction == "dense" or (contraction == "auto"
+                                  and dense_is_cheaper(in_shape, out_shape, ranks, num_blocks, batch)):
+        return "dense"
+    if batch == 0:  # the chain reshapes by the batch size
+        return "einsum"
+    if contraction in ("gemm", "einsum"):
+        return contraction
+    return factorized_method(in_shape, out_shape, ranks, num_blocks, batch)

@@ -24,8 +24,11 @@ from torch.nn.utils.rnn import PackedSequence
 
 from accel.nn.bt import BTLinear, _auto_num_modes, balanced_factors
 from accel.nn.recurrence import CELLS, GATES, run_direction
+from accel.nn.recurrence_op import fused_direction, padded_direction
 
 __all__ = ["BTRNN", "BTLSTM", "BTGRU"]
+
+_RECURRENCES = ("fused", "loop")
 
 
 class _BTRNNBase(nn.Module):
@@ -34,8 +37,12 @@ class _BTRNNBase(nn.Module):
     def __init__(self, mode: str, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, *,
                  in_shape: Sequence[int] | None = None, hidden_shape: Sequence[int] | None = None,
-                 ranks: int | Sequence[int] = 4, num_blocks: int = 2, device=None, dtype=None):
+                 ranks: int | Sequence[int] = 4, num_blocks: int = 2, recurrence: str = "fused", device=None,
+                 dtype=None):
         super().__init__()
+        if recurrence not in _RECURRENCES:
+            raise ValueError(f"recurrence must be one of {_RECURRENCES}, got {recurrence!r}")
+        self.recurrence = recurrence
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -116,44 +123,35 @@ class _BTRNNBase(nn.Module):
             ``(output, h_n)`` (``(output, (h_n, c_n))`` for ``BTLSTM``): ``output`` is
             ``(L, B, num_directions * hidden_size)`` or a ``PackedSequence`` when the input is one.
         """
+        if self.recurrence not in _RECURRENCES:
+            raise ValueError(f"recurrence must be one of {_RECURRENCES}, got {self.recurrence!r}")
         packed = isinstance(input, PackedSequence)
         if packed:
-            data, batch_sizes_tensor, sorted_indices, unsorted_indices = input
-            batch_sizes = batch_sizes_tensor.tolist()
-            batch, batched = batch_sizes[0], True
+            data, batch_sizes, sorted_indices, unsorted_indices = input
+            batch, batched = int(batch_sizes[0]), True
         else:
             if not isinstance(input, torch.Tensor) or input.dim() not in (2, 3):
                 raise ValueError(f"expected a 2-D (unbatched) or 3-D (batched) input or a PackedSequence, "
                                  f"got {getattr(input, 'shape', type(input).__name__)}")
             batched = input.dim() == 3
-            x = input if batched else input.unsqueeze(1)
-            x = x.transpose(0, 1) if (self.batch_first and batched) else x
-            steps, batch = x.shape[0], x.shape[1]
-            data, batch_sizes = x.reshape(steps * batch, x.shape[2]), [batch] * steps
+            data = input if batched else input.unsqueeze(1)
+            data = data.transpose(0, 1) if (self.batch_first and batched) else data  # (L, B, features)
+            if data.shape[0] == 0:
+                raise ValueError(f"{type(self).__name__} needs a sequence length of at least 1 (as torch.nn's "
+                                 f"RNNs do), got input of shape {tuple(input.shape)}")
+            batch, batch_sizes = data.shape[1], None
             sorted_indices = unsorted_indices = None
         if data.shape[-1] != self.input_size:
             raise ValueError(f"input.size(-1) must be equal to input_size. Expected {self.input_size}, "
                              f"got {data.shape[-1]}")
-        lstm = self.mode == "LSTM"
-        if hx is None:
-            zeros = data.new_zeros(self.num_layers * self.num_directions, batch, self.hidden_size)
-            states = (zeros, zeros) if lstm else (zeros,)
-        else:
-            if lstm and not (isinstance(hx, tuple) and len(hx) == 2):
-                raise TypeError("BTLSTM expects hx as a tuple (h_0, c_0)")
-            states = tuple(self._check_state(s, n, batch, batched)
-                           for s, n in zip(hx if lstm else (hx,), ("h_0", "c_0")))
-            if sorted_indices is not None:
-                states = tuple(s.index_select(1, sorted_indices) for s in states)
-        cell = CELLS[self.mode]
+        states = self._initial_states(hx, data, batch, batched, sorted_indices)
         finals = []
         for layer in range(self.num_layers):
             outputs = []
             for direction in range(self.num_directions):
                 index = layer * self.num_directions + direction
-                _, _, weight_hh, bias_hh = self._weights(layer, direction)
-                out, final = run_direction(cell, self._project(layer, direction, data), batch_sizes,
-                                           tuple(s[index] for s in states), weight_hh, bias_hh, reverse=direction == 1)
+                out, final = self._run_direction(layer, direction, data, batch_sizes,
+                                                 tuple(s[index] for s in states))
                 outputs.append(out)
                 finals.append(final)
             data = torch.cat(outputs, dim=-1) if self.num_directions == 2 else outputs[0]
@@ -161,15 +159,48 @@ class _BTRNNBase(nn.Module):
                 data = nn.functional.dropout(data, self.dropout, training=True)
         final_states = [torch.stack([f[i] for f in finals]) for i in range(len(states))]
         if packed:
-            output = PackedSequence(data, batch_sizes_tensor, sorted_indices, unsorted_indices)
+            output = PackedSequence(data, batch_sizes, sorted_indices, unsorted_indices)
             if unsorted_indices is not None:
                 final_states = [s.index_select(1, unsorted_indices) for s in final_states]
         else:
-            output = data.reshape(len(batch_sizes), batch, data.shape[-1])
-            output = output.transpose(0, 1) if (self.batch_first and batched) else output
+            output = data.transpose(0, 1) if (self.batch_first and batched) else data
             if not batched:
                 output, final_states = output.squeeze(1), [s.squeeze(1) for s in final_states]
-        return output, (tuple(final_states) if lstm else final_states[0])
+        return output, (tuple(final_states) if self.mode == "LSTM" else final_states[0])
+
+    def _initial_states(self, hx, data, batch, batched, sorted_indices) -> tuple[torch.Tensor, ...]:
+        lstm = self.mode == "LSTM"
+        if hx is None:
+            zeros = data.new_zeros(self.num_layers * self.num_directions, batch, self.hidden_size)
+            return (zeros, zeros) if lstm else (zeros,)
+        if lstm and not (isinstance(hx, tuple) and len(hx) == 2):
+            raise TypeError(f"BTLSTM expects hx as a tuple (h_0, c_0), got {type(hx).__name__}")
+        if not lstm and not isinstance(hx, torch.Tensor):
+            raise TypeError(f"{type(self).__name__} expects hx as one tensor h_0 (only BTLSTM takes a tuple "
+                            f"(h_0, c_0)), got {type(hx).__name__}")
+        states = tuple(self._check_state(s, n, batch, batched) for s, n in zip(hx if lstm else (hx,), ("h_0", "c_0")))
+        if sorted_indices is not None:
+            states = tuple(s.index_select(1, sorted_indices) for s in states)
+        return states
+
+    def _run_direction(self, layer: int, direction: int, data: torch.Tensor, batch_sizes: torch.Tensor | None,
+                       state: tuple[torch.Tensor, ...]):
+        """One direction of one layer: ``data`` is packed ``(N, features)`` when ``batch_sizes`` is given,
+        else padded ``(L, B, features)``; the output comes in the same layout."""
+        x_proj = self._project(layer, direction, data)
+        _, _, weight_hh, bias_hh = self._weights(layer, direction)
+        reverse = direction == 1
+        if self.recurrence == "fused":
+            if batch_sizes is None:
+                return padded_direction(self.mode, x_proj, state, weight_hh, bias_hh, reverse)
+            return fused_direction(self.mode, x_proj, batch_sizes, state, weight_hh, bias_hh, reverse)
+        # the reference: a Python loop over the packed layout (a padded batch is the equal-lengths case)
+        if batch_sizes is None:
+            steps = x_proj.shape[0]
+            out, final = run_direction(CELLS[self.mode], x_proj.flatten(0, 1), [x_proj.shape[1]] * steps, state,
+                                       weight_hh, bias_hh, reverse)
+            return out.unflatten(0, (steps, -1)), final
+        return run_direction(CELLS[self.mode], x_proj, batch_sizes.tolist(), state, weight_hh, bias_hh, reverse)
 
     def extra_repr(self) -> str:
         return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, bias={self.bias}, "
@@ -245,6 +276,10 @@ _CONSTRUCTOR_DOC = """
             the BT layer's output shape is ``(gates * hidden_shape[0], *hidden_shape[1:])``.
         ranks (int or sequence of int): Tucker ranks of the BT input weight. Default: 4.
         num_blocks (int): number of Tucker blocks. Default: 2.
+        recurrence (str): ``"fused"``: each direction of each layer is one op with a hand-written
+            backward-through-time (:mod:`accel.nn.recurrence_op`), which ``torch.export`` keeps with a
+            dynamic sequence length; ``"loop"``: the Python reference loop that autograd differentiates
+            step by step (exported unrolled at a fixed length). Default: ``"fused"``.
         device, dtype: of the parameters.
 """
 

@@ -1,0 +1,96 @@
+"""How :class:`~accel.nn.BTLinear` runs when it is traced: ``torch.compile``, ``torch.export`` (and
+``torch.onnx.export(dynamo=True)`` on top of it), ``torch.jit.trace``, or any call on FakeTensors.
+
+The eager forward pass does three things a tracer cannot take:
+
+- it picks its contraction per batch size through a cost model (``opt_einsum`` path searches behind
+  ``lru_cache``): traced by Dynamo this took ~190 s and broke the graph, and a symbolic batch size is
+  not hashable;
+- the dense path writes ``W`` with ``mm(out=)`` into a workspace kept across calls: ``out=`` refuses
+  autograd, and a FakeTensor left in the workspace would be returned by later eager calls;
+- the factorized path splits the batch into cache-sized pieces, a count that depends on the batch size.
+
+So a traced call takes a plan made outside the graph (:func:`traced_plan`, a constant for Dynamo),
+never touches the workspace, contracts the whole batch at once, and uses only ordinary differentiable
+ops (the GEMM chain, ``torch.einsum`` steps along the ``opt_einsum`` path, or the rebuilt weight), each
+the same arithmetic as its eager twin. The plan of a symbolic (dynamic) batch is made for its example
+size where Python can read it (``torch.export``), else for ``SYMBOLIC_BATCH_PLAN_ROWS`` rows (inside
+``torch.compile``); any batch size then runs correctly, only the choice of path is fixed.
+"""
+from __future__ import annotations
+
+import torch
+from torch._subclasses.fake_tensor import is_fake
+from torch.fx.experimental.symbolic_shapes import has_static_value
+
+from accel.nn.bt_dense import matmul_dtype, rebuild_operands
+from accel.nn.bt_paths import contraction_method, factorized_contraction_steps
+
+__all__ = ["SYMBOLIC_BATCH_PLAN_ROWS", "is_tracing", "traced_plan", "plan_rows", "contract_steps",
+           "rebuild_matmul"]
+
+# Rows the plan is made for when the batch is symbolic and its example size cannot be read (a dynamic
+# batch inside torch.compile): a typical training batch.
+SYMBOLIC_BATCH_PLAN_ROWS = 64
+
+_FAKE = torch._C._TorchDispatchModeKey.FAKE
+_PROXY = torch._C._TorchDispatchModeKey.PROXY
+
+
+def is_tracing(*tensors: torch.Tensor) -> bool:
+    """Whether this call is being traced (compile, export, jit.trace, make_fx) or runs on FakeTensors."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return True
+    if torch._C._get_dispatch_mode(_FAKE) is not None or torch._C._get_dispatch_mode(_PROXY) is not None:
+        return True
+    return any(is_fake(t) for t in tensors)
+
+
+def plan_rows(batch) -> int:
+    """The batch size a traced call's plan is made for: ``batch`` itself when it is a constant, else its
+    example size (torch.export), else ``SYMBOLIC_BATCH_PLAN_ROWS``. Never adds a guard on the batch."""
+    if isinstance(batch, torch.Tensor):  # torch.jit.trace records sizes as tensors
+        return int(batch)
+    if has_static_value(batch):
+        return int(batch)
+    if not torch.compiler.is_dynamo_compiling():
+        hint = getattr(getattr(batch, "node", None), "hint", None)
+        if isinstance(hint, int):
+            return hint
+    return SYMBOLIC_BATCH_PLAN_ROWS
+
+
+@torch.compiler.assume_constant_result
+def traced_plan(in_shape, out_shape, ranks, num_blocks, contraction, rows, gemm_chain=True) -> tuple:
+    """``("dense", None)``, ``("gemm", None)`` or ``("einsum", steps)`` for a batch of ``rows``.
+
+    Dynamo calls this at trace time and keeps the result as a constant (no cost model in the graph,
+    no guard); ``steps`` are the pairwise ``torch.einsum`` equations of the ``opt_einsum`` path, which
+    also replaces the GEMM chain where ``gemm_chain`` is false.
+    """
+    method = contraction_method(in_shape, out_shape, ranks, num_blocks, contraction, rows)
+    method = "einsum" if method == "gemm" and not gemm_chain else method
+    steps = (factorized_contraction_steps(in_shape, out_shape, ranks, num_blocks, rows) if method == "einsum"
+             else None)
+    return method, steps
+
+
+def contract_steps(steps, operands) -> torch.Tensor:
+    """Run ``opt_einsum``'s pairwise contraction list with ``torch.einsum`` (as ``opt_einsum`` does:
+    each step pops its operands by position and appends the result)."""
+    operands = list(operands)
+    for positions, equation in steps:
+        picked = [operands.pop(p) for p in positions]
+        operands.append(torch.einsum(equation, *picked))
+    return operands[0]
+
+
+def rebuild_matmul(x: torch.Tensor, core: torch.Tensor, factors) -> torch.Tensor:
+    """``x @ W`` through the rebuilt weight with ordinary autograd (``rebuild_linear``'s traced twin:
+    no workspace, no ``out=``); ``x`` is ``(B, prod I_k)``, the result ``(B, prod J_k)``."""
+    left, right = rebuild_operands(core, list(factors))
+    out0, in_features = factors[0].shape[2], x.shape[1]
+    dtype = matmul_dtype(x, left, right)
+    weight = torch.mm(left.to(dtype), right.to(dtype)).view(out0, in_features, -1)
+    y = torch.matmul(x.to(dtype), weight)  # (J_0, B, J')
+    return y.permute(1, 0, 2).reshape(x.shape[0], -1)

@@ -1,0 +1,144 @@
+"""The fused recurrence as one ``torch.library`` op: ``torch.ops.accel.recurrence``.
+
+One graph node for the whole recurrence of one direction of one layer: ``torch.export`` keeps it
+with a dynamic batch and a dynamic sequence length (a Python loop over time would be unrolled at
+the traced length), ``torch.compile`` sees no graph break, and its backward is a second op
+(``torch.ops.accel.recurrence_backward``), so a compiled training step keeps the hand-written
+backward-through-time too. The arithmetic lives in :mod:`accel.nn.fused_recurrence`.
+
+:func:`fused_direction` is the drop-in twin of :func:`accel.nn.recurrence.run_direction` for
+packed data; :func:`padded_direction` runs the padded layout directly. Under
+``torch.onnx.export`` the op is replaced by ONNX's own ``LSTM`` / ``GRU`` / ``RNN`` operator
+(:mod:`accel.nn.recurrence_onnx`).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from accel.nn import fused_recurrence
+from accel.nn.recurrence import GATES
+
+__all__ = ["padded_direction", "fused_direction"]
+
+_MODES = tuple(GATES)
+
+
+def _active(batch_sizes: Optional[Tensor], steps: int, batch: int) -> list[int]:
+    return [batch] * steps if batch_sizes is None else batch_sizes.tolist()
+
+
+def _implementation(x_proj: Tensor):
+    if x_proj.device.type == "cuda":
+        from accel.nn import fused_recurrence_cuda  # the fused cells exist only on CUDA
+        return fused_recurrence_cuda
+    return fused_recurrence
+
+
+@torch.library.custom_op("accel::recurrence", mutates_args=())
+def _recurrence(mode: str, x_proj: Tensor, h0: Tensor, c0: Optional[Tensor], weight_hh: Tensor,
+                bias_hh: Optional[Tensor], batch_sizes: Optional[Tensor], reverse: bool) -> list[Tensor]:
+    """``[out, *extra]``: ``out`` ``(T, B, H)``, then (LSTM) ``c_n`` and the tensors the backward needs."""
+    steps, batch, _ = x_proj.shape
+    out, extra = _implementation(x_proj).forward(mode, x_proj, h0, c0, weight_hh, bias_hh,
+                                                 _active(batch_sizes, steps, batch), reverse)
+    return [out, *extra]
+
+
+@_recurrence.register_fake
+def _(mode, x_proj, h0, c0, weight_hh, bias_hh, batch_sizes, reverse):
+    steps, batch, width = x_proj.shape
+    hidden = h0.shape[-1]
+    out = x_proj.new_empty(steps, batch, hidden)
+    if mode == "LSTM":
+        return [out, h0.new_empty(batch, hidden), x_proj.new_empty(steps, batch, width),
+                x_proj.new_empty(steps, batch, hidden), x_proj.new_empty(steps, batch, hidden)]
+    if mode == "GRU":
+        return [out, x_proj.new_empty(steps, batch, width), x_proj.new_empty(steps, batch, width)]
+    return [out]
+
+
+@torch.library.custom_op("accel::recurrence_backward", mutates_args=())
+def _recurrence_backward(mode: str, grad_out: Optional[Tensor], grad_c_n: Optional[Tensor], h0: Tensor,
+                         c0: Optional[Tensor], weight_hh: Tensor, out: Tensor, saved: list[Tensor],
+                         batch_sizes: Optional[Tensor], reverse: bool) -> list[Tensor]:
+    """``[grad_x_proj, grad_h0, grad_weight_hh, grad_bias_hh]``, then ``grad_c0`` for the LSTM."""
+    steps, batch, _ = out.shape
+    grads = _implementation(out).backward(mode, grad_out, grad_c_n, h0, c0, weight_hh, out, saved,
+                                          _active(batch_sizes, steps, batch), reverse)
+    grad_x, grad_h0, grad_c0, grad_weight, grad_bias = grads
+    return [grad_x, grad_h0, grad_weight, grad_bias] + ([grad_c0] if mode == "LSTM" else [])
+
+
+@_recurrence_backward.register_fake
+def _(mode, grad_out, grad_c_n, h0, c0, weight_hh, out, saved, batch_sizes, reverse):
+    steps, batch, _ = out.shape
+    grads = [out.new_empty(steps, batch, weight_hh.shape[0]), torch.empty_like(h0), torch.empty_like(weight_hh),
+             weight_hh.new_empty(weight_hh.shape[0])]
+    return grads + ([torch.empty_like(c0)] if mode == "LSTM" else [])
+
+
+def _setup_context(ctx, inputs, output):
+    mode, _, h0, c0, weight_hh, bias_hh, batch_sizes, reverse = inputs
+    ctx.mode, ctx.reverse, ctx.has_bias = mode, reverse, bias_hh is not None
+    ctx.batch_sizes = batch_sizes
+    saved = output[2:] if mode == "LSTM" else output[1:]
+    ctx.mark_non_differentiable(*saved)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(h0, c0, weight_hh, output[0], *saved)
+
+
+def _backward(ctx, grads):
+    h0, c0, weight_hh, out, *saved = ctx.saved_tensors
+    grad_c_n = grads[1] if ctx.mode == "LSTM" else None
+    result = _recurrence_backward(ctx.mode, grads[0], grad_c_n, h0, c0, weight_hh, out, saved, ctx.batch_sizes,
+                                  ctx.reverse)
+    grad_x, grad_h0, grad_weight, grad_bias = result[:4]
+    grad_c0 = result[4] if ctx.mode == "LSTM" else None
+    return None, grad_x, grad_h0, grad_c0, grad_weight, grad_bias if ctx.has_bias else None, None, None
+
+
+# torch marks the backward once-differentiable: double backward raises 'trying to differentiate twice'
+_recurrence.register_autograd(_backward, setup_context=_setup_context)
+
+
+def padded_direction(mode: str, x_proj: Tensor, state: tuple[Tensor, ...], weight_hh: Tensor,
+                     bias_hh: Optional[Tensor], reverse: bool, batch_sizes: Optional[Tensor] = None):
+    """One direction of one layer on padded, time-major projections ``(T, B, gates * H)``.
+
+    ``batch_sizes`` (``(T,)``, non-increasing, on the CPU): sequences still running at each step; rows
+    past it are padding and come out holding the carried state. Returns ``(out, final_state)``.
+    """
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+    if torch.onnx.is_in_onnx_export():
+        from accel.nn.recurrence_onnx import onnx_direction
+        return onnx_direction(mode, x_proj, state, weight_hh, bias_hh, reverse, batch_sizes)
+    dtype = x_proj.dtype
+    if torch.is_autocast_enabled(x_proj.device.type):  # the projection came out in the autocast dtype
+        state = tuple(s.to(dtype) for s in state)
+        weight_hh = weight_hh.to(dtype)
+        bias_hh = None if bias_hh is None else bias_hh.to(dtype)
+    for name, tensor in (("h0/c0", state[0]), ("weight_hh", weight_hh)):
+        if tensor.dtype != dtype:
+            raise TypeError(f"the recurrence needs one dtype: input projection is {dtype}, {name} is {tensor.dtype}")
+    c0 = state[1] if mode == "LSTM" else None
+    result = torch.ops.accel.recurrence(mode, x_proj, state[0], c0, weight_hh, bias_hh, batch_sizes, reverse)
+    out = result[0]
+    h_n = out[0] if reverse else out[-1]
+    return out, ((h_n, result[1]) if mode == "LSTM" else (h_n,))
+
+
+def fused_direction(mode: str, x_proj: Tensor, batch_sizes: Tensor, state: tuple[Tensor, ...],
+                    weight_hh: Tensor, bias_hh: Optional[Tensor], reverse: bool):
+    """:func:`accel.nn.recurrence.run_direction` on packed data through the fused op: the packed rows
+    are scattered into a padded buffer and gathered back (both differentiable)."""
+    steps, batch = batch_sizes.shape[0], state[0].shape[0]
+    valid = torch.arange(batch).unsqueeze(0) < batch_sizes.unsqueeze(1)  # (T, B), row-major = packed order
+    valid = valid.to(x_proj.device)
+    padded = x_proj.new_zeros(steps, batch, x_proj.shape[-1])
+    padded[valid] = x_proj
+    out, final = padded_direction(mode, padded, state, weight_hh, bias_hh, reverse, batch_sizes)
+    return out[valid], final

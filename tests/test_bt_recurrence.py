@@ -1,0 +1,149 @@
+"""The fused recurrence op (accel::recurrence) against the Python reference loop, its gradients, and its
+errors. Export, ONNX and compile of the RNNs: tests/test_bt_rnn_export.py."""
+import itertools
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from accel.nn.recurrence import CELLS, GATES, run_direction
+from accel.nn.recurrence_onnx import onnx_direction
+from accel.nn.recurrence_op import fused_direction, padded_direction
+from test_bt_rnn import INPUT, KINDS, initial_state, make
+
+
+def _grads(outputs, inputs, seed_grads):
+    return torch.autograd.grad(outputs, inputs, seed_grads, allow_unused=True, retain_graph=True)
+
+
+def _flat_outputs(out, state):
+    out = out.data if hasattr(out, "batch_sizes") else out
+    return [out, *(state if isinstance(state, tuple) else (state,))]
+
+
+GRID = list(itertools.product(KINDS, ["padded", "batch_first", "packed"], [1, 2], [False, True], [False, True]))
+
+
+@pytest.mark.parametrize("kind,layout,num_layers,bidirectional,with_h0", GRID)
+def test_fused_matches_loop_outputs_and_all_gradients(seed, kind, layout, num_layers, bidirectional, with_h0):
+    """Same module, recurrence='fused' vs 'loop': outputs, final states, and the gradients of every
+    parameter, of the input and of h0/c0 under random output gradients."""
+    torch.manual_seed(seed)
+    bt = make(kind, num_layers=num_layers, bidirectional=bidirectional, batch_first=layout == "batch_first")
+    batch, steps = 4, 6
+    x = torch.randn(steps, batch, INPUT, dtype=torch.float64, requires_grad=True)
+    if layout == "batch_first":
+        model_input = x.transpose(0, 1)
+    elif layout == "packed":
+        lengths = torch.randperm(steps)[:batch] + 1  # distinct random lengths in 1..6, unsorted
+        model_input = pack_padded_sequence(x, lengths, enforce_sorted=False)
+    else:
+        model_input = x
+    hx = initial_state(kind, num_layers, 2 if bidirectional else 1, batch) if with_h0 else None
+    hx_leaves = [s.requires_grad_() for s in (hx if isinstance(hx, tuple) else (hx,))] if with_h0 else []
+    inputs = [x, *hx_leaves, *bt.parameters()]
+    results = {}
+    for recurrence in ("fused", "loop"):
+        bt.recurrence = recurrence
+        results[recurrence] = _flat_outputs(*bt(model_input, hx))
+    seed_grads = [torch.randn_like(t) for t in results["loop"]]
+    for fused, loop in zip(results["fused"], results["loop"]):
+        torch.testing.assert_close(fused, loop, rtol=1e-9, atol=1e-10)
+    fused_grads = _grads(results["fused"], inputs, seed_grads)
+    loop_grads = _grads(results["loop"], inputs, seed_grads)
+    for name, a, b in zip(["x", *(f"hx{i}" for i in range(len(hx_leaves))), *(n for n, _ in bt.named_parameters())],
+                          fused_grads, loop_grads):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("mode,reverse,lengths", list(itertools.product(GATES, [False, True], ["equal", "unequal"])))
+def test_op_gradcheck_float64(seed, mode, reverse, lengths):
+    """gradcheck of the whole op (h0, c0, input projections, hidden weight and bias) on a tiny case."""
+    torch.manual_seed(seed)
+    steps, batch, hidden = 3, 3, 2
+    width = GATES[mode] * hidden
+    batch_sizes = torch.tensor([3, 3, 3] if lengths == "equal" else [3, 2, 1])
+    x_proj = torch.randn(int(batch_sizes.sum()), width, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(width, hidden, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(width, dtype=torch.float64, requires_grad=True)
+    state = tuple(torch.randn(batch, hidden, dtype=torch.float64, requires_grad=True)
+                  for _ in range(2 if mode == "LSTM" else 1))
+
+    def run(x_proj, weight, bias, *state):
+        out, final = fused_direction(mode, x_proj, batch_sizes, state, weight, bias, reverse)
+        return (out, *final)
+
+    assert torch.autograd.gradcheck(run, (x_proj, weight, bias, *state))
+
+
+@pytest.mark.parametrize("mode", list(GATES))
+def test_op_passes_torch_library_opcheck(seed, mode):
+    """The fake (meta) implementation, the autograd registration and the schema agree with the real op."""
+    torch.manual_seed(seed)
+    steps, batch, hidden = 3, 2, 2
+    width = GATES[mode] * hidden
+    args = (mode, torch.randn(steps, batch, width, requires_grad=True), torch.randn(batch, hidden),
+            torch.randn(batch, hidden) if mode == "LSTM" else None, torch.randn(width, hidden, requires_grad=True),
+            torch.randn(width, requires_grad=True), None, False)
+    torch.library.opcheck(torch.ops.accel.recurrence.default, args)
+
+
+def test_fused_without_bias_and_without_state_gradients(seed):
+    """No bias_hh, and an h0 that needs no gradient: the op's optional inputs."""
+    torch.manual_seed(seed)
+    x_proj = torch.randn(5, 3, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(8, 2, dtype=torch.float64, requires_grad=True)
+    state = (torch.randn(3, 2, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64))
+    out, (h, c) = padded_direction("LSTM", x_proj, state, weight, None, reverse=True)
+    ref_out, (ref_h, ref_c) = run_direction(CELLS["LSTM"], x_proj.flatten(0, 1), [3] * 5, state, weight, None, True)
+    torch.testing.assert_close(out.flatten(0, 1), ref_out)
+    grad = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, [x_proj, weight], grad),
+                               torch.autograd.grad(ref_out, [x_proj, weight], grad.flatten(0, 1)))
+
+
+def test_double_backward_raises(seed):
+    """The hand-written backward is once-differentiable: a second derivative fails loudly, never silently."""
+    torch.manual_seed(seed)
+    bt = make("gru")
+    x = torch.randn(4, 2, INPUT, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(bt(x)[0].square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad.sum().backward()
+
+
+def test_recurrence_choice_is_validated():
+    with pytest.raises(ValueError, match="recurrence must be one of .*got 'scan'"):
+        make("lstm", recurrence="scan")
+    bt = make("lstm")
+    bt.recurrence = "cuda"
+    with pytest.raises(ValueError, match="got 'cuda'"):
+        bt(torch.randn(2, 1, INPUT, dtype=torch.float64))
+
+
+def test_mixed_dtypes_are_named():
+    x_proj = torch.randn(2, 1, 4)
+    with pytest.raises(TypeError, match="input projection is torch.float32, weight_hh is torch.float64"):
+        padded_direction("RNN_TANH", x_proj, (torch.zeros(1, 4),), torch.randn(4, 4, dtype=torch.float64), None,
+                         False)
+
+
+def test_under_cpu_autocast_the_recurrence_runs_in_bfloat16(seed):
+    torch.manual_seed(seed)
+    bt = KINDS["lstm"](INPUT, 6, in_shape=(4, 6), hidden_shape=(3, 2), ranks=2)
+    x = torch.randn(5, 2, INPUT)
+    expected = bt(x)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = bt(x)[0]
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, rtol=0.05, atol=0.05)
+    out.float().sum().backward()
+    assert bt.weight_hh_l0.grad.dtype == torch.float32 and bt.weight_hh_l0.grad.abs().sum() > 0
+
+
+def test_onnx_lowering_refuses_packed_sequences():
+    with pytest.raises(NotImplementedError, match="PackedSequence is not supported"):
+        onnx_direction("GRU", torch.randn(2, 2, 6), (torch.zeros(2, 2),), torch.randn(6, 2), None, False,
+                       torch.tensor([2, 1]))
