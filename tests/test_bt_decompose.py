@@ -119,3 +119,16 @@ def test_progress_bar_only_when_asked(capsys):
     assert "block-term decomposition" in capsys.readouterr().err
     block_term_decomposition(tensor, ranks=2, num_blocks=2, n_iter=3, num_restarts=1, progress=False)
     assert "block-term decomposition" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weight_is_named(seed, bad):
+    rng = np.random.default_rng(seed)
+    weight = torch.from_numpy(rng.standard_normal((6, 20)))
+    row, column = int(rng.integers(6)), int(rng.integers(20))
+    weight[row, column] = bad
+    kind = "1 NaN and 0 infinite" if bad != bad else "0 NaN and 1 infinite"
+    with pytest.raises(ValueError, match=rf"{kind} entries \(the first at index \({row}, {column}\)"):
+        block_term_decomposition(weight, in_shape=(4, 5), out_shape=(2, 3))
+    with pytest.raises(ValueError, match=kind):
+        BTLinear.from_dense(weight, in_shape=(4, 5), out_shape=(2, 3))

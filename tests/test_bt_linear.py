@@ -1,5 +1,7 @@
 import math
+import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -144,7 +146,14 @@ def test_errors_name_the_numbers():
         layer(torch.tensor(1.0))
     with pytest.raises(ValueError, match="contraction must be one of"):
         BTLinear(20, 6, contraction="fast")
-    assert BTLinear(20, 6, in_shape=(4, 5), out_shape=(2, 3), ranks=100).ranks == (8, 15)  # an int is capped
+    with pytest.warns(UserWarning, match=r"ranks=100 exceeds the size I_k\*J_k of mode\(s\) \[0, 1\] \(mode sizes "
+                      r"\(8, 15\)\): capped to ranks=\(8, 15\)"):
+        assert BTLinear(20, 6, in_shape=(4, 5), out_shape=(2, 3), ranks=100).ranks == (8, 15)  # an int is capped
+    with pytest.warns(UserWarning, match=r"mode\(s\) \[0\] .*capped to ranks=\(8, 10\)"):
+        assert BTLinear(20, 6, in_shape=(4, 5), out_shape=(2, 3), ranks=10).ranks == (8, 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a rank within every mode's size: no warning
+        assert set(BTLinear(256, 160, ranks=np.int64(3)).ranks) == {3}
 
 
 @pytest.mark.parametrize("contraction", ["gemm", "einsum"])
@@ -284,3 +293,67 @@ def test_autocast_bfloat16(seed, contraction):
     torch.testing.assert_close(y.float(), reference, rtol=0, atol=0.05 * scale)
     assert grad.dtype == torch.float32
     torch.testing.assert_close(grad, reference_grad, rtol=0, atol=0.05 * reference_grad.abs().max().item())
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.05, 0.003])
+def test_float_ranks_are_a_fraction_of_dense_parameters(seed, fraction):
+    """As tensorly-torch: the largest common rank whose weight fits in that fraction of the dense weight."""
+    rng = np.random.default_rng(seed)
+    in_shape = tuple(int(v) for v in rng.integers(3, 9, size=3))
+    out_shape = tuple(int(v) for v in rng.integers(3, 9, size=3))
+    num_blocks = int(rng.integers(1, 4))
+    in_features, out_features = math.prod(in_shape), math.prod(out_shape)
+    budget = fraction * in_features * out_features
+    sizes = [i * j for i, j in zip(in_shape, out_shape)]
+
+    def parameters(rank):
+        ranks = [min(rank, s) for s in sizes]
+        return num_blocks * (sum(s * r for s, r in zip(sizes, ranks)) + math.prod(ranks))
+    if parameters(1) > budget:
+        with pytest.raises(ValueError, match=rf"ranks={fraction} allows .* but rank 1 with num_blocks={num_blocks}"):
+            BTLinear(in_features, out_features, in_shape=in_shape, out_shape=out_shape, ranks=fraction,
+                     num_blocks=num_blocks)
+        return
+    layer = BTLinear(in_features, out_features, in_shape=in_shape, out_shape=out_shape, ranks=fraction,
+                     num_blocks=num_blocks)
+    rank = max(layer.ranks)
+    assert layer.ranks == tuple(min(rank, s) for s in sizes)
+    assert layer.num_weight_parameters == parameters(rank) <= budget
+    assert rank == max(sizes) or parameters(rank + 1) > budget  # the largest that fits
+
+
+def test_bad_float_and_other_ranks_are_named():
+    for bad in (2.5, 1.0, 0.0, -0.5, float("nan")):
+        with pytest.raises(ValueError, match=rf"ranks={bad!r}: a float rank is a fraction .* must be in \(0, 1\)"):
+            BTLinear(20, 6, in_shape=(4, 5), out_shape=(2, 3), ranks=bad)
+    with pytest.raises(TypeError, match="ranks must be an int, a float in \\(0, 1\\) or 2 ints"):
+        BTLinear(20, 6, in_shape=(4, 5), out_shape=(2, 3), ranks="4")
+    with pytest.raises(ValueError, match=r"ranks=1e-05 allows 0 weight parameters, but rank 1"):
+        BTLinear(20, 6, in_shape=(4, 5), out_shape=(2, 3), ranks=1e-5)
+
+
+def test_layers_larger_than_dense_warn_with_the_figures():
+    with pytest.warns(UserWarning, match=r"BTLinear\(97, 64\) with in_shape=\(97,\), out_shape=\(64,\), ranks=\(4,\), "
+                                         r"num_blocks=2 has 49,672 weight parameters, 8.0x the 6,208 of a dense weight"):
+        BTLinear(97, 64)  # a prime in_features: one mode, no compression
+    with pytest.warns(UserWarning, match=r"num_blocks=1000 has 496,000 weight parameters, 12.1x the 40,960"):
+        # 1000 * (4 * (5*4 + 4*4 + 4*4 + 4*2) + 4**4) = 496,000 for in_shape (4, 4, 4, 4), out_shape (5, 4, 4, 2)
+        BTLinear(256, 160, num_blocks=1000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert BTLinear(256, 160).compression_ratio > 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int64, torch.float16])
+def test_input_dtype_must_match_parameters_as_nn_linear(seed, dtype):
+    torch.manual_seed(seed)
+    layer = BTLinear(24, 12, in_shape=(3, 4, 2), out_shape=(2, 3, 2), ranks=2)
+    x = (torch.randn(5, 24) * 10).to(dtype)
+    with pytest.raises(RuntimeError):
+        nn.Linear(24, 12)(x)  # the behaviour matched
+    with pytest.raises(RuntimeError, match=rf"input of dtype {dtype} but its parameters are torch.float32"):
+        layer(x)
+    torch.testing.assert_close(layer.double()(x.double()), x.double() @ layer.to_dense().t() + layer.bias)
+    if dtype == torch.float16:  # autocast casts it, as for nn.Linear
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layer.float()(x).dtype == torch.bfloat16

@@ -14,9 +14,7 @@ where the chain costs many more flops).
 """
 from __future__ import annotations
 
-import functools
 import math
-import numbers
 import warnings
 from typing import Sequence
 
@@ -28,60 +26,15 @@ from accel.nn.bt_dense import RebuildWorkspace, matmul_dtype, rebuild_linear
 from accel.nn.bt_paths import (FACTORIZED_FLOP_PENALTY, GEMM_CHAIN_MAX_EXTRA_FLOPS,  # noqa: F401 (re-exported)
                                REBUILD_FLOP_PENALTY, contraction_costs, contraction_method, dense_is_cheaper,
                                factorized_expression, factorized_method, rebuild_expression)
-from accel.nn.bt_trace import contract_steps, is_tracing, plan_rows, rebuild_matmul, traced_plan
+from accel.nn.bt_shapes import (auto_num_modes, balanced_factors, check_shape,  # noqa: F401 (re-exported)
+                                 resolve_ranks, weight_parameters)
+from accel.nn.bt_trace import (compiled_rebuild_linear, contract_steps, is_tracing, plan_rows, rebuild_matmul,
+                                traced_plan)
 
 __all__ = ["BTLinear", "balanced_factors"]
 
 _CONTRACTIONS = ("auto", "factorized", "gemm", "einsum", "dense")
-
-
-def balanced_factors(n: int, num_factors: int) -> tuple[int, ...]:
-    """Split ``n`` into ``num_factors`` integer factors as equal as possible, largest first.
-
-    Among all factorisations, the one with the smallest largest factor (then the largest smallest
-    factor) wins: ``balanced_factors(57600, 4) == (16, 16, 15, 15)``.
-    """
-    if n < 1 or num_factors < 1:
-        raise ValueError(f"need n >= 1 and num_factors >= 1, got n={n}, num_factors={num_factors}")
-
-    small = [k for k in range(1, math.isqrt(n) + 1) if n % k == 0]
-    divisors = sorted(set(small) | {n // k for k in small}, reverse=True)
-
-    @functools.cache
-    def search(rest: int, slots: int, cap: int):
-        if slots == 1:
-            return (rest,) if rest <= cap else None
-        best = None
-        low = math.ceil(rest ** (1.0 / slots) - 1e-9)  # the largest factor is at least the slots-th root
-        for first in divisors:
-            if first > min(cap, rest) or rest % first:
-                continue
-            if first < low:
-                break
-            if (tail := search(rest // first, slots - 1, first)) is not None:
-                candidate = (first, *tail)
-                if best is None or (candidate[0], -candidate[-1]) < (best[0], -best[-1]):
-                    best = candidate
-        return best
-
-    return search(n, num_factors, n)
-
-
-def _auto_num_modes(*sizes: int, max_modes: int = 4) -> int:
-    """The largest d <= max_modes for which every size splits into d factors all >= 2."""
-    for d in range(max_modes, 1, -1):
-        if all(min(balanced_factors(s, d)) >= 2 for s in sizes):
-            return d
-    return 1
-
-
-def _check_shape(name: str, shape: Sequence[int], total: int, features_name: str) -> tuple[int, ...]:
-    shape = tuple(int(s) for s in shape)
-    if not shape or any(s < 1 for s in shape):
-        raise ValueError(f"{name} must be a non-empty sequence of positive ints, got {shape}")
-    if math.prod(shape) != total:
-        raise ValueError(f"{name}={shape} has product {math.prod(shape)}, but {features_name}={total}")
-    return shape
+_auto_num_modes = auto_num_modes  # the name rnn.py imports
 
 
 class BTLinear(nn.Module):
@@ -136,17 +89,17 @@ class BTLinear(nn.Module):
         if contraction not in _CONTRACTIONS:
             raise ValueError(f"contraction must be one of {_CONTRACTIONS}, got {contraction!r}")
         if in_shape is None and out_shape is None:
-            d = _auto_num_modes(in_features, out_features)
+            d = auto_num_modes(in_features, out_features)
         else:
             d = len(in_shape) if in_shape is not None else len(out_shape)
         in_shape = balanced_factors(in_features, d) if in_shape is None else in_shape
         out_shape = balanced_factors(out_features, d) if out_shape is None else out_shape
-        self.in_shape = _check_shape("in_shape", in_shape, in_features, "in_features")
-        self.out_shape = _check_shape("out_shape", out_shape, out_features, "out_features")
+        self.in_shape = check_shape("in_shape", in_shape, in_features, "in_features")
+        self.out_shape = check_shape("out_shape", out_shape, out_features, "out_features")
         if len(self.in_shape) != len(self.out_shape):
             raise ValueError(f"in_shape={self.in_shape} and out_shape={self.out_shape} must have the same "
                              f"number of modes, got {len(self.in_shape)} and {len(self.out_shape)}")
-        self.ranks = self._check_ranks(ranks, num_blocks)
+        self.ranks = resolve_ranks(ranks, self.in_shape, self.out_shape, num_blocks)
         if contraction == "gemm" and len(self.in_shape) < 2:
             raise ValueError(f"contraction='gemm' needs at least 2 modes, got in_shape={self.in_shape}")
         self.in_features, self.out_features, self.num_blocks = in_features, out_features, num_blocks
@@ -169,55 +122,6 @@ class BTLinear(nn.Module):
                           f"the {dense:,} of a dense weight: lower ranks or fewer blocks (or features that "
                           f"factor into more modes) compress it", stacklevel=2)
 
-    def _weight_parameters(self, ranks, num_blocks) -> int:
-        return num_blocks * (sum(i * j * r for i, j, r in zip(self.in_shape, self.out_shape, ranks))
-                             + math.prod(ranks))
-
-    def _check_ranks(self, ranks, num_blocks) -> tuple[int, ...]:
-        sizes = [i * j for i, j in zip(self.in_shape, self.out_shape)]
-        if isinstance(ranks, float):
-            return self._ranks_for_fraction(ranks, sizes, num_blocks)
-        if isinstance(ranks, numbers.Integral) and not isinstance(ranks, bool):
-            if ranks < 1:
-                raise ValueError(f"ranks must be >= 1, got {ranks}")
-            capped = tuple(min(int(ranks), s) for s in sizes)
-            if any(r < ranks for r in capped):
-                warnings.warn(f"ranks={ranks} exceeds the size I_k*J_k of mode(s) "
-                              f"{[k for k, s in enumerate(sizes) if s < ranks]} (mode sizes {tuple(sizes)}): "
-                              f"capped to ranks={capped}", stacklevel=3)
-            return capped
-        if isinstance(ranks, (str, bytes)) or not isinstance(ranks, Sequence):
-            raise TypeError(f"ranks must be an int, a float in (0, 1) or {len(sizes)} ints (one per mode), "
-                            f"got {ranks!r}")
-        ranks = tuple(ranks)
-        if len(ranks) != len(sizes) or any(isinstance(r, bool) or not isinstance(r, numbers.Integral) for r in ranks):
-            raise ValueError(f"ranks must be an int or {len(sizes)} ints (one per mode), got {ranks}")
-        ranks = tuple(int(r) for r in ranks)
-        for k, (r, s) in enumerate(zip(ranks, sizes)):
-            if not 1 <= r <= s:
-                raise ValueError(f"ranks[{k}]={r} must be in [1, I_{k}*J_{k}] = [1, {s}] "
-                                 f"(in_shape={self.in_shape}, out_shape={self.out_shape})")
-        return ranks
-
-    def _ranks_for_fraction(self, fraction: float, sizes, num_blocks) -> tuple[int, ...]:
-        """The largest common rank (capped per mode) whose weight has at most ``fraction`` of the dense parameters."""
-        if not 0.0 < fraction < 1.0:
-            raise ValueError(f"ranks={fraction!r}: a float rank is a fraction of the dense weight's parameters and "
-                             f"must be in (0, 1); give an int (or one int per mode) for a rank")
-        budget = fraction * math.prod(self.in_shape) * math.prod(self.out_shape)
-
-        def parameters(rank):
-            return self._weight_parameters([min(rank, s) for s in sizes], num_blocks)
-        if parameters(1) > budget:
-            raise ValueError(f"ranks={fraction!r} allows {budget:,.0f} weight parameters, but rank 1 with "
-                             f"num_blocks={num_blocks} already takes {parameters(1):,} (in_shape={self.in_shape}, "
-                             f"out_shape={self.out_shape})")
-        low, high = 1, max(sizes)  # parameters() grows with the rank: the largest rank within the budget
-        while low < high:
-            middle = (low + high + 1) // 2
-            low, high = (middle, high) if parameters(middle) <= budget else (low, middle - 1)
-        return tuple(min(low, s) for s in sizes)
-
     @property
     def num_modes(self) -> int:
         """The tensor order ``d``."""
@@ -226,7 +130,7 @@ class BTLinear(nn.Module):
     @property
     def num_weight_parameters(self) -> int:
         """``N * (sum_k I_k J_k R_k + prod_k R_k)``: the parameters of the BT weight."""
-        return self._weight_parameters(self.ranks, self.num_blocks)
+        return weight_parameters(self.in_shape, self.out_shape, self.ranks, self.num_blocks)
 
     @property
     def num_parameters(self) -> int:
@@ -315,6 +219,8 @@ class BTLinear(nn.Module):
         # jit.trace cannot record the chain's autograd.Function ("unordered_map::at"): it gets the einsum twin
         method, steps = traced_plan(*self._key(), self.contraction, plan_rows(x.shape[0]),
                                     gemm_chain=not torch.jit.is_tracing())
+        if method == "dense" and torch.compiler.is_dynamo_compiling() and not torch.compiler.is_exporting():
+            return compiled_rebuild_linear(x, self.core, self.factors, self.workspace)
         if method == "dense":
             return rebuild_matmul(x, self.core, self.factors)
         if method == "gemm":

@@ -15,12 +15,15 @@ and its gradient live in a workspace reused across calls: the backward needs nei
 """
 from __future__ import annotations
 
+import itertools
 import math
+import weakref
 
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["RebuildWorkspace", "matmul_dtype", "rebuild_linear", "rebuild_operands"]
+__all__ = ["RebuildWorkspace", "matmul_dtype", "rebuild_backward", "rebuild_forward", "rebuild_linear",
+           "rebuild_operands"]
 
 
 def matmul_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -35,6 +38,14 @@ def matmul_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
+_workspace_keys = itertools.count()
+_WORKSPACES: "weakref.WeakValueDictionary[int, RebuildWorkspace]" = weakref.WeakValueDictionary()
+
+
+def workspace_by_key(key: int) -> "RebuildWorkspace":
+    return _WORKSPACES[key]
+
+
 class RebuildWorkspace:
     """Reusable full-size buffers for the dense path, one per (role, shape, dtype, device).
 
@@ -43,6 +54,8 @@ class RebuildWorkspace:
 
     def __init__(self):
         self._buffers = {}
+        self.key = next(_workspace_keys)  # how a compiled graph names it (bt_trace.py)
+        _WORKSPACES[self.key] = self
 
     def get(self, role: str, shape, like: torch.Tensor) -> torch.Tensor:
         key = (role, tuple(shape), like.dtype, like.device)
@@ -55,6 +68,12 @@ class RebuildWorkspace:
 
     def clear(self) -> None:
         self._buffers.clear()
+
+    def __getstate__(self):  # copies and pickles start empty, under a key of their own
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
 
     def __repr__(self) -> str:
         mib = sum(b.numel() * b.element_size() for b in self._buffers.values()) / 2 ** 20
@@ -78,38 +97,48 @@ def rebuild_operands(core: torch.Tensor, factors) -> tuple[torch.Tensor, torch.T
     return left, right
 
 
+def rebuild_forward(x, left, right, out0: int, workspace: RebuildWorkspace) -> torch.Tensor:
+    """``y = x @ (left @ right)`` with the weight written into ``workspace`` (see the module docstring)."""
+    batch, in_features = x.shape
+    rest = right.shape[1] * left.shape[0] // (out0 * in_features)  # J_1 * .. * J_{d-1}
+    weight = torch.mm(left, right, out=workspace.get("weight", (left.shape[0], right.shape[1]), left))
+    y = torch.bmm(x.expand(out0, -1, -1), weight.view(out0, in_features, rest))  # (J_0, B, J')
+    return y.permute(1, 0, 2).reshape(batch, out0 * rest)
+
+
+def rebuild_backward(grad_y, x, left, right, out0: int, workspace: RebuildWorkspace, needs=(True, True, True)):
+    """The gradients ``(x, left, right)`` of :func:`rebuild_forward` (``None`` where ``needs`` says so)."""
+    batch, in_features = x.shape
+    # contiguous: grad_y may be an expanded view (e.g. of a sum), which BLAS cannot take as an operand
+    g = grad_y.reshape(batch, out0, -1).transpose(0, 1).contiguous()  # (J_0, B, J')
+    rest = g.shape[2]
+    grad_weight = workspace.get("grad", (left.shape[0], right.shape[1]), left)
+    torch.bmm(x.t().expand(out0, -1, -1), g, out=grad_weight.view(out0, in_features, rest))
+    grad_left = torch.mm(grad_weight, right.t()) if needs[1] else None
+    grad_right = torch.mm(left.t(), grad_weight) if needs[2] else None
+    grad_x = None
+    if needs[0]:
+        weight = torch.mm(left, right, out=workspace.get("weight", grad_weight.shape, left))
+        weight = weight.view(out0, in_features, rest)
+        grad_x = torch.zeros_like(x)
+        for j in range(out0):  # one GEMM per output slice, accumulated in place
+            grad_x.addmm_(g[j], weight[j].t())
+    return grad_x, grad_left, grad_right
+
+
 class _RebuildLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, left, right, out0, workspace):
-        batch, in_features = x.shape
-        rest = right.shape[1] * left.shape[0] // (out0 * in_features)  # J_1 * .. * J_{d-1}
-        weight = torch.mm(left, right, out=workspace.get("weight", (left.shape[0], right.shape[1]), left))
-        y = torch.bmm(x.expand(out0, -1, -1), weight.view(out0, in_features, rest))  # (J_0, B, J')
         ctx.save_for_backward(x, left, right)
         ctx.out0, ctx.workspace = out0, workspace
-        return y.permute(1, 0, 2).reshape(batch, out0 * rest)
+        return rebuild_forward(x, left, right, out0, workspace)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y):
         x, left, right = ctx.saved_tensors
-        out0, workspace = ctx.out0, ctx.workspace
-        batch, in_features = x.shape
-        # contiguous: grad_y may be an expanded view (e.g. of a sum), which BLAS cannot take as an operand
-        g = grad_y.reshape(batch, out0, -1).transpose(0, 1).contiguous()  # (J_0, B, J')
-        rest = g.shape[2]
-        grad_weight = workspace.get("grad", (left.shape[0], right.shape[1]), left)
-        torch.bmm(x.t().expand(out0, -1, -1), g, out=grad_weight.view(out0, in_features, rest))
-        grad_left = torch.mm(grad_weight, right.t()) if ctx.needs_input_grad[1] else None
-        grad_right = torch.mm(left.t(), grad_weight) if ctx.needs_input_grad[2] else None
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            weight = torch.mm(left, right, out=workspace.get("weight", grad_weight.shape, left))
-            weight = weight.view(out0, in_features, rest)
-            grad_x = torch.zeros_like(x)
-            for j in range(out0):  # one GEMM per output slice, accumulated in place
-                grad_x.addmm_(g[j], weight[j].t())
-        return grad_x, grad_left, grad_right, None, None
+        return (*rebuild_backward(grad_y, x, left, right, ctx.out0, ctx.workspace, ctx.needs_input_grad[:3]),
+                None, None)
 
 
 def rebuild_linear(x: torch.Tensor, core: torch.Tensor, factors, workspace: RebuildWorkspace) -> torch.Tensor:

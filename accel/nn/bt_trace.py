@@ -23,11 +23,11 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 from torch.fx.experimental.symbolic_shapes import has_static_value
 
-from accel.nn.bt_dense import matmul_dtype, rebuild_operands
+from accel.nn.bt_dense import matmul_dtype, rebuild_backward, rebuild_forward, rebuild_operands, workspace_by_key
 from accel.nn.bt_paths import contraction_method, factorized_contraction_steps
 
 __all__ = ["SYMBOLIC_BATCH_PLAN_ROWS", "is_tracing", "traced_plan", "plan_rows", "contract_steps",
-           "rebuild_matmul"]
+           "rebuild_matmul", "compiled_rebuild_linear"]
 
 # Rows the plan is made for when the batch is symbolic and its example size cannot be read (a dynamic
 # batch inside torch.compile): a typical training batch.
@@ -92,5 +92,58 @@ def rebuild_matmul(x: torch.Tensor, core: torch.Tensor, factors) -> torch.Tensor
     out0, in_features = factors[0].shape[2], x.shape[1]
     dtype = matmul_dtype(x, left, right)
     weight = torch.mm(left.to(dtype), right.to(dtype)).view(out0, in_features, -1)
-    y = torch.matmul(x.to(dtype), weight)  # (J_0, B, J')
+    y = torch.bmm(x.to(dtype).expand(out0, -1, -1), weight)  # (J_0, B, J'), x not copied
     return y.permute(1, 0, 2).reshape(x.shape[0], -1)
+
+
+# Under torch.compile the dense path is one opaque op running the eager kernels with the layer's workspace:
+# Inductor's version of rebuild_matmul allocates W and grad W afresh (page faults on every call above
+# glibc's mmap threshold) and ran 1.5x slower than eager at the UCF11 setting (experiments/bt_compile.py).
+# Not for export: an exported program must hold ordinary ops only (rebuild_matmul).
+@torch.library.custom_op("accel::bt_rebuild_linear", mutates_args=())
+def _rebuild_linear_op(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, out0: int,
+                       workspace_key: int) -> torch.Tensor:
+    return rebuild_forward(x, left, right, out0, workspace_by_key(workspace_key))
+
+
+@_rebuild_linear_op.register_fake
+def _(x, left, right, out0, workspace_key):
+    return x.new_empty(x.shape[0], right.shape[1] * left.shape[0] // x.shape[1])
+
+
+@torch.library.custom_op("accel::bt_rebuild_linear_backward", mutates_args=())
+def _rebuild_linear_backward_op(grad_y: torch.Tensor, x: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
+                                out0: int, workspace_key: int, need_x: bool) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                       torch.Tensor]:
+    grad_x, grad_left, grad_right = rebuild_backward(grad_y, x, left, right, out0, workspace_by_key(workspace_key),
+                                                     (need_x, True, True))
+    return grad_x if need_x else x.new_empty(0), grad_left, grad_right
+
+
+@_rebuild_linear_backward_op.register_fake
+def _(grad_y, x, left, right, out0, workspace_key, need_x):
+    return x.new_empty(x.shape if need_x else (0,)), torch.empty_like(left), torch.empty_like(right)
+
+
+def _setup_context(ctx, inputs, output):
+    x, left, right, ctx.out0, ctx.workspace_key = inputs
+    ctx.save_for_backward(x, left, right)
+
+
+def _backward(ctx, grad_y):
+    x, left, right = ctx.saved_tensors
+    need_x = ctx.needs_input_grad[0]
+    grad_x, grad_left, grad_right = _rebuild_linear_backward_op(grad_y, x, left, right, ctx.out0, ctx.workspace_key,
+                                                                need_x)
+    return grad_x if need_x else None, grad_left, grad_right, None, None
+
+
+_rebuild_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def compiled_rebuild_linear(x: torch.Tensor, core: torch.Tensor, factors, workspace) -> torch.Tensor:
+    """``rebuild_linear`` as one op in a torch.compile graph (forward and backward), same kernels and workspace."""
+    left, right = rebuild_operands(core, list(factors))
+    dtype = matmul_dtype(x, left, right)
+    return _rebuild_linear_op(x.to(dtype).contiguous(), left.to(dtype), right.to(dtype), factors[0].shape[2],
+                              workspace.key)

@@ -331,6 +331,11 @@ def block_term_decomposition(weight, *, in_shape: Sequence[int] | None = None,
     """
     is_torch = isinstance(weight, torch.Tensor)
     array = weight.detach().cpu().double().numpy() if is_torch else np.asarray(weight, dtype=np.float64)
+    if not np.isfinite(array).all():  # else the eigensolver fails later with "Eigenvalues did not converge"
+        first = tuple(int(i) for i in np.argwhere(~np.isfinite(array))[0])
+        raise ValueError(f"weight holds {int(np.isnan(array).sum())} NaN and {int(np.isinf(array).sum())} infinite "
+                         f"entries (the first at index {first}, of shape {array.shape}): a block-term decomposition "
+                         f"needs finite values")
     for name, value, low in (("num_blocks", num_blocks, 1), ("n_iter", n_iter, 0), ("tucker_iter", tucker_iter, 0),
                              ("num_restarts", num_restarts, 0), ("full_space_iter", full_space_iter, 0)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):

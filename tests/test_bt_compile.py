@@ -1,0 +1,92 @@
+"""torch.compile of models with BTLinear: one graph (no break) on every contraction path, static and dynamic
+batch sizes, outputs and gradients equal to eager. Compile time and speed are measured by
+experiments/bt_compile.py, not here."""
+import pytest
+import torch
+from torch import nn
+
+from accel.nn import BTLinear
+from accel.nn.bt_paths import contraction_method
+
+
+def model_reaching_every_path():
+    """BTLinears whose contraction="auto" picks the GEMM chain (a wide input) and the rebuilt weight (full
+    ranks), and one forced onto the opt_einsum path."""
+    chain = BTLinear(4096, 64, in_shape=(16, 16, 16), out_shape=(4, 4, 4), ranks=2)
+    dense = BTLinear(64, 64, in_shape=(4, 4, 4), out_shape=(4, 4, 4), ranks=16, num_blocks=1)
+    einsum = BTLinear(64, 32, in_shape=(4, 4, 4), out_shape=(2, 4, 4), ranks=3, contraction="einsum")
+    return nn.Sequential(chain, nn.Tanh(), dense, nn.Tanh(), einsum)
+
+
+def step(model, x):
+    model.zero_grad(set_to_none=True)
+    y = model(x)
+    y.square().sum().backward()
+    return [y.detach()] + [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.slow
+def test_compile_no_graph_break_static_and_dynamic_batch(seed):
+    """Graph breaks are Dynamo's: the aot_eager backend (Dynamo and AOTAutograd, forward and backward graphs,
+    no code generation) shows them at a fraction of Inductor's compile time; Inductor is tested below."""
+    torch.manual_seed(seed)
+    model = model_reaching_every_path()
+    keys = [layer._key() for layer in model[::2]]
+    assert [contraction_method(*k, layer.contraction, 6) for k, layer in zip(keys, model[::2])] == ["gemm", "dense",
+                                                                                                   "einsum"]
+    x = torch.randn(6, 4096)
+    eager = step(model, x)
+    workspace = dict(model[2].workspace._buffers)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # fullgraph: a graph break raises
+    for batch_x in (x, torch.randn(9, 4096), torch.randn(13, 4096)):  # 9: Dynamo recompiles with a symbolic batch
+        got = step(compiled, batch_x)
+        want = eager if batch_x is x else step(model, batch_x)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert sum(torch._dynamo.utils.counters["graph_break"].values()) == 0
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2  # static, then one dynamic graph
+    # the compiled dense path runs the eager kernels in the layer's workspace: the same real buffers
+    assert {k: v.data_ptr() for k, v in model[2].workspace._buffers.items()} == \
+        {k: v.data_ptr() for k, v in workspace.items()}
+    assert all(type(v) is torch.Tensor for v in model[2].workspace._buffers.values())
+    torch.testing.assert_close(step(model, x)[0], eager[0], rtol=0, atol=0)
+
+
+def test_explain_default_layer_has_no_break(seed):
+    """torch._dynamo.explain of a default BTLinear (the plan is a constant: no cost model in the graph)."""
+    torch.manual_seed(seed)
+    layer = BTLinear(4096, 64)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(layer)(torch.randn(5, 4096))
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+
+
+@pytest.mark.slow
+def test_inductor_default_path_matches_eager(seed):
+    torch.manual_seed(seed)
+    layer = BTLinear(4096, 64, in_shape=(16, 16, 16), out_shape=(4, 4, 4), ranks=2)  # auto: the GEMM chain
+    x = torch.randn(6, 4096)
+    eager = step(layer, x)
+    torch._dynamo.reset()
+    for a, b in zip(step(torch.compile(layer, fullgraph=True), x), eager):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("need_x", [False, True])
+def test_compiled_dense_op_passes_opcheck(seed, need_x):
+    """The dense path's custom op (used under torch.compile): fake shapes, autograd and schema checked by torch."""
+    from accel.nn.bt_dense import rebuild_operands
+    from accel.nn.bt_trace import _rebuild_linear_op
+
+    torch.manual_seed(seed)
+    layer = BTLinear(24, 12, in_shape=(2, 3, 4), out_shape=(3, 2, 2), ranks=2, dtype=torch.float64)
+    left, right = rebuild_operands(layer.core, list(layer.factors))
+    x = torch.randn(5, 24, dtype=torch.float64, requires_grad=need_x)
+    torch.library.opcheck(_rebuild_linear_op, (x, left, right, 3, layer.workspace.key))
+    y = _rebuild_linear_op(x, left, right, 3, layer.workspace.key)
+    torch.testing.assert_close(y, x @ layer.to_dense().t(), rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x, a, b: _rebuild_linear_op(x, a, b, 3, layer.workspace.key),
+                                    (x.detach().requires_grad_(need_x), left.detach().requires_grad_(),
+                                     right.detach().requires_grad_()))
