@@ -53,7 +53,7 @@ def markdown_table(rows):
     return "\n".join(lines)
 
 
-def plot(rows, path):
+def plot(rows, path, results_code):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -78,7 +78,8 @@ def plot(rows, path):
             bottom.plot(params, seconds, color=colour, marker=marker, label=name)
         top.set_title(TASK_TITLES.get(task, task), fontsize=10)
         top.set_ylabel(f"test accuracy (mean +- std, {rows[0]['seeds']} seeds)")
-        bottom.set_ylabel("seconds per training epoch (1 thread)")
+        code = results_code.get(task, {}).get("commit", "?")
+        bottom.set_ylabel(f"s per training epoch (1 thread, timed\ninterleaved alone; code {code})")
         for ax in (top, bottom):
             ax.set_xscale("log")
             ax.set_xlabel("input-to-hidden weight parameters")
@@ -98,5 +99,5 @@ def report(results, png_path):
         ratios = [models[k]["step_seconds"] / models["TT" + k[2:]]["step_seconds"] for k in models if k.startswith("BT|")]
         print(f"{task}: BT / TT seconds per step at equal budgets: " + ", ".join(f"{r:.2f}" for r in ratios)
               + f" (geometric mean {float(np.exp(np.mean(np.log(ratios)))):.2f}; code {timing['code'][task]})")
-    plot(rows, png_path)
+    plot(rows, png_path, timing.get("code", {}))
     print(f"wrote {png_path}")
