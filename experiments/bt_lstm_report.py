@@ -40,8 +40,8 @@ def label(row):
 
 
 def markdown_table(rows):
-    lines = ["| task | model | input-weight params | total params | test accuracy | epochs (stopped early) "
-             "| s/epoch in training | s/epoch timed alone |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | model | input-weight params | total params | test accuracy | epochs, median (stopped by "
+             "patience) | s/epoch in training | s/epoch timed |", "|---|---|---|---|---|---|---|---|"]
     previous = None
     for r in rows:
         timed = f"{r['timed_seconds_per_epoch']:.2f}" if r["timed_seconds_per_epoch"] is not None else "-"
