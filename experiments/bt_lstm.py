@@ -31,9 +31,9 @@ is written to the JSON at once (``--resume`` continues a run that stopped).
 The timing part (``--parts timing``) times training steps of BT and TT at each budget and of LSTM,
 interleaved in one process on 1 thread (medians), so it can be rerun alone on newer library code.
 
-    python experiments/bt_lstm.py                        # everything: ~30 min on 2 shared cores
+    python experiments/bt_lstm.py                        # everything: 15-40 min on 2 cores, by their load
     python experiments/bt_lstm.py --parts timing report  # re-time on the current code, redraw
-    python experiments/bt_lstm.py --smoke                # 1 seed, 1 rank, 2 epochs (pipeline check)
+    python experiments/bt_lstm.py --smoke                # 1 seed, 1 rank, 2 epochs, into /tmp (pipeline check)
 """
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -321,12 +322,16 @@ def main():
     parser.add_argument("--workers", type=int, default=2, help="training processes, 1 thread each")
     parser.add_argument("--reps", type=int, default=7, help="timing: interleaved repetitions")
     parser.add_argument("--steps", type=int, default=10, help="timing: training steps per repetition")
-    parser.add_argument("--out", type=Path, default=RESULTS / "bt_lstm.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results JSON (default: experiments/results/bt_lstm.json; with --smoke, one in /tmp)")
     parser.add_argument("--fresh", action="store_true", help="discard runs already in --out (default: resume)")
     parser.add_argument("--smoke", action="store_true", help="1 seed, 1 rank, 2 epochs, 1 timing rep")
     args = parser.parse_args()
     if args.smoke:
         args.seeds, args.ranks, args.max_epochs, args.reps, args.steps = 1, args.ranks[1:2], 2, 1, 2
+        args.out = args.out or Path(tempfile.gettempdir()) / "bt_lstm_smoke.json"
+        args.fresh = True
+    args.out = args.out or RESULTS / "bt_lstm.json"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     results = {} if args.fresh or not args.out.exists() else json.loads(args.out.read_text())
     if "train" in args.parts or "timing" in args.parts:
