@@ -18,10 +18,15 @@ import torch
 
 @dataclass(frozen=True)
 class SequenceSplit:
-    """Sequences ``inputs`` of shape ``(N, T, features)`` (float32) and ``labels`` of shape ``(N,)``."""
+    """Sequences ``inputs`` of shape ``(N, T, features)`` (float32) and ``labels`` of shape ``(N,)``.
+
+    ``sources`` (``(N,)``, int64, or None) names the source image of each clip, so that a further split
+    (e.g. a validation set) can keep all clips of one image on the same side.
+    """
 
     inputs: torch.Tensor
     labels: torch.Tensor
+    sources: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -111,6 +116,7 @@ def moving_digits(*, num_frames: int = 8, canvas: tuple[int, int] = (40, 40), sc
                 clips[n, t, row:row + sprite, col:col + sprite] = images[index]
         clips += rng.normal(0.0, noise, size=clips.shape).astype(np.float32)
         inputs = torch.from_numpy(clips.reshape(len(clips), num_frames, height * width))
-        return SequenceSplit(inputs, torch.from_numpy(labels.astype(np.int64)))
+        return SequenceSplit(inputs, torch.from_numpy(labels.astype(np.int64)),
+                             torch.from_numpy(sources.astype(np.int64)))
 
     return build(order[num_test:]), build(order[:num_test])
