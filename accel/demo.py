@@ -173,7 +173,9 @@ def _summary(report: dict, out: Path) -> str:
         f"  ISGD               {isgd['chased_batches']} of {isgd['batches']} batches chased, "
         f"{isgd['extra_passes']} extra forward/backward passes",
         f"  out-of-core head   {ooc['bytes_to_device'] / 2**20:.1f} MiB in, {ooc['bytes_to_host'] / 2**20:.1f} MiB out "
-        f"over {ooc['calls']} GEMMs, tile-cache hit rate {100 * ooc['cache_hit_rate']:.0f}%",
+        f"over {ooc['calls']} GEMMs, tile-cache hit rate {100 * ooc['cache_hit_rate']:.0f}%"
+        + (" (this attempt only: counters are not checkpointed)" if report["resumes"] or report["launcher_restarts"]
+           else ""),
         f"  parameters sha256  {report['params_sha256'][:16]}...; resumed {report['resumes']} time(s), "
         f"launcher restarts {report['launcher_restarts']}; checkpoints in {out / 'checkpoints'}",
         f"  wrote {out / 'report.json'}, {out / 'control_chart.png'}, {out / 'accuracy.png'}",
