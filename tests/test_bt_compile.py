@@ -90,3 +90,24 @@ def test_compiled_dense_op_passes_opcheck(seed, need_x):
     assert torch.autograd.gradcheck(lambda x, a, b: _rebuild_linear_op(x, a, b, 3, layer.workspace.key),
                                     (x.detach().requires_grad_(need_x), left.detach().requires_grad_(),
                                      right.detach().requires_grad_()))
+
+
+def test_workspace_copies_start_empty_under_their_own_key(seed):
+    """The compiled dense op finds a layer's workspace by key: a deep copy or a pickled layer gets its own."""
+    import copy
+    import io
+
+    from accel.nn.bt_dense import workspace_by_key
+
+    torch.manual_seed(seed)
+    layer = BTLinear(24, 12, in_shape=(2, 3, 4), out_shape=(3, 2, 2), ranks=2, contraction="dense")
+    x = torch.randn(5, 24)
+    layer(x).sum().backward()
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    for other in (copy.deepcopy(layer), torch.load(buffer, weights_only=False)):
+        assert other.workspace is not layer.workspace and other.workspace.key != layer.workspace.key
+        assert workspace_by_key(other.workspace.key) is other.workspace and not other.workspace._buffers
+        torch.testing.assert_close(other(x), layer(x), rtol=0, atol=0)
+    assert workspace_by_key(layer.workspace.key) is layer.workspace and layer.workspace._buffers
