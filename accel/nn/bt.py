@@ -20,13 +20,12 @@ from typing import Sequence
 
 import torch
 from torch import nn
-from torch.fx.experimental.symbolic_shapes import has_static_value
 
-from accel.nn.bt_contract import gemm_chain_contract
+from accel.nn.bt_contract import gemm_chain_contract, gemm_chain_largest
 from accel.nn.bt_dense import RebuildWorkspace, matmul_dtype, rebuild_linear
 from accel.nn.bt_paths import (FACTORIZED_FLOP_PENALTY, GEMM_CHAIN_MAX_EXTRA_FLOPS,  # noqa: F401 (re-exported)
                                REBUILD_FLOP_PENALTY, contraction_costs, contraction_method, dense_is_cheaper,
-                               factorized_expression, factorized_method, piece_rows, rebuild_expression)
+                               factorized_expression, factorized_method, rebuild_expression)
 from accel.nn.bt_shapes import (auto_num_modes, balanced_factors, check_shape,  # noqa: F401 (re-exported)
                                  resolve_ranks, weight_parameters)
 from accel.nn.bt_trace import (compiled_rebuild_linear, contract_steps, is_tracing, plan_rows, rebuild_matmul,
@@ -226,22 +225,14 @@ class BTLinear(nn.Module):
         """The product under torch.compile / export / jit.trace (bt_trace.py): a plan made outside the graph,
         no workspace, no pieces, ordinary differentiable ops."""
         # jit.trace cannot record the chain's autograd.Function ("unordered_map::at"): it gets the einsum twin
-        max_bytes = self.max_intermediate_bytes if x.device.type == "cpu" else None
-        method, steps, rows = traced_plan(*self._key(), self.contraction, plan_rows(x.shape[0]),
-                                          gemm_chain=not torch.jit.is_tracing(), element_size=x.element_size(),
-                                          max_bytes=max_bytes)
+        method, steps = traced_plan(*self._key(), self.contraction, plan_rows(x.shape[0]),
+                                    gemm_chain=not torch.jit.is_tracing())
         if method == "dense" and torch.compiler.is_dynamo_compiling() and not torch.compiler.is_exporting():
             return compiled_rebuild_linear(x, self.core, self.factors, self.workspace)
         if method == "dense":
             return rebuild_matmul(x, self.core, self.factors)
         if method == "gemm":
             return gemm_chain_contract(x, self.core, self.factors, self.in_shape, self.out_shape, self.ranks)
-        batch = x.shape[0]  # a constant batch (never a symbolic one: a guard) gets eager's cache-sized pieces
-        if not torch.jit.is_tracing() and has_static_value(batch) and rows < batch:
-            return torch.cat([self._contract_steps(piece, steps) for piece in x.split(rows)])
-        return self._contract_steps(x, steps)
-
-    def _contract_steps(self, x: torch.Tensor, steps) -> torch.Tensor:
         dtype = matmul_dtype(x, self.core)
         operands = [x.reshape(x.shape[0], *self.in_shape), self.core, *self.factors]
         y = contract_steps(steps, [t.to(dtype) for t in operands])
@@ -258,7 +249,14 @@ class BTLinear(nn.Module):
         if batch <= 1 or (input is not None and input.device.type != "cpu"):
             return max(batch, 1)
         element = (input.element_size() if input is not None else self.core.element_size())
-        return piece_rows(*self._key(), self.factorized_method(batch), batch, element, self.max_intermediate_bytes)
+        if self.factorized_method(batch) == "gemm":
+            largest = gemm_chain_largest(*self._key(), batch)
+        else:
+            largest = factorized_expression(*self._key(), batch)[2]
+        per_row = largest * element / batch
+        rows = max(1, int(self.max_intermediate_bytes // max(per_row, 1)))
+        pieces = math.ceil(batch / rows)
+        return math.ceil(batch / pieces)  # equal pieces: at most two cached expressions
 
     def _contract(self, x: torch.Tensor, method: str) -> torch.Tensor:
         if method == "gemm":

@@ -7,11 +7,11 @@ import math
 
 import opt_einsum
 
-from accel.nn.bt_contract import gemm_chain_flops, gemm_chain_largest
+from accel.nn.bt_contract import gemm_chain_flops
 
 __all__ = ["FACTORIZED_FLOP_PENALTY", "REBUILD_FLOP_PENALTY", "GEMM_CHAIN_MAX_EXTRA_FLOPS", "contraction_costs",
            "contraction_method", "dense_is_cheaper", "factorized_contraction_steps", "factorized_expression",
-           "factorized_method", "piece_rows", "rebuild_expression"]
+           "factorized_method", "rebuild_expression"]
 
 
 def _einsum_indices(d: int):
@@ -142,17 +142,3 @@ def contraction_method(in_shape, out_shape, ranks, num_blocks, contraction, batc
     if contraction in ("gemm", "einsum"):
         return contraction
     return factorized_method(in_shape, out_shape, ranks, num_blocks, batch)
-
-
-def piece_rows(in_shape, out_shape, ranks, num_blocks, method, batch, element_size, max_bytes) -> int:
-    """Rows per piece when ``batch`` rows contracted by ``method`` (``"gemm"``/``"einsum"``) are split so
-    that the largest intermediate stays under ``max_bytes`` (equal pieces: at most two cached expressions)."""
-    if batch <= 1:
-        return max(batch, 1)
-    if method == "gemm":
-        largest = gemm_chain_largest(in_shape, out_shape, ranks, num_blocks, batch)
-    else:
-        largest = factorized_expression(in_shape, out_shape, ranks, num_blocks, batch)[2]
-    rows = max(1, int(max_bytes // max(largest * element_size / batch, 1)))
-    pieces = math.ceil(batch / rows)
-    return math.ceil(batch / pieces)

@@ -26,7 +26,7 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.fx.experimental.symbolic_shapes import has_static_value
 
 from accel.nn.bt_dense import matmul_dtype, rebuild_backward, rebuild_forward, rebuild_operands, workspace_by_key
-from accel.nn.bt_paths import contraction_method, factorized_contraction_steps, piece_rows
+from accel.nn.bt_paths import contraction_method, factorized_contraction_steps
 
 __all__ = ["SYMBOLIC_BATCH_PLAN_ROWS", "is_tracing", "traced_plan", "plan_rows", "contract_steps",
            "rebuild_matmul", "compiled_rebuild_linear"]
@@ -65,24 +65,18 @@ def plan_rows(batch) -> int:
 
 
 @torch.compiler.assume_constant_result
-def traced_plan(in_shape, out_shape, ranks, num_blocks, contraction, rows, gemm_chain=True, element_size=4,
-                max_bytes=None) -> tuple:
-    """``(method, steps, piece_rows)`` for a batch of ``rows``: ``method`` is ``"dense"``, ``"gemm"`` or
-    ``"einsum"``; ``steps`` (einsum only, else None) the pairwise ``torch.einsum`` equations of the
-    ``opt_einsum`` path, which also replaces the GEMM chain where ``gemm_chain`` is false; ``piece_rows``
-    the rows per piece of an einsum contraction whose intermediates stay under ``max_bytes`` (as eager; all
-    ``rows`` when None).
+def traced_plan(in_shape, out_shape, ranks, num_blocks, contraction, rows, gemm_chain=True) -> tuple:
+    """``("dense", None)``, ``("gemm", None)`` or ``("einsum", steps)`` for a batch of ``rows``.
 
-    Dynamo calls this at trace time and keeps the result as a constant (no cost model in the graph, no guard).
+    Dynamo calls this at trace time and keeps the result as a constant (no cost model in the graph,
+    no guard); ``steps`` are the pairwise ``torch.einsum`` equations of the ``opt_einsum`` path, which
+    also replaces the GEMM chain where ``gemm_chain`` is false.
     """
     method = contraction_method(in_shape, out_shape, ranks, num_blocks, contraction, rows)
     method = "einsum" if method == "gemm" and not gemm_chain else method
-    if method != "einsum":
-        return method, None, rows
-    steps = factorized_contraction_steps(in_shape, out_shape, ranks, num_blocks, rows)
-    pieces = rows if max_bytes is None else piece_rows(in_shape, out_shape, ranks, num_blocks, method, rows,
-                                                        element_size, max_bytes)
-    return method, steps, pieces
+    steps = (factorized_contraction_steps(in_shape, out_shape, ranks, num_blocks, rows) if method == "einsum"
+             else None)
+    return method, steps
 
 
 def contract_steps(steps, operands) -> torch.Tensor:
