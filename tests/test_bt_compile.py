@@ -15,7 +15,8 @@ def model_reaching_every_path():
     chain = BTLinear(4096, 64, in_shape=(16, 16, 16), out_shape=(4, 4, 4), ranks=2)
     dense = BTLinear(64, 64, in_shape=(4, 4, 4), out_shape=(4, 4, 4), ranks=16, num_blocks=1)
     einsum = BTLinear(64, 32, in_shape=(4, 4, 4), out_shape=(2, 4, 4), ranks=3, contraction="einsum")
-    return nn.Sequential(chain, nn.Tanh(), dense, nn.Tanh(), einsum)
+    # float64: compiled and eager may contract in another order (a dynamic batch's plan, pieces)
+    return nn.Sequential(chain, nn.Tanh(), dense, nn.Tanh(), einsum).double()
 
 
 def step(model, x):
@@ -34,17 +35,18 @@ def test_compile_no_graph_break_static_and_dynamic_batch(seed):
     keys = [layer._key() for layer in model[::2]]
     assert [contraction_method(*k, layer.contraction, 6) for k, layer in zip(keys, model[::2])] == ["gemm", "dense",
                                                                                                    "einsum"]
-    x = torch.randn(6, 4096)
+    x = torch.randn(6, 4096, dtype=torch.float64)
     eager = step(model, x)
     workspace = dict(model[2].workspace._buffers)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # fullgraph: a graph break raises
-    for batch_x in (x, torch.randn(9, 4096), torch.randn(13, 4096)):  # 9: Dynamo recompiles with a symbolic batch
+    for rows in (6, 9, 13):  # 9: Dynamo recompiles with a symbolic batch
+        batch_x = x if rows == 6 else torch.randn(rows, 4096, dtype=torch.float64)
         got = step(compiled, batch_x)
-        want = eager if batch_x is x else step(model, batch_x)
+        want = eager if rows == 6 else step(model, batch_x)
         for a, b in zip(got, want):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
     assert sum(torch._dynamo.utils.counters["graph_break"].values()) == 0
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2  # static, then one dynamic graph
     # the compiled dense path runs the eager kernels in the layer's workspace: the same real buffers
@@ -90,3 +92,24 @@ def test_compiled_dense_op_passes_opcheck(seed, need_x):
     assert torch.autograd.gradcheck(lambda x, a, b: _rebuild_linear_op(x, a, b, 3, layer.workspace.key),
                                     (x.detach().requires_grad_(need_x), left.detach().requires_grad_(),
                                      right.detach().requires_grad_()))
+
+
+def test_workspace_copies_start_empty_under_their_own_key(seed):
+    """The compiled dense op finds a layer's workspace by key: a deep copy or a pickled layer gets its own."""
+    import copy
+    import io
+
+    from accel.nn.bt_dense import workspace_by_key
+
+    torch.manual_seed(seed)
+    layer = BTLinear(24, 12, in_shape=(2, 3, 4), out_shape=(3, 2, 2), ranks=2, contraction="dense")
+    x = torch.randn(5, 24)
+    layer(x).sum().backward()
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    for other in (copy.deepcopy(layer), torch.load(buffer, weights_only=False)):
+        assert other.workspace is not layer.workspace and other.workspace.key != layer.workspace.key
+        assert workspace_by_key(other.workspace.key) is other.workspace and not other.workspace._buffers
+        torch.testing.assert_close(other(x), layer(x), rtol=0, atol=0)
+    assert workspace_by_key(layer.workspace.key) is layer.workspace and layer.workspace._buffers
