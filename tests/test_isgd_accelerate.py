@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from accel.optim import ClosureGradScaler, accumulating_closure
-from test_isgd import CHASING, N_BATCHES, chasing_optimizer, make_closure, mlp, regression_batches
+from test_isgd import CHASING, N_BATCHES, chasing_optimizer, make_closure, mlp, regression_batches, HARD_NOISE
 
 accelerate = pytest.importorskip("accelerate")
 from accelerate.state import AcceleratorState, GradientState  # noqa: E402
@@ -60,7 +60,7 @@ def train(accelerator, model, optimizer, scheduler, batches, *, autocast=False):
 
 @pytest.mark.parametrize("name", CHASING)
 def test_accelerate_trains_like_a_plain_loop(seed, name):
-    batches = regression_batches(seed, epochs=EPOCHS)
+    batches = regression_batches(seed, epochs=EPOCHS, hard_noise=HARD_NOISE)
     accelerator, model, optimizer, scheduler = prepared(name, seed)
     train(accelerator, model, optimizer, scheduler, batches)
     stats = optimizer.optimizer.stats
@@ -79,7 +79,7 @@ def test_accelerate_trains_like_a_plain_loop(seed, name):
 
 @pytest.mark.parametrize("name", CHASING)
 def test_accelerate_save_and_load_state_resume_bit_identically(seed, name, tmp_path):
-    batches = regression_batches(seed, epochs=EPOCHS)
+    batches = regression_batches(seed, epochs=EPOCHS, hard_noise=HARD_NOISE)
     half = len(batches) // 2 + 3
     straight = prepared(name, seed)
     train(*straight, batches)
@@ -116,7 +116,7 @@ def test_accelerate_gradient_accumulation_is_refused_at_the_first_step(seed, nam
 
 def test_accumulating_closure_under_accelerate_equals_one_large_batch(seed):
     """The supported way: one step per batch, the closure runs both halves (and a chase re-runs both)."""
-    batches = regression_batches(seed, epochs=EPOCHS)
+    batches = regression_batches(seed, epochs=EPOCHS, hard_noise=HARD_NOISE)
     accelerator, model, optimizer, scheduler = prepared("isgd", seed)
     for x, y in batches:
         halves = [(x[:8], y[:8]), (x[8:], y[8:])]

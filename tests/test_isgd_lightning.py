@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from test_isgd import CHASING, N_BATCHES, chasing_optimizer, make_closure, mlp, regression_batches
+from test_isgd import CHASING, N_BATCHES, chasing_optimizer, make_closure, mlp, regression_batches, HARD_NOISE
 
 pl = pytest.importorskip("lightning.pytorch")
 from accel.optim.lightning import ChaseMixedPrecision  # noqa: E402
@@ -65,7 +65,7 @@ def first_passes(calls):
 
 @pytest.mark.parametrize("name", CHASING)
 def test_lightning_trains_like_a_plain_loop_and_reports_first_passes(seed, name):
-    batches = regression_batches(seed, epochs=1)
+    batches = regression_batches(seed, epochs=1, hard_noise=HARD_NOISE)
     module = Regression(name, seed)
     trainer = fit(module, batches)
     optimizer = trainer.optimizers[0]
@@ -93,7 +93,7 @@ def test_lightning_trains_like_a_plain_loop_and_reports_first_passes(seed, name)
 
 @pytest.mark.parametrize("name", CHASING)
 def test_lightning_checkpoint_resume_is_bit_identical(seed, name, tmp_path):
-    batches = regression_batches(seed, epochs=1)
+    batches = regression_batches(seed, epochs=1, hard_noise=HARD_NOISE)
     straight = Regression(name, seed)
     straight_trainer = fit(straight, batches)
     first = Regression(name, seed)
