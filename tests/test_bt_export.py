@@ -150,7 +150,11 @@ def test_onnx_export_matches_onnxruntime(seed, contraction, tmp_path):
     for batch in (3, 17):
         x = torch.randn(batch, 24)
         out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
-        torch.testing.assert_close(torch.from_numpy(out), layer(x), rtol=1e-4, atol=1e-5)
+        expected = layer(x)
+        # onnxruntime sums in its own order: float32 rounding of sums that cancel, so the bound follows the scale
+        # (an absolute 1e-5 failed once in CI at 3.9e-5 on an einsum-path output)
+        scale = max(1.0, expected.abs().max().item())
+        torch.testing.assert_close(torch.from_numpy(out), expected, rtol=1e-4, atol=1e-4 * scale)
 
 
 @pytest.mark.slow
