@@ -105,8 +105,9 @@ def test_compile_training_step_has_no_graph_break_and_matches_eager(seed):
     model.zero_grad()
     expected = model(x)
     sum(o.square().sum() for o in expected).backward()
+    # inductor fuses and reorders float32 sums (a gradient sums over batch and time): tolerances of that rounding
     for a, b in zip(outputs, expected):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     for name, parameter in model.named_parameters():
-        torch.testing.assert_close(compiled_grads[name], parameter.grad, rtol=1e-4, atol=1e-6,
+        torch.testing.assert_close(compiled_grads[name], parameter.grad, rtol=1e-4, atol=1e-5,
                                    msg=lambda m: f"{name}: {m}")
