@@ -9,13 +9,13 @@ pytestmark = pytest.mark.multiprocess
 SCRIPT = procs.REPO_ROOT / "tests" / "scripts" / "ooc_broadcast.py"
 
 
-def test_broadcast_into_the_weight_is_seen_on_every_rank(seed):
-    output = procs.check(procs.torchrun(SCRIPT, nproc=2, timeout=120, env=procs.child_env(OOC_SEED=str(seed))))
+def test_broadcast_into_the_weight_is_seen_on_every_rank(seed, tmp_path):
+    output = procs.check(procs.torchrun(SCRIPT, nproc=2, timeout=120,
+                                        env=procs.child_env(OOC_SEED=str(seed), OOC_REPORT_DIR=str(tmp_path))))
     reports = {}
-    for line in output.splitlines():
-        if line.startswith("OOC_BROADCAST "):
-            report = json.loads(line.split(" ", 1)[1])
-            reports[report["rank"]] = report
+    for path in tmp_path.glob("rank*.json"):
+        report = json.loads(path.read_text())
+        reports[report["rank"]] = report
     assert sorted(reports) == [0, 1], output
     for report in reports.values():
         assert report["backend"] == "gloo"

@@ -1,8 +1,10 @@
 """Under torchrun (gloo): OutOfCoreLinear beside an nn.Linear twin, each rank training on its own data,
 rank 0's parameters broadcast into every rank after each step (an in-place write torch's version counter
-does not see). Prints one line per rank: ``OOC_BROADCAST {json}``."""
+does not see). Each rank writes its report to ``$OOC_REPORT_DIR/rank<N>.json`` (printed lines of two ranks can
+interleave on one line of torchrun's merged output)."""
 import json
 import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -37,7 +39,7 @@ def main():
     dist.all_gather(weights, layer.weight.detach())
     report = dict(rank=rank, backend=dist.get_backend(), forward_errors=forward_errors, twin_errors=twin_errors,
                   ranks_differ=max((w - weights[0]).abs().max().item() for w in weights))
-    print("OOC_BROADCAST " + json.dumps(report), flush=True)
+    (Path(os.environ["OOC_REPORT_DIR"]) / f"rank{rank}.json").write_text(json.dumps(report))
     dist.destroy_process_group()
 
 
