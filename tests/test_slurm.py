@@ -108,11 +108,18 @@ def _demo_job(cluster, tmp_path):
 
 
 def _release_requeued(cluster, job, limit=120):
-    """A requeued job waits out a begin-time delay (about 2 minutes); start it now instead."""
+    """A requeued job waits out a begin-time delay (about 2 minutes); start it now instead.
+
+    Not in the same second as the requeue: slurmd revoked the job's credential when it killed the
+    first run, at one-second resolution, and refuses a credential issued within that second
+    ("Job credential revoked": the job ends FAILED without its script starting again). SLURM's own
+    begin-time delay exists for that; 2 s is enough of it.
+    """
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         shown = procs.check(cluster.run(["scontrol", "show", "job", "--oneliner", job], 30))
         if re.search(r"Restarts=[1-9]", shown) and "JobState=PENDING" in shown:
+            time.sleep(2)
             procs.check(cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], 30))
             return
         if re.search(r"JobState=(COMPLETED|FAILED|CANCELLED)", shown):
