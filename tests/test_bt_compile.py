@@ -113,3 +113,91 @@ def test_workspace_copies_start_empty_under_their_own_key(seed):
         assert workspace_by_key(other.workspace.key) is other.workspace and not other.workspace._buffers
         torch.testing.assert_close(other(x), layer(x), rtol=0, atol=0)
     assert workspace_by_key(layer.workspace.key) is layer.workspace and layer.workspace._buffers
+
+
+def factorized_layers():
+    chain = BTLinear(64, 256, in_shape=(4, 4, 4), out_shape=(4, 8, 8), ranks=4, contraction="gemm")
+    einsum = BTLinear(64, 256, in_shape=(4, 4, 4), out_shape=(4, 8, 8), ranks=4, contraction="einsum")
+    return chain, einsum
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("x_needs_grad", [False, True])
+def test_compiled_factorized_paths_run_the_eager_code(seed, backend, x_needs_grad):
+    """Under torch.compile the GEMM chain and the einsum path are one opaque op running the eager product
+    (bt_compiled.py): outputs and the weights' and input's gradients equal eager's bit for bit (the bias
+    gradient is the compiled graph's own sum), at a second (dynamic) batch size too; no kept graph outlives
+    its backward."""
+    from accel.nn import bt_compiled
+
+    torch.manual_seed(seed)
+    for layer in factorized_layers():
+        torch._dynamo.reset()
+        compiled = torch.compile(layer, fullgraph=True, backend=backend)
+        for rows in (32, 17, 40):
+            x = torch.randn(rows, 64, requires_grad=x_needs_grad)
+            got = step(compiled, x) + ([x.grad.clone()] if x_needs_grad else [])
+            x.grad = None
+            want = step(layer, x) + ([x.grad.clone()] if x_needs_grad else [])
+            names = ["output"] + [name for name, _ in layer.named_parameters()] + ["input"] * x_needs_grad
+            for name, a, b in zip(names, got, want):
+                if name == "bias":
+                    torch.testing.assert_close(a, b)
+                else:
+                    assert torch.equal(a, b), (layer.contraction, rows, name)
+            assert not bt_compiled._GRAPHS
+
+
+def test_compiled_factorized_graph_lifetime_and_second_backward(seed):
+    """A forward whose backward never runs frees its kept graph with the output; no_grad keeps none; a second
+    backward through the same compiled graph raises an error naming the limitation, never a wrong gradient."""
+    import gc
+
+    from accel.nn import bt_compiled
+
+    torch.manual_seed(seed)
+    layer = factorized_layers()[0]
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x = torch.randn(8, 64)
+    y = compiled(x)
+    assert len(bt_compiled._GRAPHS) == 1
+    del y
+    gc.collect()
+    assert not bt_compiled._GRAPHS
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=0)
+    assert not bt_compiled._GRAPHS
+    loss = compiled(x).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward per forward"):
+        loss.backward()
+
+
+def test_compiled_factorized_op_passes_opcheck(seed):
+    """The factorized path's custom op (used under torch.compile): fake shapes and schema checked by torch."""
+    from accel.nn.bt_compiled import _forward_op
+
+    torch.manual_seed(seed)
+    layer = factorized_layers()[0]
+    x = torch.randn(5, 64)
+    args = (x, layer.core.detach(), [f.detach() for f in layer.factors], [4, 4, 4], [4, 8, 8], list(layer.ranks),
+            "gemm", layer.max_intermediate_bytes, False, False)
+    torch.library.opcheck(_forward_op, args, test_utils=("test_schema", "test_faketensor"))
+    torch.testing.assert_close(_forward_op(*args)[0], layer(x) - layer.bias, rtol=1e-6, atol=1e-6)
+
+
+def test_compiled_factorized_path_is_one_opaque_op(seed):
+    """Dynamo's graph holds the factorized product as the one op (no traced GEMMs or einsums to regenerate)."""
+    torch.manual_seed(seed)
+    graphs = []
+
+    def recording_backend(graph_module, example_inputs):
+        graphs.append([str(node.target) for node in graph_module.graph.nodes if node.op == "call_function"])
+        return graph_module.forward
+
+    for layer in factorized_layers():
+        torch._dynamo.reset()
+        torch.compile(layer, fullgraph=True, backend=recording_backend)(torch.randn(6, 64))
+        assert "accel.bt_factorized.default" in graphs[-1] and not any(
+            op in target for target in graphs[-1] for op in ("matmul", "bmm", "einsum", "mm")), graphs[-1]

@@ -21,8 +21,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from accel.nn.bt_contract import gemm_chain_contract, gemm_chain_largest
+from accel.nn.bt_compiled import compiled_factorized_product
+from accel.nn.bt_contract import gemm_chain_contract
 from accel.nn.bt_dense import RebuildWorkspace, matmul_dtype, rebuild_linear
+from accel.nn.bt_factorized import chunk_rows, factorized_product
 from accel.nn.bt_paths import (FACTORIZED_FLOP_PENALTY, GEMM_CHAIN_MAX_EXTRA_FLOPS,  # noqa: F401 (re-exported)
                                REBUILD_FLOP_PENALTY, contraction_costs, contraction_method, dense_is_cheaper,
                                factorized_expression, factorized_method, rebuild_expression)
@@ -213,13 +215,10 @@ class BTLinear(nn.Module):
                                f"input.to({self.core.dtype}) or layer.to({input.dtype})")
 
     def _eager_product(self, x: torch.Tensor) -> torch.Tensor:
-        batch = x.shape[0]
-        method = contraction_method(*self._key(), self.contraction, batch)
+        method = contraction_method(*self._key(), self.contraction, x.shape[0])
         if method == "dense":
             return rebuild_linear(x, self.core, self.factors, self.workspace)
-        pieces = x.split(self.chunk_size(batch, x)) if batch else [x]
-        return self._contract(x, method) if len(pieces) == 1 else torch.cat([self._contract(p, method)
-                                                                             for p in pieces])
+        return factorized_product(x, self.core, self.factors, self._key(), method, self.max_intermediate_bytes)
 
     def _traced_product(self, x: torch.Tensor) -> torch.Tensor:
         """The product under torch.compile / export / jit.trace (bt_trace.py): a plan made outside the graph,
@@ -227,8 +226,11 @@ class BTLinear(nn.Module):
         # jit.trace cannot record the chain's autograd.Function ("unordered_map::at"): it gets the einsum twin
         method, steps = traced_plan(*self._key(), self.contraction, plan_rows(x.shape[0]),
                                     gemm_chain=not torch.jit.is_tracing())
-        if method == "dense" and torch.compiler.is_dynamo_compiling() and not torch.compiler.is_exporting():
-            return compiled_rebuild_linear(x, self.core, self.factors, self.workspace)
+        if torch.compiler.is_dynamo_compiling() and not torch.compiler.is_exporting():  # opaque ops, eager kernels
+            if method == "dense":
+                return compiled_rebuild_linear(x, self.core, self.factors, self.workspace)
+            return compiled_factorized_product(x, self.core, self.factors, self._key(), method,
+                                               self.max_intermediate_bytes)
         if method == "dense":
             return rebuild_matmul(x, self.core, self.factors)
         if method == "gemm":
@@ -240,32 +242,11 @@ class BTLinear(nn.Module):
 
     def chunk_size(self, batch: int, input: torch.Tensor | None = None) -> int:
         """Rows per piece of the factorized forward on CPU: the batch is split so that the largest
-        intermediate stays under ``max_intermediate_bytes`` (8 MiB by default).
-
-        Why: on CPU these contractions are memory-bound; pieces that fit in the last-level cache run
-        faster, and allocations above glibc's 32 MiB mmap threshold page-fault on every call (measured
-        ~0.9 ms per MiB on the development VM, 10x a reused allocation). GPU inputs are not split.
-        """
-        if batch <= 1 or (input is not None and input.device.type != "cpu"):
-            return max(batch, 1)
-        element = (input.element_size() if input is not None else self.core.element_size())
-        if self.factorized_method(batch) == "gemm":
-            largest = gemm_chain_largest(*self._key(), batch)
-        else:
-            largest = factorized_expression(*self._key(), batch)[2]
-        per_row = largest * element / batch
-        rows = max(1, int(self.max_intermediate_bytes // max(per_row, 1)))
-        pieces = math.ceil(batch / rows)
-        return math.ceil(batch / pieces)  # equal pieces: at most two cached expressions
-
-    def _contract(self, x: torch.Tensor, method: str) -> torch.Tensor:
-        if method == "gemm":
-            return gemm_chain_contract(x, self.core, self.factors, self.in_shape, self.out_shape, self.ranks)
-        expression = factorized_expression(*self._key(), x.shape[0])[0]
-        dtype = matmul_dtype(x, self.core)  # opt_einsum's pairwise steps refuse autocast's mixed dtypes
-        operands = [t.to(dtype) for t in (self.core, *self.factors)]
-        y = expression(x.reshape(x.shape[0], *self.in_shape).to(dtype), *operands, backend="torch")
-        return y.reshape(x.shape[0], self.out_features)
+        intermediate stays under ``max_intermediate_bytes`` (8 MiB by default; why: see
+        :mod:`accel.nn.bt_factorized`). GPU inputs are not split."""
+        element = input.element_size() if input is not None else self.core.element_size()
+        return chunk_rows(self._key(), self.factorized_method(batch), batch, element, self.max_intermediate_bytes,
+                          "cpu" if input is None else input.device.type)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, in_shape={self.in_shape}, "
