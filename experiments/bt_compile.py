@@ -39,9 +39,10 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from accel.nn import BTLinear  # noqa: E402
+from accel.nn import BTLinear, BTLSTM  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SETTINGS = {
@@ -49,7 +50,34 @@ SETTINGS = {
     "UCF11 input layer": ((8, 20, 20, 18), (4, 4, 4, 4), 4, 2, 16 * 6),
     "small": ((4, 4, 4), (4, 8, 8), 4, 2, 32),
 }
-PATHS = ("auto", "gemm", "einsum", "dense")
+RNN_SETTINGS = {  # name: input size, hidden size, batch, sequence length (BTLSTM on its default shapes)
+    "BTLSTM 64 -> 256, T=100": (64, 256, 32, 100),
+}
+# "baseline": the torch module the BT layer replaces (nn.Linear / nn.LSTM), compiled the same way
+PATHS = ("auto", "gemm", "einsum", "dense", "baseline")
+
+
+def build(setting: str, contraction: str):
+    """The module of a row (BT layer on a contraction path, or its torch baseline) and an input batch."""
+    torch.manual_seed(0)
+    if setting in RNN_SETTINGS:
+        input_size, hidden_size, batch, length = RNN_SETTINGS[setting]
+        module = (nn.LSTM(input_size, hidden_size, batch_first=True) if contraction == "baseline"
+                  else BTLSTM(input_size, hidden_size, batch_first=True))
+        return module, torch.randn(batch, length, input_size)
+    in_shape, out_shape, ranks, num_blocks, batch = SETTINGS[setting]
+    features = math.prod(in_shape), math.prod(out_shape)
+    module = (nn.Linear(*features) if contraction == "baseline" else
+              BTLinear(*features, in_shape=in_shape, out_shape=out_shape, ranks=ranks, num_blocks=num_blocks,
+                       contraction=contraction))
+    return module, torch.randn(batch, features[0])
+
+
+def eager_path(module, batch: int) -> str:
+    layer = module.input_projection if isinstance(module, BTLSTM) else module
+    if not isinstance(layer, BTLinear):
+        return "torch"
+    return "dense" if layer.uses_dense(batch) else layer.factorized_method(batch)
 
 
 def step(module, x):
@@ -57,6 +85,7 @@ def step(module, x):
     module.zero_grad(set_to_none=True)
     start, cpu = time.perf_counter(), time.process_time()
     y = module(x)
+    y = y[0] if isinstance(y, tuple) else y  # an RNN's (output, state)
     y.sum().backward()
     return (time.perf_counter() - start, time.process_time() - cpu), y.detach(), [p.grad for p in module.parameters()]
 
@@ -66,12 +95,9 @@ def relative_difference(a, b):
 
 
 def measure(setting: str, contraction: str, repetitions: int, warm_only: bool = False) -> dict:
-    in_shape, out_shape, ranks, num_blocks, batch = SETTINGS[setting]
-    torch.manual_seed(0)
-    layer = BTLinear(math.prod(in_shape), math.prod(out_shape), in_shape=in_shape, out_shape=out_shape,
-                     ranks=ranks, num_blocks=num_blocks, contraction=contraction)
+    layer, x = build(setting, contraction)
+    batch = x.shape[0]
     compiled = torch.compile(layer)
-    x = torch.randn(batch, layer.in_features)
     torch._dynamo.utils.counters.clear()
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     first_call, y_compiled, grads_compiled = step(compiled, x)
@@ -80,10 +106,12 @@ def measure(setting: str, contraction: str, repetitions: int, warm_only: bool = 
     graph_breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
     if warm_only:
         return {"first_call_s": first_call[0], "first_call_cpu_s": first_call_cpu}
+    # a second batch size (an RNN's sequence gets another length too)
+    shape = [size // 2 + 1 for size in x.shape[:-1]] + [x.shape[-1]]
     _, y_eager, grads_eager = step(layer, x)
     differences = [relative_difference(y_compiled, y_eager)]
     differences += [relative_difference(a, b) for a, b in zip(grads_compiled, grads_eager)]
-    other = torch.randn(batch // 2 + 1, layer.in_features)  # a second size: Dynamo goes dynamic
+    other = torch.randn(shape)  # a second size: Dynamo goes dynamic
     recompile, y_compiled, grads_compiled = step(compiled, other)
     _, y_eager, grads_eager = step(layer, other)
     differences.append(relative_difference(y_compiled, y_eager))
@@ -98,9 +126,8 @@ def measure(setting: str, contraction: str, repetitions: int, warm_only: bool = 
         times["compiled"].append(step(compiled, x)[0])
     medians = {k: statistics.median(wall for wall, _ in v) for k, v in times.items()}
     cpu_medians = {k: statistics.median(cpu for _, cpu in v) for k, v in times.items()}
-    eager_path = "dense" if layer.uses_dense(batch) else layer.factorized_method(batch)
-    return {"setting": setting, "contraction": contraction, "eager_path": eager_path, "in_shape": in_shape,
-            "out_shape": out_shape, "ranks": ranks, "num_blocks": num_blocks, "batch": batch,
+    return {"setting": setting, "contraction": contraction, "eager_path": eager_path(layer, batch),
+            "module": repr(layer), "batch": batch,
             "first_call_s": first_call[0], "first_call_cpu_s": first_call_cpu, "graph_breaks": graph_breaks,
             "dynamic_recompile_s": recompile[0],
             "max_relative_difference": max(differences), "median_s": medians,
@@ -114,7 +141,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="5 repetitions instead of 11")
     parser.add_argument("--one", nargs=2, metavar=("SETTING", "PATH"), help=argparse.SUPPRESS)
     parser.add_argument("--warm", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
+    every = list(SETTINGS) + list(RNN_SETTINGS)
+    parser.add_argument("--settings", nargs="*", default=every, choices=every)
     parser.add_argument("--paths", nargs="*", default=list(PATHS), choices=PATHS)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch's CPU threads (default: its own); 1 keeps millisecond steps out of thread "
@@ -132,9 +160,10 @@ def main():
     rows = [row for row in (json.loads(output.read_text())["rows"] if output.exists() else [])
             if row["setting"] not in args.settings or row["contraction"] not in args.paths]
     meta = {"torch": torch.__version__, "cpu_count": os.cpu_count(), "quick": args.quick,
-            "note": "shared 2-core machine: other processes ran concurrently; see load_average_1min per row"}
+            "note": "2-core machine, possibly shared: see load_average_1min per row"}
     for setting in args.settings:
-        for contraction in args.paths:
+        # BTLSTM has no contraction option: its projection takes the default path
+        for contraction in [p for p in args.paths if setting not in RNN_SETTINGS or p in ("auto", "baseline")]:
             command = [sys.executable, __file__, "--one", setting, contraction] + (["--quick"] if args.quick else [])
             command += ["--threads", str(args.threads)] if args.threads else []
             with tempfile.TemporaryDirectory() as cache:  # a cold Inductor cache: a user's very first call
@@ -145,9 +174,15 @@ def main():
                 done = subprocess.run(command + ["--warm"], capture_output=True, text=True, check=True, env=env)
                 warm = json.loads(done.stdout.strip().splitlines()[-1])  # a later process: the cache is warm
                 row["warm_first_call_s"], row["warm_first_call_cpu_s"] = warm["first_call_s"], warm["first_call_cpu_s"]
+            with tempfile.TemporaryDirectory() as cache:  # cold again, with Inductor's own compile workers
+                env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_COMPILE_THREADS"}
+                done = subprocess.run(command + ["--warm"], capture_output=True, text=True, check=True,
+                                      env=dict(env, TORCHINDUCTOR_CACHE_DIR=cache))
+                row["default_threads_first_call_s"] = json.loads(done.stdout.strip().splitlines()[-1])["first_call_s"]
             rows.append(row)
-            print(f"{setting:18s} {contraction:7s} (eager: {row['eager_path']:6s}) "
+            print(f"{setting:18s} {contraction:8s} (eager: {row['eager_path']:6s}) "
                   f"first call {row['first_call_s']:5.1f} s "
+                  f"(default compile threads {row['default_threads_first_call_s']:5.1f} s) "
                   f"(CPU {row['first_call_cpu_s']:5.1f} s; warm cache {row['warm_first_call_s']:4.1f} s, CPU "
                   f"{row['warm_first_call_cpu_s']:4.1f} s), "
                   f"breaks {row['graph_breaks']}, dynamic recompile {row['dynamic_recompile_s']:5.1f} s, "

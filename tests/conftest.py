@@ -6,6 +6,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/procs.py
 
+# every GPU test carries the `cuda` marker (also those only skipped "needs a CUDA GPU"): `pytest -m cuda` runs them all
+pytest_plugins = ["accel.gpucheck.pytest_gpu_tests"]
+
 
 def pytest_configure(config):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
