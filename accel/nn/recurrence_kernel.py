@@ -1,6 +1,6 @@
 """The hand-written LSTM step kernel (``kernels/lstm_step.cpp``), built at first use.
 
-The fused recurrence's LSTM step on CPU is one ``addmm`` plus ~12 small torch ops forward and ~4
+The fused recurrence's LSTM step on CPU is one ``addmm`` plus ~10 small torch ops forward and ~6
 backward; this kernel does each step's elementwise work in one pass (``experiments/bt_recurrence.py``
 measures the difference). It is compiled with the system C++ compiler (``$CXX``, else ``g++``) into a
 per-user cache folder (``$ACCEL_KERNEL_DIR``, else the temp folder) and loaded with ``ctypes``: no torch
@@ -61,11 +61,10 @@ def _build() -> ctypes.CDLL | None:
         detail = getattr(error, "stderr", "") or error
         status = f"build or load failed: {str(detail)[:500]}"
         return None
-    pointers = [ctypes.c_void_p] * 6
     for suffix in _SUFFIX.values():
-        for name in ("lstm_forward_step_", "lstm_backward_step_"):
+        for name, pointers in (("lstm_forward_step_", 7), ("lstm_backward_step_", 7)):
             function = getattr(library, name + suffix)
-            function.argtypes = [ctypes.c_int64, ctypes.c_int64, *pointers]
+            function.argtypes = [ctypes.c_int64, ctypes.c_int64, *[ctypes.c_void_p] * pointers]
             function.restype = None
     status = f"built: {target}"
     return library
