@@ -215,7 +215,7 @@ class BTLinear(nn.Module):
                                f"{self.core.dtype}; like nn.Linear it does not convert: use "
                                f"input.to({self.core.dtype}) or layer.to({input.dtype})")
 
-    def _eager_product(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def _eager_product(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         batch = x.shape[0]
         method = contraction_method(*self._key(), self.contraction, batch)
         if method == "dense":  # the bias fused into the product
