@@ -227,6 +227,25 @@ def test_lstm_step_kernel_matches_torch_ops(seed, monkeypatch, dtype, reverse, l
         torch.testing.assert_close(a, b, **tolerance)
 
 
+def test_lstm_kernel_path_takes_non_contiguous_tensors(seed):
+    """The kernel reads its operands by pointer: strided x_proj, h0, c0 give the results of contiguous ones."""
+    from accel.nn import fused_recurrence
+    torch.manual_seed(seed)
+    steps, batch, hidden = 5, 3, 4
+    x_proj = torch.randn(batch, steps, 4 * hidden, dtype=torch.float64).transpose(0, 1)
+    h0, c0 = (torch.randn(hidden, batch, dtype=torch.float64).t() for _ in range(2))
+    weight, bias = torch.randn(4 * hidden, hidden, dtype=torch.float64), torch.randn(4 * hidden, dtype=torch.float64)
+    grad_out, grad_c_n = torch.randn(steps, batch, hidden, dtype=torch.float64), torch.randn_like(c0)
+    results = []
+    for tensors in ((x_proj, h0, c0), tuple(t.contiguous() for t in (x_proj, h0, c0))):
+        out, extra = fused_recurrence.forward("LSTM", *tensors, weight, bias, [batch] * steps, False)
+        grads = fused_recurrence.backward("LSTM", grad_out, grad_c_n, *tensors[1:], weight, out, extra[1:],
+                                          [batch] * steps, False)
+        results.append([out, extra[0], *grads])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_kernel_build_failure_falls_back_with_a_reason(seed, monkeypatch):
     from accel.nn import fused_recurrence, recurrence_kernel
     monkeypatch.setattr(recurrence_kernel, "_library", None)

@@ -133,6 +133,7 @@ def _lstm_forward(x_proj, h0, c0, w_t, bias_hh, active: list[int], reverse: bool
     written here and read back there). Under ``no_grad`` one step's gates and two cell states are reused."""
     steps, batch, width = x_proj.shape
     hidden = h0.shape[-1]
+    x_proj, c0 = x_proj.contiguous(), c0.contiguous()  # the kernel reads them by pointer (no copy if already)
     out = x_proj.new_empty(steps, batch, hidden)
     gates = x_proj.new_empty(steps if keep_for_backward else 1, batch, width)
     cells = x_proj.new_empty(steps if keep_for_backward else 2, batch, hidden)
@@ -208,7 +209,7 @@ def backward(mode: str, grad_out, grad_c_n, h0, c0, weight_hh, out, saved: list,
     # the gradient of the pre-activation gates is the gradient of x_proj (for the GRU: of W_hh h + b_hh)
     grad_gates = out.new_zeros(steps, batch, width) if packed else out.new_empty(steps, batch, width)
     grad_gates_all = _per_step(grad_gates)
-    grad_h = torch.zeros_like(h0)
+    grad_h = torch.zeros_like(h0, memory_format=torch.contiguous_format)  # the LSTM kernel reads it by pointer
     grad_h_columns = grad_h.unsqueeze(1)
     order = list(_time_steps(steps, not reverse))
     # padded: the next step's output gradient is added by the GEMM that carries the gradient back
@@ -232,6 +233,7 @@ def backward(mode: str, grad_out, grad_c_n, h0, c0, weight_hh, out, saved: list,
     grad_c0 = grad_bias = None
     if mode == "LSTM":
         gates, cells = saved
+        c0 = c0.contiguous()
         grad_c = torch.zeros_like(c0, memory_format=torch.contiguous_format)
         if grad_c_n is not None:
             grad_c.copy_(grad_c_n)
