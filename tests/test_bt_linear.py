@@ -293,7 +293,8 @@ def test_dense_path_layouts_match_dense_weight(seed, batch):
         torch.testing.assert_close(y, reference, rtol=1e-10, atol=1e-12)
         grad_out = torch.randn_like(y)
         inputs = [x, layer.core, *layer.factors, layer.bias]
-        for got, want in zip(torch.autograd.grad(y, inputs, grad_out), torch.autograd.grad(reference, inputs, grad_out)):
+        grads, reference_grads = (torch.autograd.grad(out, inputs, grad_out) for out in (y, reference))
+        for got, want in zip(grads, reference_grads):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 

@@ -246,6 +246,38 @@ def test_lstm_kernel_path_takes_non_contiguous_tensors(seed):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_lstm_kernel_row_blocks_match_one_block(seed, monkeypatch, threads):
+    """The kernel's split of a step's rows into blocks (one per thread; run one after the other where it was
+    built without OpenMP) against one block: outputs and gradients, with packed steps of fewer rows."""
+    from accel.nn import fused_recurrence, recurrence_kernel
+    if recurrence_kernel.lstm_step(torch.float64) is None:
+        pytest.skip(f"the kernel did not build here: {recurrence_kernel.status}")
+    torch.manual_seed(seed)
+    steps, batch, hidden = 5, 7, 3
+    active = [7, 7, 5, 2, 1]
+    x_proj = torch.randn(steps, batch, 4 * hidden, dtype=torch.float64)
+    h0, c0 = torch.randn(batch, hidden, dtype=torch.float64), torch.randn(batch, hidden, dtype=torch.float64)
+    weight, bias = torch.randn(4 * hidden, hidden, dtype=torch.float64), torch.randn(4 * hidden, dtype=torch.float64)
+    grad_out, grad_c_n = torch.randn(steps, batch, hidden, dtype=torch.float64), torch.randn_like(c0)
+    results = {}
+    previous_threads = torch.get_num_threads()
+    monkeypatch.setattr(recurrence_kernel, "parallel", True)  # split even where the build has no threads
+    try:
+        for grain in (10 ** 9, 1):  # one block, then min(threads, rows) blocks
+            monkeypatch.setattr(fused_recurrence, "PARALLEL_GRAIN", grain)
+            torch.set_num_threads(threads)
+            assert fused_recurrence._blocks(batch, hidden) == (1 if grain > 1 else threads)
+            out, extra = fused_recurrence.forward("LSTM", x_proj, h0, c0, weight, bias, active, True)
+            grads = fused_recurrence.backward("LSTM", grad_out, grad_c_n, h0, c0, weight, out, extra[1:], active,
+                                              True)
+            results[grain] = [out, extra[0], *grads]
+    finally:
+        torch.set_num_threads(previous_threads)
+    for a, b in zip(results[10 ** 9], results[1]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+
+
 def test_kernel_build_failure_falls_back_with_a_reason(seed, monkeypatch):
     from accel.nn import fused_recurrence, recurrence_kernel
     monkeypatch.setattr(recurrence_kernel, "_library", None)

@@ -39,8 +39,20 @@ __all__ = ["SAVED", "forward", "backward", "previous", "use_kernel"]
 use_kernel = True
 
 
+# elements per step (rows x hidden) from which the kernel splits a step's rows over torch's threads: below
+# it a step's elementwise work (~4 ns per element) is too short to pay for waking a thread
+PARALLEL_GRAIN = 4096
+
+
 def _lstm_kernel(tensor: torch.Tensor):
     return recurrence_kernel.lstm_step(tensor.dtype) if use_kernel and tensor.device.type == "cpu" else None
+
+
+def _blocks(rows: int, hidden: int) -> int:
+    """Row blocks of one kernel step: one per thread when the kernel has threads and the step is large enough."""
+    if not recurrence_kernel.parallel or rows * hidden < PARALLEL_GRAIN:
+        return 1
+    return max(1, min(torch.get_num_threads(), rows))
 
 # tensors each mode keeps for its backward besides ``out``; the LSTM also returns ``c_n``
 SAVED = {"LSTM": ("gates", "cells"), "GRU": ("gates", "hidden_gates"), "RNN_TANH": (),
@@ -128,9 +140,10 @@ def forward(mode: str, x_proj, h0, c0, weight_hh, bias_hh, active: list[int], re
 def _lstm_forward(x_proj, h0, c0, w_t, bias_hh, active: list[int], reverse: bool, keep_for_backward: bool):
     """The LSTM's forward: per step one GEMM (``h W_hh^T``), then the elementwise work (``x_proj``'s step
     and ``b_hh`` added, activations, cell and hidden state) in one pass of the kernel, or ``addmm`` into
-    the gate buffer and its torch-op twin. Kept for the backward: the activated gates and the cell states, nothing derived from
-    them (the backward recomputes ``tanh(c)`` and the derivatives: cheaper than a (T, B, 5H) buffer more,
-    written here and read back there). Under ``no_grad`` one step's gates and two cell states are reused."""
+    the gate buffer and its torch-op twin. Kept for the backward: the activated gates and the cell states,
+    nothing derived from them (the backward recomputes ``tanh(c)`` and the derivatives: cheaper than a
+    (T, B, 5H) buffer more, written here and read back there). Under ``no_grad`` one step's gates and two
+    cell states are reused."""
     steps, batch, width = x_proj.shape
     hidden = h0.shape[-1]
     x_proj, c0 = x_proj.contiguous(), c0.contiguous()  # the kernel reads them by pointer (no copy if already)
@@ -142,6 +155,7 @@ def _lstm_forward(x_proj, h0, c0, w_t, bias_hh, active: list[int], reverse: bool
     if kernel is not None:  # h W_hh^T into a scratch (mm, not addmm: no copy of x_proj's step into it first)
         bias = (bias_hh if bias_hh is not None else x_proj.new_zeros(width)).contiguous()
         scratch = x_proj.new_empty(batch, width)
+        blocks = {a: _blocks(a, hidden) for a in set(active)}
     h, c = h0, c0
     for k, t in enumerate(_time_steps(steps, reverse)):
         a = active[t]
@@ -149,8 +163,8 @@ def _lstm_forward(x_proj, h0, c0, w_t, bias_hh, active: list[int], reverse: bool
         g, c_new = gates_all[t if keep_for_backward else 0], cells_all[t if keep_for_backward else k % 2]
         if kernel is not None:  # every row block starts at its tensor's first row: data_ptr is rows(.)'s
             torch.mm(rows(h), w_t, out=rows(scratch))
-            kernel[0](a, hidden, inputs[t].data_ptr(), scratch.data_ptr(), bias.data_ptr(), g.data_ptr(),
-                      c.data_ptr(), c_new.data_ptr(), outs[t].data_ptr())
+            kernel[0](a, hidden, blocks[a], inputs[t].data_ptr(), scratch.data_ptr(), bias.data_ptr(),
+                      g.data_ptr(), c.data_ptr(), c_new.data_ptr(), outs[t].data_ptr())
         else:
             torch.addmm(rows(inputs[t]), rows(h), w_t, out=rows(g))
             _lstm_step_torch(rows(g), bias_hh, rows(c), rows(c_new), rows(outs[t]))
@@ -240,17 +254,19 @@ def backward(mode: str, grad_out, grad_c_n, h0, c0, weight_hh, out, saved: list,
         kernel = _lstm_kernel(out)
         if kernel is not None:
             gates_all, cells_all = _per_step(gates), _per_step(cells)
-            grad_bias_steps = out.new_empty(steps, width)  # each step's b_hh gradient, summed over its rows
+            # each step's b_hh gradient, summed over the rows of each of its row blocks
+            blocks = {a: _blocks(a, hidden) for a in set(active)}
+            grad_bias_steps = out.new_zeros(steps, max(blocks.values()), width)
             first = steps - 1 if reverse else 0
             for k, t in enumerate(order):
                 next_grad = start_step(k, t)
                 c_prev = c0 if t == first else cells_all[t + 1 if reverse else t - 1]
-                kernel[1](active[t], hidden, grad_h.data_ptr(), grad_c.data_ptr(), gates_all[t].data_ptr(),
-                          cells_all[t].data_ptr(), c_prev.data_ptr(), grad_gates_all[t].data_ptr(),
-                          grad_bias_steps[t].data_ptr())
+                kernel[1](active[t], hidden, blocks[active[t]], grad_h.data_ptr(), grad_c.data_ptr(),
+                          gates_all[t].data_ptr(), cells_all[t].data_ptr(), c_prev.data_ptr(),
+                          grad_gates_all[t].data_ptr(), grad_bias_steps[t].data_ptr())
                 rows = _rows(active[t], batch)
                 carry_back(rows, t, rows(grad_h), next_grad)
-            grad_bias = grad_bias_steps.sum(0)
+            grad_bias = grad_bias_steps.sum((0, 1))
         else:
             factors, cell_from_hidden = _lstm_factors(gates, cells, c0, reverse)
             grad_c_columns = grad_c.unsqueeze(1)
