@@ -54,9 +54,9 @@ def _blocks(rows: int, hidden: int) -> int:
         return 1
     return max(1, min(torch.get_num_threads(), rows))
 
+
 # tensors each mode keeps for its backward besides ``out``; the LSTM also returns ``c_n``
-SAVED = {"LSTM": ("gates", "cells"), "GRU": ("gates", "hidden_gates"), "RNN_TANH": (),
-         "RNN_RELU": ()}
+SAVED = {"LSTM": ("gates", "cells"), "GRU": ("gates", "hidden_gates"), "RNN_TANH": (), "RNN_RELU": ()}
 
 
 def _time_steps(steps: int, reverse: bool):
