@@ -7,11 +7,12 @@ still running at step ``t`` (a prefix of the batch, as in a ``PackedSequence``; 
 
 What makes it fast on CPU (measured against the reference in ``experiments/bt_recurrence.py``):
 
-- one GEMM per step for the hidden path, written into a preallocated gate buffer (``addmm`` with
-  ``out=``); the step's elementwise work in place in that buffer, which is then kept for the
-  backward: no autograd graph of ~10 nodes per step. The LSTM's step runs in a hand-written kernel
-  (``kernels/lstm_step.cpp``: ``b_hh``, activations, cell and hidden state in one pass forward; the
-  gate gradients, ``b_hh``'s share and the carried cell gradient in one pass backward);
+- one GEMM per step for the hidden path, written into a preallocated buffer (``addmm`` / ``mm`` with
+  ``out=``), and the step's elementwise work into the gate buffer that is then kept for the backward:
+  no autograd graph of ~10 nodes per step. The LSTM's step runs in a hand-written kernel
+  (``kernels/lstm_step.cpp``: ``x_proj``'s step and ``b_hh`` added, activations, cell and hidden state
+  in one pass forward; the gate gradients, ``b_hh``'s share and the carried cell gradient in one pass
+  backward);
 - the backward's per-step work reduced to one GEMM plus that pass for the LSTM (its torch-op twin and
   the GRU and the plain RNN compute every factor that does not depend on the incoming gradient in a
   few whole-sequence ops before the backward loop, then ~5 small ops per step);
