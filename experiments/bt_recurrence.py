@@ -172,6 +172,7 @@ def main():
         results["compile"] = measure_compile(repeats)
         print(results["compile"])
     results["load_average_after"] = os.getloadavg()
+    results["lstm_step_kernel"] = recurrence_kernel.status
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
     print("wrote", args.out)

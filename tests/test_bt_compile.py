@@ -77,7 +77,8 @@ def test_inductor_default_path_matches_eager(seed):
 
 
 @pytest.mark.parametrize("need_x", [False, True])
-def test_compiled_dense_op_passes_opcheck(seed, need_x):
+@pytest.mark.parametrize("batch", [5, 30])  # under / over the 24 input features: batched-GEMM / flat layout
+def test_compiled_dense_op_passes_opcheck(seed, need_x, batch):
     """The dense path's custom op (used under torch.compile): fake shapes, autograd and schema checked by torch."""
     from accel.nn.bt_dense import rebuild_operands
     from accel.nn.bt_trace import _rebuild_linear_op
@@ -85,7 +86,7 @@ def test_compiled_dense_op_passes_opcheck(seed, need_x):
     torch.manual_seed(seed)
     layer = BTLinear(24, 12, in_shape=(2, 3, 4), out_shape=(3, 2, 2), ranks=2, dtype=torch.float64)
     left, right = rebuild_operands(layer.core, list(layer.factors))
-    x = torch.randn(5, 24, dtype=torch.float64, requires_grad=need_x)
+    x = torch.randn(batch, 24, dtype=torch.float64, requires_grad=need_x)
     torch.library.opcheck(_rebuild_linear_op, (x, left, right, 3, layer.workspace.key))
     y = _rebuild_linear_op(x, left, right, 3, layer.workspace.key)
     torch.testing.assert_close(y, x @ layer.to_dense().t(), rtol=1e-10, atol=1e-12)

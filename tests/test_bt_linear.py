@@ -276,6 +276,28 @@ def test_dense_path_workspace_shared_between_forwards(seed):
     torch.testing.assert_close(first(x1), y1)
 
 
+@pytest.mark.parametrize("batch", [5, 24, 61])
+def test_dense_path_layouts_match_dense_weight(seed, batch):
+    """The dense path runs as a batched GEMM over the first output mode for batches under the input width,
+    as one GEMM with the bias fused through W in the (I, J) layout from it on: both against x W^T + b,
+    the input, factor and bias gradients included, the second call reusing the workspace."""
+    from accel.nn.bt_dense import _flat_layout
+    torch.manual_seed(seed)
+    layer = BTLinear(24, 12, in_shape=(3, 4, 2), out_shape=(2, 3, 2), ranks=2, num_blocks=2, contraction="dense",
+                     dtype=torch.float64)
+    assert _flat_layout(batch, 24) == (batch >= 24)
+    for _ in range(2):
+        x = torch.randn(batch, 24, dtype=torch.float64, requires_grad=True)
+        y = layer(x)
+        reference = x @ layer.to_dense().t() + layer.bias
+        torch.testing.assert_close(y, reference, rtol=1e-10, atol=1e-12)
+        grad_out = torch.randn_like(y)
+        inputs = [x, layer.core, *layer.factors, layer.bias]
+        grads, reference_grads = (torch.autograd.grad(out, inputs, grad_out) for out in (y, reference))
+        for got, want in zip(grads, reference_grads):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("contraction", ["gemm", "einsum", "dense"])
 def test_autocast_bfloat16(seed, contraction):
     """Under CPU autocast the products run in bfloat16 (the weight-side ops come out in mixed dtypes,

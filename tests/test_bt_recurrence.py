@@ -171,7 +171,8 @@ def test_cuda_fused_cells_match_loop(seed, kind):
 
 
 def test_inference_keeps_nothing_for_backward_and_gives_the_same_outputs(seed):
-    """Under no_grad the LSTM skips its backward factors (empty saved tensors), outputs unchanged."""
+    """Under no_grad the LSTM keeps no gates or cell states for a backward (empty saved tensors), outputs
+    unchanged."""
     torch.manual_seed(seed)
     bt = make("lstm", num_layers=2, bidirectional=True)
     x = torch.randn(5, 3, INPUT, dtype=torch.float64)
@@ -180,7 +181,7 @@ def test_inference_keeps_nothing_for_backward_and_gives_the_same_outputs(seed):
         state = torch.zeros(3, 6, dtype=torch.float64)
         saved = torch.ops.accel.recurrence("LSTM", torch.randn(5, 3, 4 * 6, dtype=torch.float64), state, state,
                                            bt.weight_hh_l0, bt.bias_hh_l0, None, False, False)
-    assert [t.numel() for t in saved[3:]] == [0, 0]
+    assert [t.numel() for t in saved[2:]] == [0, 0]
     training = bt(x)
     for a, b in zip(_flat_outputs(*inference), _flat_outputs(*training)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -224,6 +225,57 @@ def test_lstm_step_kernel_matches_torch_ops(seed, monkeypatch, dtype, reverse, l
     for a, b in zip(results[True], results[False]):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, **tolerance)
+
+
+def test_lstm_kernel_path_takes_non_contiguous_tensors(seed):
+    """The kernel reads its operands by pointer: strided x_proj, h0, c0 give the results of contiguous ones."""
+    from accel.nn import fused_recurrence
+    torch.manual_seed(seed)
+    steps, batch, hidden = 5, 3, 4
+    x_proj = torch.randn(batch, steps, 4 * hidden, dtype=torch.float64).transpose(0, 1)
+    h0, c0 = (torch.randn(hidden, batch, dtype=torch.float64).t() for _ in range(2))
+    weight, bias = torch.randn(4 * hidden, hidden, dtype=torch.float64), torch.randn(4 * hidden, dtype=torch.float64)
+    grad_out, grad_c_n = torch.randn(steps, batch, hidden, dtype=torch.float64), torch.randn_like(c0)
+    results = []
+    for tensors in ((x_proj, h0, c0), tuple(t.contiguous() for t in (x_proj, h0, c0))):
+        out, extra = fused_recurrence.forward("LSTM", *tensors, weight, bias, [batch] * steps, False)
+        grads = fused_recurrence.backward("LSTM", grad_out, grad_c_n, *tensors[1:], weight, out, extra[1:],
+                                          [batch] * steps, False)
+        results.append([out, extra[0], *grads])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_lstm_kernel_row_blocks_match_one_block(seed, monkeypatch, threads):
+    """The kernel's split of a step's rows into blocks (one per thread; run one after the other where it was
+    built without OpenMP) against one block: outputs and gradients, with packed steps of fewer rows."""
+    from accel.nn import fused_recurrence, recurrence_kernel
+    if recurrence_kernel.lstm_step(torch.float64) is None:
+        pytest.skip(f"the kernel did not build here: {recurrence_kernel.status}")
+    torch.manual_seed(seed)
+    steps, batch, hidden = 5, 7, 3
+    active = [7, 7, 5, 2, 1]
+    x_proj = torch.randn(steps, batch, 4 * hidden, dtype=torch.float64)
+    h0, c0 = torch.randn(batch, hidden, dtype=torch.float64), torch.randn(batch, hidden, dtype=torch.float64)
+    weight, bias = torch.randn(4 * hidden, hidden, dtype=torch.float64), torch.randn(4 * hidden, dtype=torch.float64)
+    grad_out, grad_c_n = torch.randn(steps, batch, hidden, dtype=torch.float64), torch.randn_like(c0)
+    results = {}
+    previous_threads = torch.get_num_threads()
+    monkeypatch.setattr(recurrence_kernel, "parallel", True)  # split even where the build has no threads
+    try:
+        for grain in (10 ** 9, 1):  # one block, then min(threads, rows) blocks
+            monkeypatch.setattr(fused_recurrence, "PARALLEL_GRAIN", grain)
+            torch.set_num_threads(threads)
+            assert fused_recurrence._blocks(batch, hidden) == (1 if grain > 1 else threads)
+            out, extra = fused_recurrence.forward("LSTM", x_proj, h0, c0, weight, bias, active, True)
+            grads = fused_recurrence.backward("LSTM", grad_out, grad_c_n, h0, c0, weight, out, extra[1:], active,
+                                              True)
+            results[grain] = [out, extra[0], *grads]
+    finally:
+        torch.set_num_threads(previous_threads)
+    for a, b in zip(results[10 ** 9], results[1]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
 
 
 def test_kernel_build_failure_falls_back_with_a_reason(seed, monkeypatch):

@@ -199,9 +199,12 @@ class BTLinear(nn.Module):
         self._check_input(input)
         leading = input.shape[:-1]
         x = input.reshape(-1, self.in_features)
-        y = self._traced_product(x) if is_tracing(x, self.core) else self._eager_product(x)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)  # autocast: keep the product's dtype
+        if is_tracing(x, self.core):
+            y = self._traced_product(x)
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)  # autocast: keep the product's dtype
+        else:
+            y = self._eager_product(x, self.bias)
         return y.reshape(*leading, self.out_features)
 
     def _check_input(self, input: torch.Tensor) -> None:
@@ -214,11 +217,12 @@ class BTLinear(nn.Module):
                                f"{self.core.dtype}; like nn.Linear it does not convert: use "
                                f"input.to({self.core.dtype}) or layer.to({input.dtype})")
 
-    def _eager_product(self, x: torch.Tensor) -> torch.Tensor:
+    def _eager_product(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         method = contraction_method(*self._key(), self.contraction, x.shape[0])
-        if method == "dense":
-            return rebuild_linear(x, self.core, self.factors, self.workspace)
-        return factorized_product(x, self.core, self.factors, self._key(), method, self.max_intermediate_bytes)
+        if method == "dense":  # the bias fused into the product
+            return rebuild_linear(x, self.core, self.factors, self.workspace, bias)
+        y = factorized_product(x, self.core, self.factors, self._key(), method, self.max_intermediate_bytes)
+        return y if bias is None else y + bias.to(y.dtype)  # autocast: keep the product's dtype
 
     def _traced_product(self, x: torch.Tensor) -> torch.Tensor:
         """The product under torch.compile / export / jit.trace (bt_trace.py): a plan made outside the graph,

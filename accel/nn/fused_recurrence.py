@@ -7,14 +7,15 @@ still running at step ``t`` (a prefix of the batch, as in a ``PackedSequence``; 
 
 What makes it fast on CPU (measured against the reference in ``experiments/bt_recurrence.py``):
 
-- one GEMM per step for the hidden path, written into a preallocated gate buffer (``addmm`` with
-  ``out=``, then ``b_hh`` added in place), and the gate activations applied in place in that
-  buffer, which is then kept for the backward: no autograd graph of ~10 nodes per step;
-- the backward's per-step work reduced to ~5 small ops: every factor that does not depend on the
-  incoming gradient (``sigmoid'``, ``tanh'``, products with the saved gates) is computed
-  beforehand: for the LSTM inside the forward step, while the step's tensors are in cache (as
-  whole-sequence passes they cost about as much as the GEMMs on this 2-core machine), for the GRU
-  and the plain RNN in a few whole-sequence ops before the backward loop;
+- one GEMM per step for the hidden path, written into a preallocated buffer (``addmm`` / ``mm`` with
+  ``out=``), and the step's elementwise work into the gate buffer that is then kept for the backward:
+  no autograd graph of ~10 nodes per step. The LSTM's step runs in a hand-written kernel
+  (``kernels/lstm_step.cpp``: ``x_proj``'s step and ``b_hh`` added, activations, cell and hidden state
+  in one pass forward; the gate gradients, ``b_hh``'s share and the carried cell gradient in one pass
+  backward);
+- the backward's per-step work reduced to one GEMM plus that pass for the LSTM (its torch-op twin and
+  the GRU and the plain RNN compute every factor that does not depend on the incoming gradient in a
+  few whole-sequence ops before the backward loop, then ~5 small ops per step);
 - the weight and bias gradients taken after the loop with two GEMMs over all ``T * B`` rows.
 
 Rows of a sequence that has finished (forward) or not yet started (reverse) carry the state through
@@ -31,7 +32,6 @@ from __future__ import annotations
 import torch
 
 from accel.nn import recurrence_kernel
-from accel.nn.recurrence_kernel import pointer
 
 __all__ = ["SAVED", "forward", "backward", "previous", "use_kernel"]
 
@@ -40,12 +40,24 @@ __all__ = ["SAVED", "forward", "backward", "previous", "use_kernel"]
 use_kernel = True
 
 
+# elements per step (rows x hidden) from which the kernel splits a step's rows over torch's threads: below
+# it a step's elementwise work (~4 ns per element) is too short to pay for waking a thread
+PARALLEL_GRAIN = 4096
+
+
 def _lstm_kernel(tensor: torch.Tensor):
     return recurrence_kernel.lstm_step(tensor.dtype) if use_kernel and tensor.device.type == "cpu" else None
 
+
+def _blocks(rows: int, hidden: int) -> int:
+    """Row blocks of one kernel step: one per thread when the kernel has threads and the step is large enough."""
+    if not recurrence_kernel.parallel or rows * hidden < PARALLEL_GRAIN:
+        return 1
+    return max(1, min(torch.get_num_threads(), rows))
+
+
 # tensors each mode keeps for its backward besides ``out``; the LSTM also returns ``c_n``
-SAVED = {"LSTM": ("gates", "factors", "cell_from_hidden"), "GRU": ("gates", "hidden_gates"), "RNN_TANH": (),
-         "RNN_RELU": ()}
+SAVED = {"LSTM": ("gates", "cells"), "GRU": ("gates", "hidden_gates"), "RNN_TANH": (), "RNN_RELU": ()}
 
 
 def _time_steps(steps: int, reverse: bool):
@@ -79,10 +91,12 @@ def _rows(active: int, batch: int):
 def forward(mode: str, x_proj, h0, c0, weight_hh, bias_hh, active: list[int], reverse: bool,
             keep_for_backward: bool = True):
     """Returns ``(out, extra)``: ``out`` ``(T, B, H)`` and the list of tensors named in
-    :data:`SAVED` (for the LSTM, ``c_n`` first; its factors are empty unless ``keep_for_backward``)."""
+    :data:`SAVED` (for the LSTM, ``c_n`` first; its saved tensors are empty unless ``keep_for_backward``)."""
     steps, batch, _ = x_proj.shape
     hidden = h0.shape[-1]
     w_t = weight_hh.t().contiguous()  # h @ W^T with W^T stored row-major: ~10% faster steps (MKL, 2 cores)
+    if mode == "LSTM":
+        return _lstm_forward(x_proj, h0, c0, w_t, bias_hh, active, reverse, keep_for_backward)
     out = x_proj.new_empty(steps, batch, hidden)
     outs = _per_step(out)
     h = h0
@@ -106,69 +120,84 @@ def forward(mode: str, x_proj, h0, c0, weight_hh, bias_hh, active: list[int], re
             _carry(out, t, h, a)
             h = outs[t]
         return out, [gates, hidden_gates]
-    # W_hh h + x_proj + b_hh per step into the gate buffer: adding b_hh to all steps at once first
-    # would be one more pass over (T, B, gates * H) out of cache
-    gates = torch.empty_like(x_proj)
-    gates_all, inputs = _per_step(gates), _per_step(x_proj)
+    # the plain RNN: W_hh h + x_proj + b_hh per step into one step's scratch, activated into out
+    scratch, inputs = x_proj.new_empty(batch, x_proj.shape[-1]), _per_step(x_proj)
 
     def pre_activation(t, rows):
-        g = torch.addmm(rows(inputs[t]), rows(h), w_t, out=rows(gates_all[t]))
+        g = torch.addmm(rows(inputs[t]), rows(h), w_t, out=rows(scratch))
         return g if bias_hh is None else g.add_(bias_hh)
 
-    if mode != "LSTM":
-        activation = torch.tanh if mode == "RNN_TANH" else torch.clamp_min  # relu has no out=
-        extra = () if mode == "RNN_TANH" else (0,)
-        for t in _time_steps(steps, reverse):
-            a = active[t]
-            rows = _rows(a, batch)
-            activation(pre_activation(t, rows), *extra, out=rows(outs[t]))
-            _carry(out, t, h, a)
-            h = outs[t]
-        return out, []
-    # the backward's factors are computed here, per step, while the step's tensors are in cache
-    # (as whole-sequence passes afterwards they cost more than the steps' GEMMs on 2 cores)
-    packed = min(active) < batch
-    shapes = ((steps, batch, 4 * hidden), (steps, batch, hidden)) if keep_for_backward else ((0,), (0,))
-    factors, cell_from_hidden = (x_proj.new_zeros(shape) if packed else x_proj.new_empty(shape) for shape in shapes)
-    cells, tanh_cell = x_proj.new_empty(steps, batch, hidden), x_proj.new_empty(batch, hidden)
-    cells_all, factors_all, from_hidden = _per_step(cells), _per_step(factors), _per_step(cell_from_hidden)
-    i_all, f_all = _per_step(gates, 0, hidden), _per_step(gates, hidden, 2 * hidden)
-    if_all = _per_step(gates, 0, 2 * hidden)
-    g_all, o_all = _per_step(gates, 2 * hidden, 3 * hidden), _per_step(gates, 3 * hidden)
-    fi, ff, fg, fo = (_per_step(factors, k * hidden, (k + 1) * hidden) for k in range(4))
-    c = c0
-    kernel = _lstm_kernel(x_proj)
+    activation = torch.tanh if mode == "RNN_TANH" else torch.clamp_min  # relu has no out=
+    extra = () if mode == "RNN_TANH" else (0,)
     for t in _time_steps(steps, reverse):
         a = active[t]
         rows = _rows(a, batch)
-        s_t = pre_activation(t, rows)
-        if kernel is not None:
-            kernel[0](a, hidden, pointer(s_t), pointer(rows(c)), pointer(rows(cells_all[t])), pointer(rows(outs[t])),
-                      pointer(rows(factors_all[t]) if keep_for_backward else None),
-                      pointer(rows(from_hidden[t]) if keep_for_backward else None))
-            _carry(out, t, h, a)
-            _carry(cells, t, c, a)
-            h, c = outs[t], cells_all[t]
-            continue
-        rows(if_all[t]).sigmoid_()
-        g = rows(g_all[t]).tanh_()
-        o, i, c_prev = rows(o_all[t]).sigmoid_(), rows(i_all[t]), rows(c)
-        c_new = torch.mul(rows(f_all[t]), c_prev, out=rows(cells_all[t])).addcmul_(i, g)
-        tc = torch.tanh(c_new, out=rows(tanh_cell))
-        h_new = torch.mul(o, tc, out=rows(outs[t]))
+        activation(pre_activation(t, rows), *extra, out=rows(outs[t]))
         _carry(out, t, h, a)
-        _carry(cells, t, c, a)
-        h, c = outs[t], cells_all[t]
-        if not keep_for_backward:
-            continue
-        # d pre-activation per unit of dc (i, f, g) or of dh (o): sigmoid' = s (1 - s), tanh' = 1 - g^2
-        torch.addcmul(s_t, s_t, s_t, value=-1, out=rows(factors_all[t]))
-        rows(fi[t]).mul_(g)
-        rows(ff[t]).mul_(c_prev)
-        torch.addcmul(i, torch.mul(i, g, out=rows(fg[t])), g, value=-1, out=rows(fg[t]))
-        rows(fo[t]).mul_(tc)
-        torch.addcmul(o, h_new, tc, value=-1, out=rows(from_hidden[t]))  # d c / d h = o (1 - tanh(c)^2)
-    return out, [c.clone(), gates, factors, cell_from_hidden]
+        h = outs[t]
+    return out, []
+
+
+def _lstm_forward(x_proj, h0, c0, w_t, bias_hh, active: list[int], reverse: bool, keep_for_backward: bool):
+    """The LSTM's forward: per step one GEMM (``h W_hh^T``), then the elementwise work (``x_proj``'s step
+    and ``b_hh`` added, activations, cell and hidden state) in one pass of the kernel, or ``addmm`` into
+    the gate buffer and its torch-op twin. Kept for the backward: the activated gates and the cell states,
+    nothing derived from them (the backward recomputes ``tanh(c)`` and the derivatives: cheaper than a
+    (T, B, 5H) buffer more, written here and read back there). Under ``no_grad`` one step's gates and two
+    cell states are reused."""
+    steps, batch, width = x_proj.shape
+    hidden = h0.shape[-1]
+    x_proj, c0 = x_proj.contiguous(), c0.contiguous()  # the kernel reads them by pointer (no copy if already)
+    out = x_proj.new_empty(steps, batch, hidden)
+    gates = x_proj.new_empty(steps if keep_for_backward else 1, batch, width)
+    cells = x_proj.new_empty(steps if keep_for_backward else 2, batch, hidden)
+    outs, inputs, gates_all, cells_all = _per_step(out), _per_step(x_proj), _per_step(gates), _per_step(cells)
+    kernel = _lstm_kernel(x_proj)
+    if kernel is not None:  # h W_hh^T into a scratch (mm, not addmm: no copy of x_proj's step into it first)
+        bias = (bias_hh if bias_hh is not None else x_proj.new_zeros(width)).contiguous()
+        scratch = x_proj.new_empty(batch, width)
+        blocks = {a: _blocks(a, hidden) for a in set(active)}
+    h, c = h0, c0
+    for k, t in enumerate(_time_steps(steps, reverse)):
+        a = active[t]
+        rows = _rows(a, batch)
+        g, c_new = gates_all[t if keep_for_backward else 0], cells_all[t if keep_for_backward else k % 2]
+        if kernel is not None:  # every row block starts at its tensor's first row: data_ptr is rows(.)'s
+            torch.mm(rows(h), w_t, out=rows(scratch))
+            kernel[0](a, hidden, blocks[a], inputs[t].data_ptr(), scratch.data_ptr(), bias.data_ptr(),
+                      g.data_ptr(), c.data_ptr(), c_new.data_ptr(), outs[t].data_ptr())
+        else:
+            torch.addmm(rows(inputs[t]), rows(h), w_t, out=rows(g))
+            _lstm_step_torch(rows(g), bias_hh, rows(c), rows(c_new), rows(outs[t]))
+        if a < batch:  # rows that do not run this step carry their state
+            outs[t][a:], c_new[a:] = h[a:], c[a:]
+        h, c = outs[t], c_new
+    saved = [gates, cells] if keep_for_backward else [x_proj.new_empty(0), x_proj.new_empty(0)]
+    return out, [c.clone(), *saved]
+
+
+def _lstm_step_torch(g, bias_hh, c_prev, c_new, h_new):
+    """The twin of kernels/lstm_step.cpp's forward step, in place on one step's running rows."""
+    if bias_hh is not None:
+        g.add_(bias_hh)
+    hidden = c_prev.shape[-1]
+    i, f, cell_input, o = g.unflatten(-1, (4, hidden)).unbind(-2)
+    g[:, :2 * hidden].sigmoid_()
+    cell_input.tanh_()
+    o.sigmoid_()
+    torch.mul(f, c_prev, out=c_new).addcmul_(i, cell_input)
+    torch.mul(o, torch.tanh(c_new), out=h_new)
+
+
+def _lstm_factors(gates, cells, c0, reverse: bool):
+    """The twin's backward factors for every step at once: the pre-activation gradients of i, f, g per
+    unit of the cell gradient and of o per unit of the hidden gradient ``(T, B, 4, H)``, and
+    ``d c / d h = o (1 - tanh(c)^2)`` ``(T, B, H)``."""
+    i, f, cell_input, o = gates.unflatten(-1, (4, -1)).unbind(-2)
+    tanh_cell = torch.tanh(cells)
+    factors = torch.stack([i * (1 - i) * cell_input, f * (1 - f) * previous(cells, c0, reverse),
+                           i * (1 - cell_input.square()), o * (1 - o) * tanh_cell], dim=2)
+    return factors, o * (1 - tanh_cell.square())
 
 
 def _gru_factors(gates, hidden_gates, h_prev):
@@ -195,7 +224,7 @@ def backward(mode: str, grad_out, grad_c_n, h0, c0, weight_hh, out, saved: list,
     # the gradient of the pre-activation gates is the gradient of x_proj (for the GRU: of W_hh h + b_hh)
     grad_gates = out.new_zeros(steps, batch, width) if packed else out.new_empty(steps, batch, width)
     grad_gates_all = _per_step(grad_gates)
-    grad_h = torch.zeros_like(h0)
+    grad_h = torch.zeros_like(h0, memory_format=torch.contiguous_format)  # the LSTM kernel reads it by pointer
     grad_h_columns = grad_h.unsqueeze(1)
     order = list(_time_steps(steps, not reverse))
     # padded: the next step's output gradient is added by the GEMM that carries the gradient back
@@ -216,36 +245,45 @@ def backward(mode: str, grad_out, grad_c_n, h0, c0, weight_hh, out, saved: list,
         else:
             torch.addmm(direct if direct is not None else next_grad, rows(grad_gates_all[t]), weight_hh, out=dh)
 
-    grad_c0 = None
+    grad_c0 = grad_bias = None
     if mode == "LSTM":
-        gates, factors, cell_from_hidden = saved
-        kernel = _lstm_kernel(out)
-        factor_rows, from_hidden_rows, gate_rows = _per_step(factors), _per_step(cell_from_hidden), _per_step(gates)
-        factors = factors.unflatten(-1, (4, hidden))
+        gates, cells = saved
+        c0 = c0.contiguous()
         grad_c = torch.zeros_like(c0, memory_format=torch.contiguous_format)
         if grad_c_n is not None:
             grad_c.copy_(grad_c_n)
-        grad_c_columns = grad_c.unsqueeze(1)
-        by_cell, by_hidden = _per_step(factors[:, :, :3]), _per_step(factors[:, :, 3])
-        cell_from_hidden, forget = _per_step(cell_from_hidden), _per_step(gates, hidden, 2 * hidden)
-        grad_by_cell = _per_step(grad_gates.unflatten(-1, (4, hidden))[:, :, :3])
-        grad_by_hidden = _per_step(grad_gates, 3 * hidden)
-        for k, t in enumerate(order):
-            a = active[t]
-            rows = _rows(a, batch)
-            next_grad = start_step(k, t)
-            dh, dc = rows(grad_h), rows(grad_c)
-            if kernel is not None:
-                kernel[1](a, hidden, pointer(dh), pointer(dc), pointer(rows(factor_rows[t])),
-                          pointer(rows(from_hidden_rows[t])), pointer(rows(gate_rows[t])),
-                          pointer(rows(grad_gates_all[t])))
+        kernel = _lstm_kernel(out)
+        if kernel is not None:
+            gates_all, cells_all = _per_step(gates), _per_step(cells)
+            # each step's b_hh gradient, summed over the rows of each of its row blocks
+            blocks = {a: _blocks(a, hidden) for a in set(active)}
+            grad_bias_steps = out.new_zeros(steps, max(blocks.values()), width)
+            first = steps - 1 if reverse else 0
+            for k, t in enumerate(order):
+                next_grad = start_step(k, t)
+                c_prev = c0 if t == first else cells_all[t + 1 if reverse else t - 1]
+                kernel[1](active[t], hidden, blocks[active[t]], grad_h.data_ptr(), grad_c.data_ptr(),
+                          gates_all[t].data_ptr(), cells_all[t].data_ptr(), c_prev.data_ptr(),
+                          grad_gates_all[t].data_ptr(), grad_bias_steps[t].data_ptr())
+                rows = _rows(active[t], batch)
+                carry_back(rows, t, rows(grad_h), next_grad)
+            grad_bias = grad_bias_steps.sum((0, 1))
+        else:
+            factors, cell_from_hidden = _lstm_factors(gates, cells, c0, reverse)
+            grad_c_columns = grad_c.unsqueeze(1)
+            by_cell, by_hidden = _per_step(factors[:, :, :3]), _per_step(factors[:, :, 3])
+            cell_from_hidden, forget = _per_step(cell_from_hidden), _per_step(gates, hidden, 2 * hidden)
+            grad_by_cell = _per_step(grad_gates.unflatten(-1, (4, hidden))[:, :, :3])
+            grad_by_hidden = _per_step(grad_gates, 3 * hidden)
+            for k, t in enumerate(order):
+                rows = _rows(active[t], batch)
+                next_grad = start_step(k, t)
+                dh, dc = rows(grad_h), rows(grad_c)
+                dc.addcmul_(dh, rows(cell_from_hidden[t]))
+                torch.mul(rows(by_cell[t]), rows(grad_c_columns), out=rows(grad_by_cell[t]))
+                torch.mul(rows(by_hidden[t]), dh, out=rows(grad_by_hidden[t]))
                 carry_back(rows, t, dh, next_grad)
-                continue
-            dc.addcmul_(dh, rows(cell_from_hidden[t]))
-            torch.mul(rows(by_cell[t]), rows(grad_c_columns), out=rows(grad_by_cell[t]))
-            torch.mul(rows(by_hidden[t]), dh, out=rows(grad_by_hidden[t]))
-            carry_back(rows, t, dh, next_grad)
-            dc.mul_(rows(forget[t]))
+                dc.mul_(rows(forget[t]))
         grad_c0 = grad_c
         grad_x = grad_gates
     elif mode == "GRU":
@@ -280,7 +318,9 @@ def backward(mode: str, grad_out, grad_c_n, h0, c0, weight_hh, out, saved: list,
             torch.mul(dh, rows(derivative[t]), out=rows(grad_gates_all[t]))
             carry_back(rows, t, dh, next_grad)
         grad_x = grad_gates
-    return grad_x, grad_h, grad_c0, _weight_grad(grad_gates, out, h0, reverse), grad_gates.sum((0, 1))
+    if grad_bias is None:
+        grad_bias = grad_gates.sum((0, 1))
+    return grad_x, grad_h, grad_c0, _weight_grad(grad_gates, out, h0, reverse), grad_bias
 
 
 def _weight_grad(grad_gates, out, h0, reverse: bool):

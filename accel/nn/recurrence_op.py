@@ -42,7 +42,7 @@ def _recurrence(mode: str, x_proj: Tensor, h0: Tensor, c0: Optional[Tensor], wei
                 bias_hh: Optional[Tensor], batch_sizes: Optional[Tensor], reverse: bool,
                 keep_for_backward: bool) -> list[Tensor]:
     """``[out, *extra]``: ``out`` ``(T, B, H)``, then (LSTM) ``c_n`` and the tensors the backward needs
-    (the LSTM's backward factors are left empty when ``keep_for_backward`` is false: inference)."""
+    (the LSTM's saved gates and cell states are left empty when ``keep_for_backward`` is false: inference)."""
     steps, batch, _ = x_proj.shape
     out, extra = _implementation(x_proj).forward(mode, x_proj, h0, c0, weight_hh, bias_hh,
                                                  _active(batch_sizes, steps, batch), reverse, keep_for_backward)
@@ -58,12 +58,11 @@ def _(mode, x_proj, h0, c0, weight_hh, bias_hh, batch_sizes, reverse, keep_for_b
         from accel.nn.fused_recurrence_cuda import saved_widths
         saved = [x_proj.new_empty(steps, batch, w) for w in saved_widths(mode, hidden)]
         return [out, *([h0.new_empty(batch, hidden)] if mode == "LSTM" else []), *saved]
-    if mode == "LSTM":
+    if mode == "LSTM":  # c_n, then the activated gates and the cell states (empty at inference)
         if not keep_for_backward:
-            return [out, h0.new_empty(batch, hidden), x_proj.new_empty(steps, batch, width), x_proj.new_empty(0),
-                    x_proj.new_empty(0)]
+            return [out, h0.new_empty(batch, hidden), x_proj.new_empty(0), x_proj.new_empty(0)]
         return [out, h0.new_empty(batch, hidden), x_proj.new_empty(steps, batch, width),
-                x_proj.new_empty(steps, batch, width), x_proj.new_empty(steps, batch, hidden)]
+                x_proj.new_empty(steps, batch, hidden)]
     if mode == "GRU":
         return [out, x_proj.new_empty(steps, batch, width), x_proj.new_empty(steps, batch, width)]
     return [out]
