@@ -24,10 +24,13 @@ import weakref
 import torch
 from torch import Tensor
 
+from accel.compile_cache import tag_compile_caches
 from accel.nn.bt_dense import matmul_dtype
 from accel.nn.bt_factorized import factorized_product
 
 __all__ = ["compiled_factorized_product"]
+
+tag_compile_caches()  # compiled graphs holding these ops are cached under accel's code hash
 
 _handles = itertools.count()
 _GRAPHS: dict[int, tuple[Tensor, list[Tensor]]] = {}

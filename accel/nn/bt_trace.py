@@ -25,11 +25,14 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 from torch.fx.experimental.symbolic_shapes import has_static_value
 
+from accel.compile_cache import tag_compile_caches
 from accel.nn.bt_dense import matmul_dtype, rebuild_backward, rebuild_forward, rebuild_operands, workspace_by_key
 from accel.nn.bt_paths import contraction_method, factorized_contraction_steps
 
 __all__ = ["SYMBOLIC_BATCH_PLAN_ROWS", "is_tracing", "traced_plan", "plan_rows", "contract_steps",
            "rebuild_matmul", "compiled_rebuild_linear"]
+
+tag_compile_caches()  # compiled graphs holding these ops are cached under accel's code hash
 
 # Rows the plan is made for when the batch is symbolic and its example size cannot be read (a dynamic
 # batch inside torch.compile): a typical training batch.

@@ -18,10 +18,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from accel.compile_cache import tag_compile_caches
 from accel.nn import fused_recurrence
 from accel.nn.recurrence import GATES
 
 __all__ = ["padded_direction", "fused_direction"]
+
+tag_compile_caches()  # compiled graphs holding these ops are cached under accel's code hash
 
 _MODES = tuple(GATES)
 
