@@ -24,7 +24,8 @@ import torch
 
 from accel.nn.bt_dense import matmul_dtype
 
-__all__ = ["gemm_chain_contract", "gemm_chain_flops", "gemm_chain_training_flops", "gemm_chain_largest"]
+__all__ = ["gemm_chain_contract", "gemm_chain_elements", "gemm_chain_flops", "gemm_chain_training_flops",
+           "gemm_chain_largest"]
 
 
 def _mode_matrices(core, factors):
@@ -192,3 +193,11 @@ def gemm_chain_training_flops(in_shape, out_shape, ranks, num_blocks, batch, inp
 def gemm_chain_largest(in_shape, out_shape, ranks, num_blocks, batch) -> int:
     """The largest intermediate of the forward chain, in elements."""
     return max(s for _, s in _steps(in_shape, out_shape, ranks, num_blocks, batch))
+
+
+def gemm_chain_elements(in_shape, out_shape, ranks, num_blocks, batch) -> int:
+    """Elements the forward chain moves through memory: the input, every GEMM's output and the two permute
+    copies (of the last mode step's output, or of the input's expansion for d = 2, and of the core step's)."""
+    steps = _steps(in_shape, out_shape, ranks, num_blocks, batch)
+    copies = (steps[-3][1] if len(in_shape) > 2 else 0) + steps[-2][1]
+    return batch * math.prod(in_shape) + sum(s for _, s in steps) + copies

@@ -1,17 +1,20 @@
-"""The dense path of :class:`~accel.nn.BTLinear`: rebuild ``W`` with one GEMM, then one batched GEMM.
+"""The dense path of :class:`~accel.nn.BTLinear`: rebuild ``W`` with one GEMM, then one GEMM with the input.
 
-Used where the input's batch is large enough that ``x W`` through the rebuilt weight costs fewer
-flops than contracting the input through the factors. Two things make the plain version
+Used where the input's batch is large enough that ``x W`` through the rebuilt weight costs less than
+contracting the input through the factors. Two things make the plain version
 (``F.linear(x, layer.to_dense())``) slow on CPU, both measured on the development VM at
 16x12x8x8 -> 16x4x4x4, N=4, batch 128: the rebuild runs as opt_einsum's pairwise steps with their
 autograd copies (84 ms forward, 156 ms with backward), and the full-size ``W`` and its gradient are
 fresh allocations above glibc's mmap threshold that page-fault on every call (~0.9 ms per MiB).
 
-Here the weight is laid out as ``(J_0, I_0, I_1.., J_1..)`` so that it is the product of two thin
-matrices (factor 0 as ``(J_0 I_0, N R_0)`` and the rest of the block-term contracted into
-``(N R_0, I_1.. J_1..)``), and ``y[:, j_0, :] = x @ W[j_0]`` is one batched GEMM over ``j_0``. ``W``
-and its gradient live in a workspace reused across calls: the backward needs neither the forward's
-``W`` (the input gradient rebuilds it), so a second forward before the first backward is safe.
+Here the weight is first built in the layout ``(J_0, I_0, I_1.., J_1..)``, where it is the product of two
+thin matrices (factor 0 as ``(J_0 I_0, N R_0)`` and the rest of the block-term contracted into
+``(N R_0, I_1.. J_1..)``), then copied once into the ``(I, J)`` layout so that ``y = x @ W`` and
+``grad W = x^T @ grad y`` are each one plain GEMM. (The previous version multiplied in the first layout,
+one batched GEMM over ``j_0`` with ``J' = J_1 .. J_{d-1}`` columns each: at 1,600 -> 16x4x2x2, batch 256,
+those 16-column GEMMs made the path ~2x slower than one GEMM plus the copy.) ``W`` and its gradient share
+two buffers of a workspace reused across calls: the backward needs neither the forward's ``W`` (the input
+gradient rebuilds it), so a second forward before the first backward is safe.
 """
 from __future__ import annotations
 
@@ -97,32 +100,36 @@ def rebuild_operands(core: torch.Tensor, factors) -> tuple[torch.Tensor, torch.T
     return left, right
 
 
+def _weight_rows_first(left, right, out0: int, in_features: int, workspace: RebuildWorkspace) -> torch.Tensor:
+    """``W`` as the ``(I, J)`` matrix of ``nn.Linear.weight.t()``: ``left @ right`` into the workspace's
+    ``"weight_t"`` buffer (``(J_0, I, J')`` layout), then one copy that moves ``J_0`` inside."""
+    weight_t = torch.mm(left, right, out=workspace.get("weight_t", (left.shape[0], right.shape[1]), left))
+    rest = weight_t.numel() // (out0 * in_features)  # J' = J_1 * .. * J_{d-1}
+    weight = workspace.get("weight", (in_features, out0 * rest), left)
+    weight.view(in_features, out0, rest).copy_(weight_t.view(out0, in_features, rest).transpose(0, 1))
+    return weight
+
+
 def rebuild_forward(x, left, right, out0: int, workspace: RebuildWorkspace) -> torch.Tensor:
     """``y = x @ (left @ right)`` with the weight written into ``workspace`` (see the module docstring)."""
-    batch, in_features = x.shape
-    rest = right.shape[1] * left.shape[0] // (out0 * in_features)  # J_1 * .. * J_{d-1}
-    weight = torch.mm(left, right, out=workspace.get("weight", (left.shape[0], right.shape[1]), left))
-    y = torch.bmm(x.expand(out0, -1, -1), weight.view(out0, in_features, rest))  # (J_0, B, J')
-    return y.permute(1, 0, 2).reshape(batch, out0 * rest)
+    return torch.mm(x, _weight_rows_first(left, right, out0, x.shape[1], workspace))
 
 
 def rebuild_backward(grad_y, x, left, right, out0: int, workspace: RebuildWorkspace, needs=(True, True, True)):
     """The gradients ``(x, left, right)`` of :func:`rebuild_forward` (``None`` where ``needs`` says so)."""
-    batch, in_features = x.shape
-    # contiguous: grad_y may be an expanded view (e.g. of a sum), which BLAS cannot take as an operand
-    g = grad_y.reshape(batch, out0, -1).transpose(0, 1).contiguous()  # (J_0, B, J')
-    rest = g.shape[2]
-    grad_weight = workspace.get("grad", (left.shape[0], right.shape[1]), left)
-    torch.bmm(x.t().expand(out0, -1, -1), g, out=grad_weight.view(out0, in_features, rest))
-    grad_left = torch.mm(grad_weight, right.t()) if needs[1] else None
-    grad_right = torch.mm(left.t(), grad_weight) if needs[2] else None
+    in_features = x.shape[1]
     grad_x = None
-    if needs[0]:
-        weight = torch.mm(left, right, out=workspace.get("weight", grad_weight.shape, left))
-        weight = weight.view(out0, in_features, rest)
-        grad_x = torch.zeros_like(x)
-        for j in range(out0):  # one GEMM per output slice, accumulated in place
-            grad_x.addmm_(g[j], weight[j].t())
+    if needs[0]:  # first: the weight's buffers are reused for its gradient below
+        grad_x = torch.mm(grad_y, _weight_rows_first(left, right, out0, in_features, workspace).t())
+    if not (needs[1] or needs[2]):
+        return grad_x, None, None
+    # grad_y may be an expanded view (e.g. of a sum): mm takes any strides, copying where BLAS cannot
+    grad_weight = torch.mm(x.t(), grad_y, out=workspace.get("weight", (in_features, grad_y.shape[1]), left))
+    rest = grad_y.shape[1] // out0
+    grad_weight_t = workspace.get("weight_t", (left.shape[0], right.shape[1]), left)
+    grad_weight_t.view(out0, in_features, rest).copy_(grad_weight.view(in_features, out0, rest).transpose(0, 1))
+    grad_left = torch.mm(grad_weight_t, right.t()) if needs[1] else None
+    grad_right = torch.mm(left.t(), grad_weight_t) if needs[2] else None
     return grad_x, grad_left, grad_right
 
 

@@ -95,9 +95,8 @@ def rebuild_matmul(x: torch.Tensor, core: torch.Tensor, factors) -> torch.Tensor
     left, right = rebuild_operands(core, list(factors))
     out0, in_features = factors[0].shape[2], x.shape[1]
     dtype = matmul_dtype(x, left, right)
-    weight = torch.mm(left.to(dtype), right.to(dtype)).view(out0, in_features, -1)
-    y = torch.bmm(x.to(dtype).expand(out0, -1, -1), weight)  # (J_0, B, J'), x not copied
-    return y.permute(1, 0, 2).reshape(x.shape[0], -1)
+    weight = torch.mm(left.to(dtype), right.to(dtype)).view(out0, in_features, -1)  # (J_0, I, J')
+    return torch.mm(x.to(dtype), weight.transpose(0, 1).reshape(in_features, -1))  # W as (I, J), as eager
 
 
 # Under torch.compile the dense path is one opaque op running the eager kernels with the layer's workspace:
