@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from accel.nn import BTLinear
-from accel.nn.bt import FACTORIZED_FLOP_PENALTY, REBUILD_FLOP_PENALTY, balanced_factors
+from accel.nn.bt import ELEMENT_FLOPS, FACTORIZED_FLOP_PENALTY, REBUILD_FLOP_PENALTY, balanced_factors
 
 SHAPES = {  # d -> (in_shape, out_shape)
     2: ((6, 5), (4, 3)),
@@ -66,8 +66,11 @@ def test_auto_picks_dense_when_cheaper_and_factorized_at_ucf11():
     for layer in (big, small, BTLinear(4096, 1024, ranks=2, num_blocks=2)):  # the documented rule
         for batch in (1, 64, 4096):
             cost = layer.cost(batch)
-            dense = REBUILD_FLOP_PENALTY * cost["rebuild"] + cost["matmul"]
-            assert layer.uses_dense(batch) == (dense <= FACTORIZED_FLOP_PENALTY * cost["factorized"])
+            dense = REBUILD_FLOP_PENALTY * cost["rebuild"] + cost["matmul"] + ELEMENT_FLOPS * layer.in_features * \
+                layer.out_features
+            factorized = FACTORIZED_FLOP_PENALTY * cost["factorized"] + ELEMENT_FLOPS * cost["factorized_elements"]
+            assert layer.uses_dense(batch) == (dense <= factorized)
+            assert (cost["auto_dense"], cost["auto_factorized"]) == (dense, factorized)
 
 
 def test_ucf11_parameter_count():

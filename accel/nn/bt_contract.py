@@ -196,8 +196,10 @@ def gemm_chain_largest(in_shape, out_shape, ranks, num_blocks, batch) -> int:
 
 
 def gemm_chain_elements(in_shape, out_shape, ranks, num_blocks, batch) -> int:
-    """Elements the forward chain moves through memory: the input, every GEMM's output and the two permute
-    copies (of the last mode step's output, or of the input's expansion for d = 2, and of the core step's)."""
+    """Elements the forward chain moves through memory: the input, every GEMM's output and the copies (of the
+    last mode step's output for d > 2, of the core step's output, of the result, and the factor matrix that
+    ``matmul`` broadcasts over the batch in each mode step after the first)."""
     steps = _steps(in_shape, out_shape, ranks, num_blocks, batch)
-    copies = (steps[-3][1] if len(in_shape) > 2 else 0) + steps[-2][1]
+    copies = (steps[-3][1] if len(in_shape) > 2 else 0) + steps[-2][1] + steps[-1][1]
+    copies += sum(batch * num_blocks * in_shape[k] * out_shape[k] * ranks[k] for k in range(2, len(in_shape) - 1))
     return batch * math.prod(in_shape) + sum(s for _, s in steps) + copies

@@ -1,4 +1,4 @@
-"""The dense path of :class:`~accel.nn.BTLinear`: rebuild ``W`` with one GEMM, then one GEMM with the input.
+"""The dense path of :class:`~accel.nn.BTLinear`: rebuild ``W`` with one GEMM, then multiply the input with it.
 
 Used where the input's batch is large enough that ``x W`` through the rebuilt weight costs less than
 contracting the input through the factors. Two things make the plain version
@@ -7,14 +7,14 @@ contracting the input through the factors. Two things make the plain version
 autograd copies (84 ms forward, 156 ms with backward), and the full-size ``W`` and its gradient are
 fresh allocations above glibc's mmap threshold that page-fault on every call (~0.9 ms per MiB).
 
-Here the weight is first built in the layout ``(J_0, I_0, I_1.., J_1..)``, where it is the product of two
-thin matrices (factor 0 as ``(J_0 I_0, N R_0)`` and the rest of the block-term contracted into
-``(N R_0, I_1.. J_1..)``), then copied once into the ``(I, J)`` layout so that ``y = x @ W`` and
-``grad W = x^T @ grad y`` are each one plain GEMM. (The previous version multiplied in the first layout,
-one batched GEMM over ``j_0`` with ``J' = J_1 .. J_{d-1}`` columns each: at 1,600 -> 16x4x2x2, batch 256,
-those 16-column GEMMs made the path ~2x slower than one GEMM plus the copy.) ``W`` and its gradient share
-two buffers of a workspace reused across calls: the backward needs neither the forward's ``W`` (the input
-gradient rebuilds it), so a second forward before the first backward is safe.
+Here the weight is built in the layout ``(J_0, I_0, I_1.., J_1..)``, where it is the product of two thin
+matrices (factor 0 as ``(J_0 I_0, N R_0)`` and the rest of the block-term contracted into
+``(N R_0, I_1.. J_1..)``). Then either ``y[:, j_0, :] = x @ W[j_0]`` is one batched GEMM over ``j_0``
+(``J' = J_1 .. J_{d-1}`` columns each), or, where those GEMMs are narrow and the batch large
+(:func:`weight_rows_first`), ``W`` is copied once into the ``(I, J)`` layout and ``y = x @ W`` and
+``grad W = x^T @ grad y`` are each one plain GEMM. ``W`` and its gradient share two buffers of a workspace
+reused across calls: the backward needs neither the forward's ``W`` (the input gradient rebuilds it), so a
+second forward before the first backward is safe.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 __all__ = ["RebuildWorkspace", "matmul_dtype", "rebuild_backward", "rebuild_forward", "rebuild_linear",
-           "rebuild_operands"]
+           "rebuild_operands", "weight_rows_first"]
 
 
 def matmul_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -100,36 +100,87 @@ def rebuild_operands(core: torch.Tensor, factors) -> tuple[torch.Tensor, torch.T
     return left, right
 
 
+def weight_rows_first(batch: int, in_features: int, out_features: int, out0: int) -> bool:
+    """Whether the dense path multiplies with ``W`` copied into the ``(I, J)`` layout (one GEMM) rather than
+    in its built layout (one batched GEMM over ``j_0``, ``J' = out_features / J_0`` columns each).
+
+    Measured (forward+backward, 1 thread, development CPU): the copy pays where the batched GEMMs are narrow
+    (``J' < 32``) on a wide input, and the batch is large enough to amortise copying ``W`` and its gradient:
+    1,600 -> 16x4x2x2 at batch 256, 6.4 against 8.3 ms, at batch 1,024 20.0 against 22.4 ms; 12,288 -> 16x4x2x2
+    at batch 128, 20.5 against 25.1 ms. It does not at ``J' = 64`` with a large ``W`` (12,288 -> 16x4x4x4,
+    batch 128: 98.5 against 77.4 ms), at batch 32 (4.2 against 3.5 ms), nor for an 8-feature input.
+    """
+    return out_features // out0 < 32 and batch >= 64 and in_features >= 64
+
+
+def _buffers(left: torch.Tensor, right: torch.Tensor, workspace: RebuildWorkspace):
+    """The workspace's two buffers of ``W``'s size (one layout each, or ``W`` and its gradient)."""
+    numel = left.shape[0] * right.shape[1]
+    return workspace.get("weight", (numel,), left), workspace.get("other", (numel,), left)
+
+
+def _built_weight(left, right, workspace) -> torch.Tensor:
+    """``left @ right``: ``W`` in the ``(J_0, I, J')`` layout, in the first buffer."""
+    return torch.mm(left, right, out=_buffers(left, right, workspace)[0].view(left.shape[0], right.shape[1]))
+
+
 def _weight_rows_first(left, right, out0: int, in_features: int, workspace: RebuildWorkspace) -> torch.Tensor:
-    """``W`` as the ``(I, J)`` matrix of ``nn.Linear.weight.t()``: ``left @ right`` into the workspace's
-    ``"weight_t"`` buffer (``(J_0, I, J')`` layout), then one copy that moves ``J_0`` inside."""
-    weight_t = torch.mm(left, right, out=workspace.get("weight_t", (left.shape[0], right.shape[1]), left))
-    rest = weight_t.numel() // (out0 * in_features)  # J' = J_1 * .. * J_{d-1}
-    weight = workspace.get("weight", (in_features, out0 * rest), left)
-    weight.view(in_features, out0, rest).copy_(weight_t.view(out0, in_features, rest).transpose(0, 1))
+    """``W`` as the ``(I, J)`` matrix of ``nn.Linear.weight.t()``, copied from the built layout into the second
+    buffer (``J_0`` moves inside)."""
+    built = _built_weight(left, right, workspace)
+    rest = built.numel() // (out0 * in_features)  # J' = J_1 * .. * J_{d-1}
+    weight = _buffers(left, right, workspace)[1].view(in_features, out0 * rest)
+    weight.view(in_features, out0, rest).copy_(built.view(out0, in_features, rest).transpose(0, 1))
     return weight
 
 
 def rebuild_forward(x, left, right, out0: int, workspace: RebuildWorkspace) -> torch.Tensor:
     """``y = x @ (left @ right)`` with the weight written into ``workspace`` (see the module docstring)."""
-    return torch.mm(x, _weight_rows_first(left, right, out0, x.shape[1], workspace))
+    batch, in_features = x.shape
+    if weight_rows_first(batch, in_features, left.shape[0] * right.shape[1] // in_features, out0):
+        return torch.mm(x, _weight_rows_first(left, right, out0, in_features, workspace))
+    weight = _built_weight(left, right, workspace)
+    rest = weight.numel() // (out0 * in_features)  # J_1 * .. * J_{d-1}
+    y = torch.bmm(x.expand(out0, -1, -1), weight.view(out0, in_features, rest))  # (J_0, B, J')
+    return y.permute(1, 0, 2).reshape(batch, out0 * rest)
 
 
 def rebuild_backward(grad_y, x, left, right, out0: int, workspace: RebuildWorkspace, needs=(True, True, True)):
     """The gradients ``(x, left, right)`` of :func:`rebuild_forward` (``None`` where ``needs`` says so)."""
+    batch, in_features = x.shape
+    if weight_rows_first(batch, in_features, grad_y.shape[1], out0):
+        return _rows_first_backward(grad_y, x, left, right, out0, workspace, needs)
+    # contiguous: grad_y may be an expanded view (e.g. of a sum), which BLAS cannot take as an operand
+    g = grad_y.reshape(batch, out0, -1).transpose(0, 1).contiguous()  # (J_0, B, J')
+    rest = g.shape[2]
+    grad_weight = _buffers(left, right, workspace)[1].view(left.shape[0], right.shape[1])
+    torch.bmm(x.t().expand(out0, -1, -1), g, out=grad_weight.view(out0, in_features, rest))
+    grad_left = torch.mm(grad_weight, right.t()) if needs[1] else None
+    grad_right = torch.mm(left.t(), grad_weight) if needs[2] else None
+    grad_x = None
+    if needs[0]:
+        weight = _built_weight(left, right, workspace).view(out0, in_features, rest)
+        grad_x = torch.zeros_like(x)
+        for j in range(out0):  # one GEMM per output slice, accumulated in place
+            grad_x.addmm_(g[j], weight[j].t())
+    return grad_x, grad_left, grad_right
+
+
+def _rows_first_backward(grad_y, x, left, right, out0: int, workspace: RebuildWorkspace, needs):
     in_features = x.shape[1]
     grad_x = None
-    if needs[0]:  # first: the weight's buffers are reused for its gradient below
+    if needs[0]:  # first: the weight's buffers hold its gradient below
         grad_x = torch.mm(grad_y, _weight_rows_first(left, right, out0, in_features, workspace).t())
     if not (needs[1] or needs[2]):
         return grad_x, None, None
-    # grad_y may be an expanded view (e.g. of a sum): mm takes any strides, copying where BLAS cannot
-    grad_weight = torch.mm(x.t(), grad_y, out=workspace.get("weight", (in_features, grad_y.shape[1]), left))
+    built, other = _buffers(left, right, workspace)
+    # grad_y may be an expanded view (e.g. of a sum): mm copies what BLAS cannot take
+    grad_weight = torch.mm(x.t(), grad_y, out=other.view(in_features, grad_y.shape[1]))
     rest = grad_y.shape[1] // out0
-    grad_weight_t = workspace.get("weight_t", (left.shape[0], right.shape[1]), left)
-    grad_weight_t.view(out0, in_features, rest).copy_(grad_weight.view(in_features, out0, rest).transpose(0, 1))
-    grad_left = torch.mm(grad_weight_t, right.t()) if needs[1] else None
-    grad_right = torch.mm(left.t(), grad_weight_t) if needs[2] else None
+    grad_built = built.view(left.shape[0], right.shape[1])
+    grad_built.view(out0, in_features, rest).copy_(grad_weight.view(in_features, out0, rest).transpose(0, 1))
+    grad_left = torch.mm(grad_built, right.t()) if needs[1] else None
+    grad_right = torch.mm(left.t(), grad_built) if needs[2] else None
     return grad_x, grad_left, grad_right
 
 

@@ -7,9 +7,10 @@ import math
 
 import opt_einsum
 
-from accel.nn.bt_contract import gemm_chain_flops
+from accel.nn.bt_contract import gemm_chain_elements, gemm_chain_flops
 
-__all__ = ["FACTORIZED_FLOP_PENALTY", "REBUILD_FLOP_PENALTY", "GEMM_CHAIN_MAX_EXTRA_FLOPS", "contraction_costs",
+__all__ = ["FACTORIZED_FLOP_PENALTY", "REBUILD_FLOP_PENALTY", "ELEMENT_FLOPS", "GEMM_CHAIN_MAX_EXTRA_FLOPS",
+           "contraction_costs",
            "contraction_method", "dense_is_cheaper", "factorized_contraction_steps", "factorized_expression",
            "factorized_method", "rebuild_expression"]
 
@@ -48,14 +49,16 @@ def _factorized_path(in_shape, out_shape, ranks, num_blocks, batch_bucket):
 
 @functools.lru_cache(maxsize=256)
 def factorized_expression(in_shape, out_shape, ranks, num_blocks, batch):
-    """The cached contraction of a ``(batch, *in_shape)`` input with core and factors, its flop cost
-    and its largest intermediate (elements). The order is searched once per power-of-two bucket of
-    batch sizes (the search costs 10-30 ms), then compiled for the exact batch."""
+    """The cached contraction of a ``(batch, *in_shape)`` input with core and factors, its flop cost,
+    its largest intermediate and the elements it moves (the input and every intermediate). The order is
+    searched once per power-of-two bucket of batch sizes (the search costs 10-30 ms), then compiled for
+    the exact batch."""
     path = _factorized_path(in_shape, out_shape, ranks, num_blocks, 1 << max(batch - 1, 0).bit_length())
     eq, shapes = _factorized_equation(in_shape, out_shape, ranks, num_blocks, batch)
     _, info = opt_einsum.contract_path(eq, *shapes, shapes=True, optimize=path)
     expression = opt_einsum.contract_expression(eq, *shapes, optimize=path)
-    return expression, int(info.opt_cost), int(info.largest_intermediate)
+    elements = batch * math.prod(in_shape) + sum(info.size_list)
+    return expression, int(info.opt_cost), int(info.largest_intermediate), int(elements)
 
 
 @functools.lru_cache(maxsize=256)
@@ -93,6 +96,18 @@ FACTORIZED_FLOP_PENALTY = 4.0
 # against 172 ms for opt_einsum and 235 ms for the chain; the chain at UCF11: 58 ms against 332 ms).
 REBUILD_FLOP_PENALTY = 2.0
 
+# Flops alone missed where the factorized path's small ops move many elements per flop: at 1,600 ->
+# 16x4x2x2 (N=2, R=2, batch 256, the moving-digits BTLSTM of experiments/bt_lstm.py) the chain has 8.6x
+# fewer flops than the dense matmul yet took 10.1 ms forward+backward against the dense path's 6.4 (1 thread,
+# development CPU). So every element a path writes costs this many flops of the dense GEMM (a GEMM at
+# ~100 GFLOP/s against small ops moving ~1 G elements/s): on the factorized side the input and every
+# intermediate and permute copy (``gemm_chain_elements``, or opt_einsum's intermediates), on the dense side
+# the weight (built, then copied or multiplied in slices). With 100, "auto" takes the measured fastest path at
+# all 16 settings timed for it, from 8 -> 256 to 57,600 -> 1,024 and batches 6 to 4,096 (the closest calls:
+# 1,600 -> 16x4x2x2 at R=2, batch 256, and 16x12x8x8 -> 16x4x4x4, N=4, batch 128, both estimated 1.4x in
+# favour of the dense path, measured 1.6x and 2.3x).
+ELEMENT_FLOPS = 100.0
+
 # The GEMM chain consumes the input modes from the last one, which is not always the flop-optimal
 # order. It is used when it costs at most this many times the flops of the opt_einsum path: measured
 # (experiments/bt_speed.py, CPU) it ran 1.3-1.8x faster than opt_einsum at 1.07x and 1.09x the flops
@@ -115,21 +130,32 @@ def contraction_costs(in_shape, out_shape, ranks, num_blocks, batch) -> dict:
     """Flop estimates of the forward pass: the opt_einsum path (``"einsum"``), the GEMM chain
     (``"gemm"``, ``None`` for d = 1), the factorized method in use (``"factorized"``, the one of those
     two that ``factorized_method`` picks), the rebuild of W and the dense matmul with W. The backward
-    pass costs about twice the forward for any choice."""
+    pass costs about twice the forward for any choice. Also the elements each side moves
+    (``"factorized_elements"``, ``"dense_elements"``) and the two totals ``contraction="auto"`` compares, in
+    flops of the dense GEMM (``"auto_factorized"``, ``"auto_dense"``; see :func:`dense_is_cheaper`)."""
     key = (in_shape, out_shape, ranks, num_blocks, batch)
     einsum = factorized_expression(*key)[1]
     gemm = gemm_chain_flops(*key) if len(in_shape) >= 2 else None
-    return {"factorized": gemm if factorized_method(*key) == "gemm" else einsum, "einsum": einsum, "gemm": gemm,
+    chain = factorized_method(*key) == "gemm"
+    cost = {"factorized": gemm if chain else einsum, "einsum": einsum, "gemm": gemm,
             "rebuild": rebuild_expression(in_shape, out_shape, ranks, num_blocks)[1],
-            "matmul": 2 * batch * math.prod(in_shape) * math.prod(out_shape)}
+            "matmul": 2 * batch * math.prod(in_shape) * math.prod(out_shape),
+            "factorized_elements": gemm_chain_elements(*key) if chain else factorized_expression(*key)[3],
+            "dense_elements": math.prod(in_shape) * math.prod(out_shape)}
+    cost["auto_factorized"] = (FACTORIZED_FLOP_PENALTY * cost["factorized"]
+                               + ELEMENT_FLOPS * cost["factorized_elements"])
+    cost["auto_dense"] = (REBUILD_FLOP_PENALTY * cost["rebuild"] + cost["matmul"]
+                          + ELEMENT_FLOPS * cost["dense_elements"])
+    return cost
 
 
 def dense_is_cheaper(in_shape, out_shape, ranks, num_blocks, batch) -> bool:
-    """The rule of ``contraction="auto"``: rebuild W when its penalised flops plus the dense matmul's cost
-    no more than the penalised flops of the factorized path (ties go to the dense path: its GEMMs are
-    the large, efficient ones)."""
+    """The rule of ``contraction="auto"``: rebuild W when ``REBUILD_FLOP_PENALTY`` x the rebuild's flops plus
+    the dense matmul's plus ``ELEMENT_FLOPS`` x W's elements come to no more than ``FACTORIZED_FLOP_PENALTY`` x
+    the factorized path's flops plus ``ELEMENT_FLOPS`` x the elements it moves (ties go to the dense path: its
+    GEMMs are the large, efficient ones)."""
     cost = contraction_costs(in_shape, out_shape, ranks, num_blocks, batch)
-    return REBUILD_FLOP_PENALTY * cost["rebuild"] + cost["matmul"] <= FACTORIZED_FLOP_PENALTY * cost["factorized"]
+    return cost["auto_dense"] <= cost["auto_factorized"]
 
 
 def contraction_method(in_shape, out_shape, ranks, num_blocks, contraction, batch) -> str:
