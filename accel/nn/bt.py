@@ -23,8 +23,9 @@ from torch import nn
 
 from accel.nn.bt_contract import gemm_chain_contract, gemm_chain_largest
 from accel.nn.bt_dense import RebuildWorkspace, matmul_dtype, rebuild_linear
+from accel.nn.bt_contract import grouped_shapes
 from accel.nn.bt_paths import (ELEMENT_FLOPS, FACTORIZED_FLOP_PENALTY,  # noqa: F401 (re-exported)
-                               GEMM_CHAIN_MAX_EXTRA_FLOPS, REBUILD_FLOP_PENALTY, contraction_costs,
+                               GEMM_CHAIN_MAX_EXTRA_FLOPS, REBUILD_FLOP_PENALTY, chain_plan, contraction_costs,
                                contraction_method, dense_is_cheaper, factorized_expression, factorized_method,
                                rebuild_expression)
 from accel.nn.bt_shapes import (auto_num_modes, balanced_factors, check_shape,  # noqa: F401 (re-exported)
@@ -235,7 +236,7 @@ class BTLinear(nn.Module):
         if method == "dense":
             return rebuild_matmul(x, self.core, self.factors)
         if method == "gemm":
-            return gemm_chain_contract(x, self.core, self.factors, self.in_shape, self.out_shape, self.ranks)
+            return gemm_chain_contract(x, self.core, self.factors, self.in_shape, self.out_shape, self.ranks, steps)
         dtype = matmul_dtype(x, self.core)
         operands = [x.reshape(x.shape[0], *self.in_shape), self.core, *self.factors]
         y = contract_steps(steps, [t.to(dtype) for t in operands])
@@ -253,7 +254,9 @@ class BTLinear(nn.Module):
             return max(batch, 1)
         element = (input.element_size() if input is not None else self.core.element_size())
         if self.factorized_method(batch) == "gemm":
-            largest = gemm_chain_largest(*self._key(), batch)
+            split = chain_plan(*self._key(), batch)[0]
+            shapes = self._key()[:3] if split is None else grouped_shapes(*self._key()[:3], split)
+            largest = gemm_chain_largest(*shapes, self.num_blocks, batch)
         else:
             largest = factorized_expression(*self._key(), batch)[2]
         per_row = largest * element / batch
@@ -263,7 +266,8 @@ class BTLinear(nn.Module):
 
     def _contract(self, x: torch.Tensor, method: str) -> torch.Tensor:
         if method == "gemm":
-            return gemm_chain_contract(x, self.core, self.factors, self.in_shape, self.out_shape, self.ranks)
+            split = chain_plan(*self._key(), x.shape[0])[0]
+            return gemm_chain_contract(x, self.core, self.factors, self.in_shape, self.out_shape, self.ranks, split)
         expression = factorized_expression(*self._key(), x.shape[0])[0]
         dtype = matmul_dtype(x, self.core)  # opt_einsum's pairwise steps refuse autocast's mixed dtypes
         operands = [t.to(dtype) for t in (self.core, *self.factors)]

@@ -26,7 +26,7 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.fx.experimental.symbolic_shapes import has_static_value
 
 from accel.nn.bt_dense import matmul_dtype, rebuild_backward, rebuild_forward, rebuild_operands, workspace_by_key
-from accel.nn.bt_paths import contraction_method, factorized_contraction_steps
+from accel.nn.bt_paths import chain_plan, contraction_method, factorized_contraction_steps
 
 __all__ = ["SYMBOLIC_BATCH_PLAN_ROWS", "is_tracing", "traced_plan", "plan_rows", "contract_steps",
            "rebuild_matmul", "compiled_rebuild_linear"]
@@ -66,14 +66,17 @@ def plan_rows(batch) -> int:
 
 @torch.compiler.assume_constant_result
 def traced_plan(in_shape, out_shape, ranks, num_blocks, contraction, rows, gemm_chain=True) -> tuple:
-    """``("dense", None)``, ``("gemm", None)`` or ``("einsum", steps)`` for a batch of ``rows``.
+    """``("dense", None)``, ``("gemm", split)`` or ``("einsum", steps)`` for a batch of ``rows``.
 
     Dynamo calls this at trace time and keeps the result as a constant (no cost model in the graph,
-    no guard); ``steps`` are the pairwise ``torch.einsum`` equations of the ``opt_einsum`` path, which
-    also replaces the GEMM chain where ``gemm_chain`` is false.
+    no guard); ``split`` is ``chain_plan``'s grouping of modes for the chain, ``steps`` the pairwise
+    ``torch.einsum`` equations of the ``opt_einsum`` path, which also replaces the GEMM chain where
+    ``gemm_chain`` is false.
     """
     method = contraction_method(in_shape, out_shape, ranks, num_blocks, contraction, rows)
     method = "einsum" if method == "gemm" and not gemm_chain else method
+    if method == "gemm":
+        return method, chain_plan(in_shape, out_shape, ranks, num_blocks, rows)[0]
     steps = (factorized_contraction_steps(in_shape, out_shape, ranks, num_blocks, rows) if method == "einsum"
              else None)
     return method, steps
