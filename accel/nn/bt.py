@@ -21,9 +21,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from accel.nn.bt_contract import gemm_chain_contract, gemm_chain_largest
+from accel.nn.bt_contract import gemm_chain_contract, gemm_chain_largest, grouped_shapes
 from accel.nn.bt_dense import RebuildWorkspace, matmul_dtype, rebuild_linear
-from accel.nn.bt_contract import grouped_shapes
 from accel.nn.bt_paths import (ELEMENT_FLOPS, FACTORIZED_FLOP_PENALTY,  # noqa: F401 (re-exported)
                                GEMM_CHAIN_MAX_EXTRA_FLOPS, REBUILD_FLOP_PENALTY, chain_plan, contraction_costs,
                                contraction_method, dense_is_cheaper, factorized_expression, factorized_method,

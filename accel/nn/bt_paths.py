@@ -102,10 +102,10 @@ REBUILD_FLOP_PENALTY = 2.0
 # development CPU). So every element a path writes costs this many flops of the dense GEMM (a GEMM at
 # ~100 GFLOP/s against small ops moving ~1 G elements/s): on the factorized side the input and every
 # intermediate and permute copy (``gemm_chain_elements``, or opt_einsum's intermediates), on the dense side
-# the weight (built, then copied or multiplied in slices). With 100, "auto" takes the measured fastest path at
-# all 16 settings timed for it, from 8 -> 256 to 57,600 -> 1,024 and batches 6 to 4,096 (the closest calls:
-# 1,600 -> 16x4x2x2 at R=2, batch 256, and 16x12x8x8 -> 16x4x4x4, N=4, batch 128, both estimated 1.4x in
-# favour of the dense path, measured 1.6x and 2.3x).
+# the weight (built, then copied or multiplied in slices). With 100, "auto" takes the measured fastest path (or
+# one within 4%: 8 -> 256 at R=1, batch 256, 1.14 against 1.10 ms) at all 16 settings timed for it, from
+# 8 -> 256 to 57,600 -> 1,024 and batches 6 to 4,096 (a close estimate: 16x12x8x8 -> 16x4x4x4, N=4, batch 128,
+# 1.4x in favour of the rebuilt W, measured 2.3x).
 ELEMENT_FLOPS = 100.0
 
 # The GEMM chain on two merged groups of modes (``chain_plan``) runs two GEMMs with inner sizes in the tens to
