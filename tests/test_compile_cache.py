@@ -7,14 +7,18 @@ import torch
 from accel import compile_cache
 
 
-def test_importing_the_ops_tags_the_cache_key_once_keeping_the_users_tag(monkeypatch):
+def test_importing_the_ops_tags_the_cache_key_once_keeping_the_users_tag():
     import accel.nn.recurrence_op  # noqa: F401 (defines ops: tags on import)
 
     marker = f"accel-{compile_cache.source_hash()}"
-    assert marker in torch.compiler.config.cache_key_tag.split("+")
-    monkeypatch.setattr(torch.compiler.config, "cache_key_tag", "users-own")
-    assert compile_cache.tag_compile_caches() == f"users-own+{marker}"
-    assert compile_cache.tag_compile_caches() == f"users-own+{marker}"  # idempotent
+    before = torch.compiler.config.cache_key_tag
+    assert marker in before.split("+")
+    try:  # not monkeypatch: its undo deletes the entry from torch's config module
+        torch.compiler.config.cache_key_tag = "users-own"
+        assert compile_cache.tag_compile_caches() == f"users-own+{marker}"
+        assert compile_cache.tag_compile_caches() == f"users-own+{marker}"  # idempotent
+    finally:
+        torch.compiler.config.cache_key_tag = before
 
 
 def test_source_hash_follows_every_python_file(tmp_path):

@@ -25,9 +25,10 @@ from accel.nn.bt_compiled import compiled_factorized_product
 from accel.nn.bt_contract import gemm_chain_contract
 from accel.nn.bt_dense import RebuildWorkspace, matmul_dtype, rebuild_linear
 from accel.nn.bt_factorized import chunk_rows, factorized_product
-from accel.nn.bt_paths import (FACTORIZED_FLOP_PENALTY, GEMM_CHAIN_MAX_EXTRA_FLOPS,  # noqa: F401 (re-exported)
-                               REBUILD_FLOP_PENALTY, contraction_costs, contraction_method, dense_is_cheaper,
-                               factorized_expression, factorized_method, rebuild_expression)
+from accel.nn.bt_paths import (ELEMENT_FLOPS, FACTORIZED_FLOP_PENALTY,  # noqa: F401 (re-exported)
+                               GEMM_CHAIN_MAX_EXTRA_FLOPS, REBUILD_FLOP_PENALTY, chain_plan, contraction_costs,
+                               contraction_method, dense_is_cheaper, factorized_expression, factorized_method,
+                               rebuild_expression)
 from accel.nn.bt_shapes import (auto_num_modes, balanced_factors, check_shape,  # noqa: F401 (re-exported)
                                  resolve_ranks, weight_parameters)
 from accel.nn.bt_trace import (compiled_rebuild_linear, contract_steps, is_tracing, plan_rows, rebuild_matmul,
@@ -58,7 +59,8 @@ class BTLinear(nn.Module):
         bias (bool): if ``False``, the layer learns no additive bias. Default: ``True``.
         contraction (str): ``"auto"`` (per batch size, by flops, where those of the factorized path
             count ``FACTORIZED_FLOP_PENALTY`` (4) and those of rebuilding ``W`` ``REBUILD_FLOP_PENALTY``
-            (2) times those of the dense GEMM), ``"factorized"`` (always
+            (2) times those of the dense GEMM, and every element a path moves ``ELEMENT_FLOPS`` (100)
+            flops), ``"factorized"`` (always
             contract through the factors, by ``"gemm"`` or ``"einsum"``: the GEMM chain unless it costs
             more than ``GEMM_CHAIN_MAX_EXTRA_FLOPS`` (1.15) times the flops of the opt_einsum path, or
             d = 1), ``"gemm"`` (the chain of GEMMs with a hand-written backward, d >= 2), ``"einsum"``
@@ -181,7 +183,8 @@ class BTLinear(nn.Module):
     def cost(self, batch: int) -> dict:
         """Flop estimates of the forward pass over ``batch`` rows: ``{"factorized": ..., "einsum": ...,
         "gemm": ..., "rebuild": ..., "matmul": ...}`` (the dense path is rebuild + matmul;
-        ``"factorized"`` is the one of ``"gemm"``/``"einsum"`` that ``factorized_method`` uses)."""
+        ``"factorized"`` is the one of ``"gemm"``/``"einsum"`` that ``factorized_method`` uses), the elements
+        each side moves and the totals ``"auto_dense"`` / ``"auto_factorized"`` that ``"auto"`` compares."""
         return contraction_costs(*self._key(), batch)
 
     def factorized_method(self, batch: int) -> str:
@@ -238,7 +241,7 @@ class BTLinear(nn.Module):
         if method == "dense":
             return rebuild_matmul(x, self.core, self.factors)
         if method == "gemm":
-            return gemm_chain_contract(x, self.core, self.factors, self.in_shape, self.out_shape, self.ranks)
+            return gemm_chain_contract(x, self.core, self.factors, self.in_shape, self.out_shape, self.ranks, steps)
         dtype = matmul_dtype(x, self.core)
         operands = [x.reshape(x.shape[0], *self.in_shape), self.core, *self.factors]
         y = contract_steps(steps, [t.to(dtype) for t in operands])

@@ -24,7 +24,8 @@ import torch
 
 from accel.nn.bt_dense import matmul_dtype
 
-__all__ = ["gemm_chain_contract", "gemm_chain_flops", "gemm_chain_training_flops", "gemm_chain_largest"]
+__all__ = ["gemm_chain_contract", "gemm_chain_elements", "gemm_chain_flops", "gemm_chain_training_flops",
+           "gemm_chain_largest", "grouped_shapes", "group_modes"]
 
 
 def _mode_matrices(core, factors):
@@ -132,7 +133,32 @@ class _GemmChain(torch.autograd.Function):
         return (grad_x, None, grad_merged, grad_first, *grad_mode)
 
 
-def gemm_chain_contract(x, core, factors, in_shape, out_shape, ranks):
+def grouped_shapes(in_shape, out_shape, ranks, split: int):
+    """The two-mode shapes of a block term whose modes ``0..split-1`` and ``split..d-1`` are merged (products)."""
+    if not 1 <= split < len(in_shape):
+        raise ValueError(f"split must be in [1, {len(in_shape) - 1}] for in_shape={tuple(in_shape)}, got {split}")
+    return tuple(tuple(math.prod(sizes[a:b]) for a, b in ((0, split), (split, len(sizes))))
+                 for sizes in (in_shape, out_shape, ranks))
+
+
+def group_modes(core, factors, split: int):
+    """The same block term with two modes: modes ``0..split-1`` and ``split..d-1`` merged. Each merged factor is
+    the Kronecker product of its modes' factors (per block), the core is reshaped: ``(N, R_A, R_B)``.
+
+    Why: the chain over all ``d`` modes runs one small GEMM per mode and sample; on two merged modes it runs
+    two larger GEMMs instead, for some more flops (measured faster at 1,600 -> 16x4x2x2 with R <= 2)."""
+    def merge(group):
+        merged = group[0]
+        for factor in group[1:]:  # (N, I, J, R) x (N, i, j, r) -> (N, I i, J j, R r)
+            n, i, j, r = merged.shape
+            merged = torch.einsum("nIJR,nijr->nIiJjRr", merged, factor).reshape(
+                n, i * factor.shape[1], j * factor.shape[2], r * factor.shape[3])
+        return merged
+    first, second = merge(list(factors[:split])), merge(list(factors[split:]))
+    return core.reshape(core.shape[0], first.shape[3], second.shape[3]), [first, second]
+
+
+def gemm_chain_contract(x, core, factors, in_shape, out_shape, ranks, split: int | None = None):
     """``y[b, j] = sum_i x[b, i] W[i, j]`` for the block-term weight given by ``core`` and ``factors``.
 
     Args:
@@ -140,6 +166,8 @@ def gemm_chain_contract(x, core, factors, in_shape, out_shape, ranks):
         core (Tensor): ``(N, R_0, .., R_{d-1})``.
         factors (sequence of Tensor): ``d`` tensors, the k-th ``(N, I_k, J_k, R_k)``; ``d >= 2``.
         in_shape, out_shape, ranks (tuple of int): the mode sizes.
+        split (int, optional): run the chain on two merged modes, ``0..split-1`` and ``split..d-1``
+            (:func:`group_modes`); ``None``: on all ``d`` modes.
 
     Returns:
         Tensor: ``(B, prod(out_shape))``.
@@ -148,6 +176,9 @@ def gemm_chain_contract(x, core, factors, in_shape, out_shape, ranks):
         raise ValueError(f"the GEMM chain needs d >= 2 modes, got in_shape={tuple(in_shape)}")
     dtype = matmul_dtype(x, core)  # under autocast the weight-side ops come out in mixed dtypes
     core, factors = core.to(dtype), [f.to(dtype) for f in factors]
+    if split is not None:
+        in_shape, out_shape, ranks = grouped_shapes(in_shape, out_shape, ranks, split)
+        core, factors = group_modes(core, factors, split)
     mode, merged, first = _mode_matrices(core, factors)
     shapes = (tuple(in_shape), tuple(out_shape), tuple(ranks), core.shape[0])
     x = x.reshape(x.shape[0], *in_shape).to(dtype).contiguous()
@@ -192,3 +223,13 @@ def gemm_chain_training_flops(in_shape, out_shape, ranks, num_blocks, batch, inp
 def gemm_chain_largest(in_shape, out_shape, ranks, num_blocks, batch) -> int:
     """The largest intermediate of the forward chain, in elements."""
     return max(s for _, s in _steps(in_shape, out_shape, ranks, num_blocks, batch))
+
+
+def gemm_chain_elements(in_shape, out_shape, ranks, num_blocks, batch) -> int:
+    """Elements the forward chain moves through memory: the input, every GEMM's output and the copies (of the
+    last mode step's output for d > 2, of the core step's output, of the result, and the factor matrix that
+    ``matmul`` broadcasts over the batch in each mode step after the first)."""
+    steps = _steps(in_shape, out_shape, ranks, num_blocks, batch)
+    copies = (steps[-3][1] if len(in_shape) > 2 else 0) + steps[-2][1] + steps[-1][1]
+    copies += sum(batch * num_blocks * in_shape[k] * out_shape[k] * ranks[k] for k in range(2, len(in_shape) - 1))
+    return batch * math.prod(in_shape) + sum(s for _, s in steps) + copies

@@ -1,19 +1,20 @@
-"""The dense path of :class:`~accel.nn.BTLinear`: rebuild ``W`` with one GEMM, then one batched GEMM.
+"""The dense path of :class:`~accel.nn.BTLinear`: rebuild ``W`` with one GEMM, then multiply the input with it.
 
-Used where the input's batch is large enough that ``x W`` through the rebuilt weight costs fewer
-flops than contracting the input through the factors. Two things make the plain version
+Used where the input's batch is large enough that ``x W`` through the rebuilt weight costs less than
+contracting the input through the factors. Two things make the plain version
 (``F.linear(x, layer.to_dense())``) slow on CPU, both measured on the development VM at
 16x12x8x8 -> 16x4x4x4, N=4, batch 128: the rebuild runs as opt_einsum's pairwise steps with their
 autograd copies (84 ms forward, 156 ms with backward), and the full-size ``W`` and its gradient are
 fresh allocations above glibc's mmap threshold that page-fault on every call (~0.9 ms per MiB).
 
-Here the weight is laid out as ``(J_0, I_0, I_1.., J_1..)`` so that it is the product of two thin
+Here the weight is built in the layout ``(J_0, I_0, I_1.., J_1..)``, where it is the product of two thin
 matrices (factor 0 as ``(J_0 I_0, N R_0)`` and the rest of the block-term contracted into
-``(N R_0, I_1.. J_1..)``), and ``y[:, j_0, :] = x @ W[j_0]`` is one batched GEMM over ``j_0``, or,
-for a batch at least as large as the input width, one GEMM (bias fused) through ``W`` copied into the
-``(I, J)`` layout (``_flat_layout``). ``W``
-and its gradient live in a workspace reused across calls: the backward needs neither the forward's
-``W`` (the input gradient rebuilds it), so a second forward before the first backward is safe.
+``(N R_0, I_1.. J_1..)``). Then either ``y[:, j_0, :] = x @ W[j_0]`` is one batched GEMM over ``j_0``
+(``J' = J_1 .. J_{d-1}`` columns each), or, where those GEMMs are narrow and the batch large, or the batch
+at least the input width (:func:`weight_rows_first`), ``W`` is copied once into the ``(I, J)`` layout and
+``y = x @ W + bias`` and ``grad W = x^T @ grad y`` are each one plain GEMM. ``W`` and its gradient share two buffers of a workspace
+reused across calls: the backward needs neither the forward's ``W`` (the input gradient rebuilds it), so a
+second forward before the first backward is safe.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 __all__ = ["RebuildWorkspace", "matmul_dtype", "rebuild_backward", "rebuild_forward", "rebuild_linear",
-           "rebuild_operands"]
+           "rebuild_operands", "weight_rows_first"]
 
 
 def matmul_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -99,30 +100,52 @@ def rebuild_operands(core: torch.Tensor, factors) -> tuple[torch.Tensor, torch.T
     return left, right
 
 
-def _flat_layout(batch: int, in_features: int) -> bool:
-    """Whether ``x @ W`` runs as one GEMM through ``W`` copied into the ``(I, J)`` layout (a copy of
-    ``W``) rather than as the batched GEMM over ``j_0`` (a copy of the output, and of its gradient in the
-    backward): the cheaper copy wins. At 64 -> 1024 over 3,200 rows the one GEMM with the bias fused
-    took the forward+backward from 22 to 14 ms (one thread, experiments/bt_recurrence.py's setting)."""
-    return batch >= in_features
+def weight_rows_first(batch: int, in_features: int, out_features: int, out0: int) -> bool:
+    """Whether the dense path multiplies with ``W`` copied into the ``(I, J)`` layout (one GEMM, the bias
+    fused) rather than in its built layout (one batched GEMM over ``j_0``, ``J' = out_features / J_0`` columns
+    each, whose output and output gradient need a copy each).
+
+    Measured (forward+backward, 1 thread, development CPU): the copy pays on a wide input with a batch large
+    enough to amortise copying ``W`` and its gradient, where the batched GEMMs are narrow (``J' < 32``):
+    1,600 -> 16x4x2x2 at batch 256, 6.4 against 8.3 ms, at batch 1,024 20.0 against 22.4 ms; 12,288 -> 16x4x2x2
+    at batch 128, 20.5 against 25.1 ms; or where the batch is at least the input width (then the output copies
+    outweigh ``W``'s): 64 -> 1024 over 3,200 rows, 14 against 22 ms. It does not at ``J' = 64`` with a large
+    ``W`` and a smaller batch (12,288 -> 16x4x4x4, batch 128: 98.5 against 77.4 ms), at batch 32 (4.2 against
+    3.5 ms), nor for an 8-feature input.
+    """
+    return in_features >= 64 and batch >= 64 and (out_features // out0 < 32 or batch >= in_features)
 
 
-def _flat_weight(weight, out0: int, in_features: int, workspace: RebuildWorkspace) -> torch.Tensor:
-    """``W`` as ``(I, J)`` (``nn.Linear.weight.t()``) from its ``(J_0, I, J')`` layout, in the workspace."""
-    flat = workspace.get("flat", (in_features, weight.numel() // in_features), weight)
-    flat.view(in_features, out0, -1).copy_(weight.view(out0, in_features, -1).transpose(0, 1))
-    return flat
+def _buffers(left: torch.Tensor, right: torch.Tensor, workspace: RebuildWorkspace):
+    """The workspace's two buffers of ``W``'s size (one layout each, or ``W`` and its gradient)."""
+    numel = left.shape[0] * right.shape[1]
+    return workspace.get("weight", (numel,), left), workspace.get("other", (numel,), left)
+
+
+def _built_weight(left, right, workspace) -> torch.Tensor:
+    """``left @ right``: ``W`` in the ``(J_0, I, J')`` layout, in the first buffer."""
+    return torch.mm(left, right, out=_buffers(left, right, workspace)[0].view(left.shape[0], right.shape[1]))
+
+
+def _weight_rows_first(left, right, out0: int, in_features: int, workspace: RebuildWorkspace) -> torch.Tensor:
+    """``W`` as the ``(I, J)`` matrix of ``nn.Linear.weight.t()``, copied from the built layout into the second
+    buffer (``J_0`` moves inside)."""
+    built = _built_weight(left, right, workspace)
+    rest = built.numel() // (out0 * in_features)  # J' = J_1 * .. * J_{d-1}
+    weight = _buffers(left, right, workspace)[1].view(in_features, out0 * rest)
+    weight.view(in_features, out0, rest).copy_(built.view(out0, in_features, rest).transpose(0, 1))
+    return weight
 
 
 def rebuild_forward(x, left, right, out0: int, workspace: RebuildWorkspace, bias=None) -> torch.Tensor:
     """``y = x @ (left @ right) (+ bias)`` with the weight written into ``workspace`` (see the module
     docstring)."""
     batch, in_features = x.shape
-    rest = right.shape[1] * left.shape[0] // (out0 * in_features)  # J_1 * .. * J_{d-1}
-    weight = torch.mm(left, right, out=workspace.get("weight", (left.shape[0], right.shape[1]), left))
-    if _flat_layout(batch, in_features):
-        flat = _flat_weight(weight, out0, in_features, workspace)
-        return torch.mm(x, flat) if bias is None else torch.addmm(bias, x, flat)
+    if weight_rows_first(batch, in_features, left.shape[0] * right.shape[1] // in_features, out0):
+        weight = _weight_rows_first(left, right, out0, in_features, workspace)
+        return torch.mm(x, weight) if bias is None else torch.addmm(bias, x, weight)
+    weight = _built_weight(left, right, workspace)
+    rest = weight.numel() // (out0 * in_features)  # J_1 * .. * J_{d-1}
     y = torch.bmm(x.expand(out0, -1, -1), weight.view(out0, in_features, rest))  # (J_0, B, J')
     y = y.permute(1, 0, 2).reshape(batch, out0 * rest)
     return y if bias is None else y.add_(bias)  # y is a fresh tensor (the copy or the bmm's output)
@@ -131,28 +154,39 @@ def rebuild_forward(x, left, right, out0: int, workspace: RebuildWorkspace, bias
 def rebuild_backward(grad_y, x, left, right, out0: int, workspace: RebuildWorkspace, needs=(True, True, True)):
     """The gradients ``(x, left, right)`` of :func:`rebuild_forward` (``None`` where ``needs`` says so)."""
     batch, in_features = x.shape
-    grad_weight = workspace.get("grad", (left.shape[0], right.shape[1]), left)
-    flat = _flat_layout(batch, in_features)
-    if flat:
-        g = grad_y.contiguous()  # grad_y may be an expanded view (e.g. of a sum), which BLAS cannot take
-        rest = g.shape[1] // out0
-        grad_flat = torch.mm(x.t(), g, out=workspace.get("grad_flat", (in_features, g.shape[1]), left))
-        grad_weight.view(out0, in_features, rest).copy_(grad_flat.view(in_features, out0, rest).transpose(0, 1))
-    else:
-        g = grad_y.reshape(batch, out0, -1).transpose(0, 1).contiguous()  # (J_0, B, J')
-        rest = g.shape[2]
-        torch.bmm(x.t().expand(out0, -1, -1), g, out=grad_weight.view(out0, in_features, rest))
+    if weight_rows_first(batch, in_features, grad_y.shape[1], out0):
+        return _rows_first_backward(grad_y, x, left, right, out0, workspace, needs)
+    # contiguous: grad_y may be an expanded view (e.g. of a sum), which BLAS cannot take as an operand
+    g = grad_y.reshape(batch, out0, -1).transpose(0, 1).contiguous()  # (J_0, B, J')
+    rest = g.shape[2]
+    grad_weight = _buffers(left, right, workspace)[1].view(left.shape[0], right.shape[1])
+    torch.bmm(x.t().expand(out0, -1, -1), g, out=grad_weight.view(out0, in_features, rest))
     grad_left = torch.mm(grad_weight, right.t()) if needs[1] else None
     grad_right = torch.mm(left.t(), grad_weight) if needs[2] else None
     grad_x = None
     if needs[0]:
-        weight = torch.mm(left, right, out=workspace.get("weight", grad_weight.shape, left))
-        if flat:
-            return torch.mm(g, _flat_weight(weight, out0, in_features, workspace).t()), grad_left, grad_right
-        weight = weight.view(out0, in_features, rest)
+        weight = _built_weight(left, right, workspace).view(out0, in_features, rest)
         grad_x = torch.zeros_like(x)
         for j in range(out0):  # one GEMM per output slice, accumulated in place
             grad_x.addmm_(g[j], weight[j].t())
+    return grad_x, grad_left, grad_right
+
+
+def _rows_first_backward(grad_y, x, left, right, out0: int, workspace: RebuildWorkspace, needs):
+    in_features = x.shape[1]
+    grad_x = None
+    if needs[0]:  # first: the weight's buffers hold its gradient below
+        grad_x = torch.mm(grad_y, _weight_rows_first(left, right, out0, in_features, workspace).t())
+    if not (needs[1] or needs[2]):
+        return grad_x, None, None
+    built, other = _buffers(left, right, workspace)
+    # grad_y may be an expanded view (e.g. of a sum): mm copies what BLAS cannot take
+    grad_weight = torch.mm(x.t(), grad_y, out=other.view(in_features, grad_y.shape[1]))
+    rest = grad_y.shape[1] // out0
+    grad_built = built.view(left.shape[0], right.shape[1])
+    grad_built.view(out0, in_features, rest).copy_(grad_weight.view(in_features, out0, rest).transpose(0, 1))
+    grad_left = torch.mm(grad_built, right.t()) if needs[1] else None
+    grad_right = torch.mm(left.t(), grad_built) if needs[2] else None
     return grad_x, grad_left, grad_right
 
 

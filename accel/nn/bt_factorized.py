@@ -13,9 +13,9 @@ import math
 
 import torch
 
-from accel.nn.bt_contract import gemm_chain_contract, gemm_chain_largest
+from accel.nn.bt_contract import gemm_chain_contract, gemm_chain_largest, grouped_shapes
 from accel.nn.bt_dense import matmul_dtype
-from accel.nn.bt_paths import factorized_expression
+from accel.nn.bt_paths import chain_plan, factorized_expression
 
 __all__ = ["chunk_rows", "factorized_product"]
 
@@ -26,7 +26,12 @@ def chunk_rows(key: tuple, method: str, batch: int, element_size: int, max_inter
     num_blocks). Equal pieces, so at most two cached expressions; GPU inputs are not split."""
     if batch <= 1 or device_type != "cpu":
         return max(batch, 1)
-    largest = gemm_chain_largest(*key, batch) if method == "gemm" else factorized_expression(*key, batch)[2]
+    if method == "gemm":  # the chain on the modes as chain_plan groups them for this batch
+        split = chain_plan(*key, batch)[0]
+        shapes = key[:3] if split is None else grouped_shapes(*key[:3], split)
+        largest = gemm_chain_largest(*shapes, key[3], batch)
+    else:
+        largest = factorized_expression(*key, batch)[2]
     per_row = largest * element_size / batch
     rows = max(1, int(max_intermediate_bytes // max(per_row, 1)))
     pieces = math.ceil(batch / rows)
@@ -37,7 +42,7 @@ def contract(x: torch.Tensor, core: torch.Tensor, factors, key: tuple, method: s
     """One piece: ``x`` ``(B, prod I_k)`` -> ``(B, prod J_k)`` by ``method`` (``"gemm"`` or ``"einsum"``)."""
     in_shape, out_shape, ranks, _ = key
     if method == "gemm":
-        return gemm_chain_contract(x, core, factors, in_shape, out_shape, ranks)
+        return gemm_chain_contract(x, core, factors, in_shape, out_shape, ranks, chain_plan(*key, x.shape[0])[0])
     expression = factorized_expression(*key, x.shape[0])[0]
     dtype = matmul_dtype(x, core)  # opt_einsum's pairwise steps refuse autocast's mixed dtypes
     operands = [t.to(dtype) for t in (core, *factors)]

@@ -7,9 +7,10 @@ import math
 
 import opt_einsum
 
-from accel.nn.bt_contract import gemm_chain_flops
+from accel.nn.bt_contract import gemm_chain_elements, gemm_chain_flops, grouped_shapes
 
-__all__ = ["FACTORIZED_FLOP_PENALTY", "REBUILD_FLOP_PENALTY", "GEMM_CHAIN_MAX_EXTRA_FLOPS", "contraction_costs",
+__all__ = ["FACTORIZED_FLOP_PENALTY", "REBUILD_FLOP_PENALTY", "ELEMENT_FLOPS", "GROUPED_CHAIN_FLOP_PENALTY",
+           "GROUPED_CHAIN_MIN_BATCH", "GEMM_CHAIN_MAX_EXTRA_FLOPS", "chain_plan", "contraction_costs",
            "contraction_method", "dense_is_cheaper", "factorized_contraction_steps", "factorized_expression",
            "factorized_method", "rebuild_expression"]
 
@@ -48,14 +49,16 @@ def _factorized_path(in_shape, out_shape, ranks, num_blocks, batch_bucket):
 
 @functools.lru_cache(maxsize=256)
 def factorized_expression(in_shape, out_shape, ranks, num_blocks, batch):
-    """The cached contraction of a ``(batch, *in_shape)`` input with core and factors, its flop cost
-    and its largest intermediate (elements). The order is searched once per power-of-two bucket of
-    batch sizes (the search costs 10-30 ms), then compiled for the exact batch."""
+    """The cached contraction of a ``(batch, *in_shape)`` input with core and factors, its flop cost,
+    its largest intermediate and the elements it moves (the input and every intermediate). The order is
+    searched once per power-of-two bucket of batch sizes (the search costs 10-30 ms), then compiled for
+    the exact batch."""
     path = _factorized_path(in_shape, out_shape, ranks, num_blocks, 1 << max(batch - 1, 0).bit_length())
     eq, shapes = _factorized_equation(in_shape, out_shape, ranks, num_blocks, batch)
     _, info = opt_einsum.contract_path(eq, *shapes, shapes=True, optimize=path)
     expression = opt_einsum.contract_expression(eq, *shapes, optimize=path)
-    return expression, int(info.opt_cost), int(info.largest_intermediate)
+    elements = batch * math.prod(in_shape) + sum(info.size_list)
+    return expression, int(info.opt_cost), int(info.largest_intermediate), int(elements)
 
 
 @functools.lru_cache(maxsize=256)
@@ -93,6 +96,27 @@ FACTORIZED_FLOP_PENALTY = 4.0
 # against 172 ms for opt_einsum and 235 ms for the chain; the chain at UCF11: 58 ms against 332 ms).
 REBUILD_FLOP_PENALTY = 2.0
 
+# Flops alone missed where the factorized path's small ops move many elements per flop: at 1,600 ->
+# 16x4x2x2 (N=2, R=2, batch 256, the moving-digits BTLSTM of experiments/bt_lstm.py) the chain has 8.6x
+# fewer flops than the dense matmul yet took 10.1 ms forward+backward against the dense path's 6.4 (1 thread,
+# development CPU). So every element a path writes costs this many flops of the dense GEMM (a GEMM at
+# ~100 GFLOP/s against small ops moving ~1 G elements/s): on the factorized side the input and every
+# intermediate and permute copy (``gemm_chain_elements``, or opt_einsum's intermediates), on the dense side
+# the weight (built, then copied or multiplied in slices). With 100, "auto" takes the measured fastest path (or
+# one within 4%: 8 -> 256 at R=1, batch 256, 1.14 against 1.10 ms) at all 16 settings timed for it, from
+# 8 -> 256 to 57,600 -> 1,024 and batches 6 to 4,096 (a close estimate: 16x12x8x8 -> 16x4x4x4, N=4, batch 128,
+# 1.4x in favour of the rebuilt W, measured 2.3x).
+ELEMENT_FLOPS = 100.0
+
+# The GEMM chain on two merged groups of modes (``chain_plan``) runs two GEMMs with inner sizes in the tens to
+# hundreds instead of one small GEMM per mode and sample: its flops count half the penalty of the others. At
+# 1,600 -> 16x4x2x2, N=2, R=2, batch 256 it has 2.3x the flops of the chain over 4 modes and ran 1.4x faster.
+GROUPED_CHAIN_FLOP_PENALTY = 2.0
+# ... and its merged factors are rebuilt on every call (Kronecker products, with their backward): a fixed cost
+# that small batches do not repay (measured slower than the chain over all modes at 16x16x16 -> 4x4x4, batch 6,
+# and at 1,600 -> 16x4x2x2, batch 32; faster at batch 256 and 1,024).
+GROUPED_CHAIN_MIN_BATCH = 64
+
 # The GEMM chain consumes the input modes from the last one, which is not always the flop-optimal
 # order. It is used when it costs at most this many times the flops of the opt_einsum path: measured
 # (experiments/bt_speed.py, CPU) it ran 1.3-1.8x faster than opt_einsum at 1.07x and 1.09x the flops
@@ -102,34 +126,70 @@ GEMM_CHAIN_MAX_EXTRA_FLOPS = 1.15
 
 
 @functools.lru_cache(maxsize=256)
+def chain_plan(in_shape, out_shape, ranks, num_blocks, batch) -> tuple:
+    """``(split, flops, elements)`` of the cheapest GEMM chain (``split`` as ``gemm_chain_contract`` takes it):
+    over all ``d`` modes (``None``), or, for ``d > 2``, over two merged groups of modes, weighed as ``"auto"``
+    weighs paths (``FACTORIZED_FLOP_PENALTY``, or ``GROUPED_CHAIN_FLOP_PENALTY`` for two merged modes, x flops
+    + ``ELEMENT_FLOPS`` x elements, the merged factors' elements included)."""
+    key = (in_shape, out_shape, ranks, num_blocks, batch)
+    plans = [(None, gemm_chain_flops(*key), gemm_chain_elements(*key), FACTORIZED_FLOP_PENALTY)]
+    for split in range(1, len(in_shape)) if len(in_shape) > 2 and batch >= GROUPED_CHAIN_MIN_BATCH else ():
+        shapes = grouped_shapes(in_shape, out_shape, ranks, split)
+        merged = num_blocks * sum(i * j * r for i, j, r in zip(*shapes))
+        plans.append((split, gemm_chain_flops(*shapes, num_blocks, batch),
+                      gemm_chain_elements(*shapes, num_blocks, batch) + merged, GROUPED_CHAIN_FLOP_PENALTY))
+    return min(plans, key=lambda plan: plan[3] * plan[1] + ELEMENT_FLOPS * plan[2])[:3]
+
+
+@functools.lru_cache(maxsize=256)
 def factorized_method(in_shape, out_shape, ranks, num_blocks, batch) -> str:
-    """``"gemm"`` or ``"einsum"``: how ``contraction="factorized"`` contracts a batch of this size."""
+    """``"gemm"`` or ``"einsum"``: how ``contraction="factorized"`` contracts a batch of this size. The chain
+    over all modes is used within ``GEMM_CHAIN_MAX_EXTRA_FLOPS`` of opt_einsum's flops; where ``chain_plan``
+    prefers two merged modes, that chain is used if it passes the same test or weighs no more than the
+    opt_einsum path (flops and elements, as ``"auto"`` weighs them)."""
     if len(in_shape) < 2:
         return "einsum"
-    einsum_flops = factorized_expression(in_shape, out_shape, ranks, num_blocks, batch)[1]
-    chain_flops = gemm_chain_flops(in_shape, out_shape, ranks, num_blocks, batch)
-    return "gemm" if chain_flops <= GEMM_CHAIN_MAX_EXTRA_FLOPS * einsum_flops else "einsum"
+    key = (in_shape, out_shape, ranks, num_blocks, batch)
+    _, einsum_flops, _, einsum_elements = factorized_expression(*key)
+    if gemm_chain_flops(*key) <= GEMM_CHAIN_MAX_EXTRA_FLOPS * einsum_flops:
+        return "gemm"
+    split, flops, elements = chain_plan(*key)
+    weigh = GROUPED_CHAIN_FLOP_PENALTY * flops + ELEMENT_FLOPS * elements
+    return "gemm" if split is not None and weigh <= (FACTORIZED_FLOP_PENALTY * einsum_flops
+                                                     + ELEMENT_FLOPS * einsum_elements) else "einsum"
 
 
 def contraction_costs(in_shape, out_shape, ranks, num_blocks, batch) -> dict:
     """Flop estimates of the forward pass: the opt_einsum path (``"einsum"``), the GEMM chain
-    (``"gemm"``, ``None`` for d = 1), the factorized method in use (``"factorized"``, the one of those
+    (``"gemm"``, ``chain_plan``'s, ``None`` for d = 1), the factorized method in use (``"factorized"``, the one of those
     two that ``factorized_method`` picks), the rebuild of W and the dense matmul with W. The backward
-    pass costs about twice the forward for any choice."""
+    pass costs about twice the forward for any choice. Also the elements each side moves
+    (``"factorized_elements"``, ``"dense_elements"``) and the two totals ``contraction="auto"`` compares, in
+    flops of the dense GEMM (``"auto_factorized"``, ``"auto_dense"``; see :func:`dense_is_cheaper`)."""
     key = (in_shape, out_shape, ranks, num_blocks, batch)
     einsum = factorized_expression(*key)[1]
-    gemm = gemm_chain_flops(*key) if len(in_shape) >= 2 else None
-    return {"factorized": gemm if factorized_method(*key) == "gemm" else einsum, "einsum": einsum, "gemm": gemm,
+    _, gemm, gemm_elements = chain_plan(*key) if len(in_shape) >= 2 else (None, None, None)
+    chain = factorized_method(*key) == "gemm"
+    cost = {"factorized": gemm if chain else einsum, "einsum": einsum, "gemm": gemm,
             "rebuild": rebuild_expression(in_shape, out_shape, ranks, num_blocks)[1],
-            "matmul": 2 * batch * math.prod(in_shape) * math.prod(out_shape)}
+            "matmul": 2 * batch * math.prod(in_shape) * math.prod(out_shape),
+            "factorized_elements": gemm_elements if chain else factorized_expression(*key)[3],
+            "dense_elements": math.prod(in_shape) * math.prod(out_shape)}
+    grouped = chain and chain_plan(*key)[0] is not None
+    cost["auto_factorized"] = ((GROUPED_CHAIN_FLOP_PENALTY if grouped else FACTORIZED_FLOP_PENALTY) * cost["factorized"]
+                               + ELEMENT_FLOPS * cost["factorized_elements"])
+    cost["auto_dense"] = (REBUILD_FLOP_PENALTY * cost["rebuild"] + cost["matmul"]
+                          + ELEMENT_FLOPS * cost["dense_elements"])
+    return cost
 
 
 def dense_is_cheaper(in_shape, out_shape, ranks, num_blocks, batch) -> bool:
-    """The rule of ``contraction="auto"``: rebuild W when its penalised flops plus the dense matmul's cost
-    no more than the penalised flops of the factorized path (ties go to the dense path: its GEMMs are
-    the large, efficient ones)."""
+    """The rule of ``contraction="auto"``: rebuild W when ``REBUILD_FLOP_PENALTY`` x the rebuild's flops plus
+    the dense matmul's plus ``ELEMENT_FLOPS`` x W's elements come to no more than ``FACTORIZED_FLOP_PENALTY`` x
+    the factorized path's flops plus ``ELEMENT_FLOPS`` x the elements it moves (ties go to the dense path: its
+    GEMMs are the large, efficient ones)."""
     cost = contraction_costs(in_shape, out_shape, ranks, num_blocks, batch)
-    return REBUILD_FLOP_PENALTY * cost["rebuild"] + cost["matmul"] <= FACTORIZED_FLOP_PENALTY * cost["factorized"]
+    return cost["auto_dense"] <= cost["auto_factorized"]
 
 
 def contraction_method(in_shape, out_shape, ranks, num_blocks, contraction, batch) -> str:

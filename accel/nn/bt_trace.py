@@ -27,7 +27,7 @@ from torch.fx.experimental.symbolic_shapes import has_static_value
 
 from accel.compile_cache import tag_compile_caches
 from accel.nn.bt_dense import matmul_dtype, rebuild_backward, rebuild_forward, rebuild_operands, workspace_by_key
-from accel.nn.bt_paths import contraction_method, factorized_contraction_steps
+from accel.nn.bt_paths import chain_plan, contraction_method, factorized_contraction_steps
 
 __all__ = ["SYMBOLIC_BATCH_PLAN_ROWS", "is_tracing", "traced_plan", "plan_rows", "contract_steps",
            "rebuild_matmul", "compiled_rebuild_linear"]
@@ -69,14 +69,17 @@ def plan_rows(batch) -> int:
 
 @torch.compiler.assume_constant_result
 def traced_plan(in_shape, out_shape, ranks, num_blocks, contraction, rows, gemm_chain=True) -> tuple:
-    """``("dense", None)``, ``("gemm", None)`` or ``("einsum", steps)`` for a batch of ``rows``.
+    """``("dense", None)``, ``("gemm", split)`` or ``("einsum", steps)`` for a batch of ``rows``.
 
     Dynamo calls this at trace time and keeps the result as a constant (no cost model in the graph,
-    no guard); ``steps`` are the pairwise ``torch.einsum`` equations of the ``opt_einsum`` path, which
-    also replaces the GEMM chain where ``gemm_chain`` is false.
+    no guard); ``split`` is ``chain_plan``'s grouping of modes for the chain, ``steps`` the pairwise
+    ``torch.einsum`` equations of the ``opt_einsum`` path, which also replaces the GEMM chain where
+    ``gemm_chain`` is false.
     """
     method = contraction_method(in_shape, out_shape, ranks, num_blocks, contraction, rows)
     method = "einsum" if method == "gemm" and not gemm_chain else method
+    if method == "gemm":
+        return method, chain_plan(in_shape, out_shape, ranks, num_blocks, rows)[0]
     steps = (factorized_contraction_steps(in_shape, out_shape, ranks, num_blocks, rows) if method == "einsum"
              else None)
     return method, steps
@@ -98,9 +101,8 @@ def rebuild_matmul(x: torch.Tensor, core: torch.Tensor, factors) -> torch.Tensor
     left, right = rebuild_operands(core, list(factors))
     out0, in_features = factors[0].shape[2], x.shape[1]
     dtype = matmul_dtype(x, left, right)
-    weight = torch.mm(left.to(dtype), right.to(dtype)).view(out0, in_features, -1)
-    y = torch.bmm(x.to(dtype).expand(out0, -1, -1), weight)  # (J_0, B, J'), x not copied
-    return y.permute(1, 0, 2).reshape(x.shape[0], -1)
+    weight = torch.mm(left.to(dtype), right.to(dtype)).view(out0, in_features, -1)  # (J_0, I, J')
+    return torch.mm(x.to(dtype), weight.transpose(0, 1).reshape(in_features, -1))  # W as (I, J), as eager
 
 
 # Under torch.compile the dense path is one opaque op running the eager kernels with the layer's workspace:
