@@ -116,9 +116,14 @@ def test_workspace_copies_start_empty_under_their_own_key(seed):
     assert workspace_by_key(layer.workspace.key) is layer.workspace and layer.workspace._buffers
 
 
-def factorized_layers():
+def factorized_layers(max_intermediate_bytes=16 * 1024):
+    """Layers on the chain and the einsum path whose eager product splits a batch of 17 or more rows into
+    pieces (small `max_intermediate_bytes`): there a compiled layer runs the opaque op."""
     chain = BTLinear(64, 256, in_shape=(4, 4, 4), out_shape=(4, 8, 8), ranks=4, contraction="gemm")
     einsum = BTLinear(64, 256, in_shape=(4, 4, 4), out_shape=(4, 8, 8), ranks=4, contraction="einsum")
+    for layer in (chain, einsum):
+        layer.max_intermediate_bytes = max_intermediate_bytes
+        assert layer.chunk_size(17) < 17
     return chain, einsum
 
 
@@ -160,7 +165,7 @@ def test_compiled_factorized_graph_lifetime_and_second_backward(seed):
     layer = factorized_layers()[0]
     torch._dynamo.reset()
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
-    x = torch.randn(8, 64)
+    x = torch.randn(24, 64)
     y = compiled(x)
     assert len(bt_compiled._GRAPHS) == 1
     del y
@@ -188,8 +193,9 @@ def test_compiled_factorized_op_passes_opcheck(seed):
     torch.testing.assert_close(_forward_op(*args)[0], layer(x) - layer.bias, rtol=1e-6, atol=1e-6)
 
 
-def test_compiled_factorized_path_is_one_opaque_op(seed):
-    """Dynamo's graph holds the factorized product as the one op (no traced GEMMs or einsums to regenerate)."""
+def test_compiled_factorized_path_is_one_opaque_op_where_eager_splits_the_batch(seed):
+    """Dynamo's graph holds the factorized product as the one op where eager splits the batch into pieces (no
+    traced GEMMs or einsums to regenerate); where the batch is one piece it holds the traced ops."""
     torch.manual_seed(seed)
     graphs = []
 
@@ -197,8 +203,10 @@ def test_compiled_factorized_path_is_one_opaque_op(seed):
         graphs.append([str(node.target) for node in graph_module.graph.nodes if node.op == "call_function"])
         return graph_module.forward
 
-    for layer in factorized_layers():
-        torch._dynamo.reset()
-        torch.compile(layer, fullgraph=True, backend=recording_backend)(torch.randn(6, 64))
-        assert "accel.bt_factorized.default" in graphs[-1] and not any(
-            op in target for target in graphs[-1] for op in ("matmul", "bmm", "einsum", "mm")), graphs[-1]
+    for max_intermediate_bytes, opaque in ((16 * 1024, True), (8 * 2**20, False)):
+        for layer in factorized_layers(16 * 1024):
+            layer.max_intermediate_bytes = max_intermediate_bytes
+            torch._dynamo.reset()
+            torch.compile(layer, fullgraph=True, backend=recording_backend)(torch.randn(24, 64))
+            traced = [t for t in graphs[-1] for op in ("matmul", "bmm", "einsum", "mm") if op in t]
+            assert ("accel.bt_factorized.default" in graphs[-1]) == opaque and bool(traced) != opaque, graphs[-1]

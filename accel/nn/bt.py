@@ -31,8 +31,8 @@ from accel.nn.bt_paths import (ELEMENT_FLOPS, FACTORIZED_FLOP_PENALTY,  # noqa: 
                                rebuild_expression)
 from accel.nn.bt_shapes import (auto_num_modes, balanced_factors, check_shape,  # noqa: F401 (re-exported)
                                  resolve_ranks, weight_parameters)
-from accel.nn.bt_trace import (compiled_rebuild_linear, contract_steps, is_tracing, plan_rows, rebuild_matmul,
-                                traced_plan)
+from accel.nn.bt_trace import (compiled_rebuild_linear, contract_steps, eager_splits, is_tracing, plan_rows,
+                               rebuild_matmul, traced_plan)
 
 __all__ = ["BTLinear", "balanced_factors"]
 
@@ -236,8 +236,10 @@ class BTLinear(nn.Module):
         if torch.compiler.is_dynamo_compiling() and not torch.compiler.is_exporting():  # opaque ops, eager kernels
             if method == "dense":
                 return compiled_rebuild_linear(x, self.core, self.factors, self.workspace)
-            return compiled_factorized_product(x, self.core, self.factors, self._key(), method,
-                                               self.max_intermediate_bytes)
+            if eager_splits(*self._key(), method, plan_rows(x.shape[0]), x.element_size(),
+                            self.max_intermediate_bytes, x.device.type):  # keep eager's cache-sized pieces
+                return compiled_factorized_product(x, self.core, self.factors, self._key(), method,
+                                                   self.max_intermediate_bytes)
         if method == "dense":
             return rebuild_matmul(x, self.core, self.factors)
         if method == "gemm":

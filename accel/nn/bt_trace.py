@@ -27,10 +27,11 @@ from torch.fx.experimental.symbolic_shapes import has_static_value
 
 from accel.compile_cache import tag_compile_caches
 from accel.nn.bt_dense import matmul_dtype, rebuild_backward, rebuild_forward, rebuild_operands, workspace_by_key
+from accel.nn.bt_factorized import chunk_rows
 from accel.nn.bt_paths import chain_plan, contraction_method, factorized_contraction_steps
 
 __all__ = ["SYMBOLIC_BATCH_PLAN_ROWS", "is_tracing", "traced_plan", "plan_rows", "contract_steps",
-           "rebuild_matmul", "compiled_rebuild_linear"]
+           "rebuild_matmul", "compiled_rebuild_linear", "eager_splits"]
 
 tag_compile_caches()  # compiled graphs holding these ops are cached under accel's code hash
 
@@ -65,6 +66,15 @@ def plan_rows(batch) -> int:
         if isinstance(hint, int):
             return hint
     return SYMBOLIC_BATCH_PLAN_ROWS
+
+
+@torch.compiler.assume_constant_result
+def eager_splits(in_shape, out_shape, ranks, num_blocks, method, rows, element_size, max_intermediate_bytes,
+                 device_type) -> bool:
+    """Whether the eager factorized product splits ``rows`` into cache-sized pieces (a constant for Dynamo:
+    the cost model's path searches are not traced)."""
+    key = (in_shape, out_shape, ranks, num_blocks)
+    return chunk_rows(key, method, rows, element_size, max_intermediate_bytes, device_type) < rows
 
 
 @torch.compiler.assume_constant_result
