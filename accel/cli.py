@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import importlib.metadata
 import os
 import platform
@@ -174,6 +175,10 @@ def run_check(args: argparse.Namespace) -> int:
         ok = total.item() == expected and reference_difference < 1e-5 and replica_diff == 0.0
         everyone = torch.tensor([1.0 if ok else 0.0], device=info.device)
         dist.all_reduce(everyone, op=dist.ReduceOp.MIN)  # every rank exits with the same status
+        # every rank is here: no rank tears its connections down while a peer's gloo threads still use them
+        # (a rank aborted at exit, "terminate called without an active exception", once in CI)
+        gc.collect()  # the DDP reducer of _ddp_step (reference cycles) before the group goes
+        dist.barrier()
         _say(f"rank {info.rank}/{info.world_size} local {info.local_rank}/{info.local_world_size} "
               f"on {socket.gethostname()}: launcher {info.launcher}, backend {dist.get_backend()}, "
               f"device {info.device}; all_reduce {total.item():g} (expected {expected:g}); "
