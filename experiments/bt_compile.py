@@ -4,6 +4,8 @@ For every setting and path a fresh process with an empty Inductor cache (so the 
 a user's very first call sees, Dynamo and Inductor warm-up included) builds the layer, compiles it with
 ``torch.compile`` (default mode), and records:
 
+- ``default_threads_first_call_s``: the first forward+backward with an empty cache and Inductor's own
+  compile workers, wall time: what a user's very first call takes;
 - ``first_call_s``: the compiled layer's first forward+backward (tracing and code generation), wall
   time, and ``first_call_cpu_s``: the CPU time it took, the C++ compilers' included (Inductor compiles in
   the process, ``TORCHINDUCTOR_COMPILE_THREADS=1``): on a shared machine the wall time is inflated by other
@@ -18,9 +20,10 @@ a user's very first call sees, Dynamo and Inductor warm-up included) builds the 
   disturbed by other processes on a shared machine). The input needs no gradient (a first layer).
 
 Settings: the paper's UCF11 input layer (57600 = 8x20x20x18 -> 256 = 4x4x4x4, R=4, N=2, batch 16 x 6
-frames) and a small one (64 = 4x4x4 -> 256 = 4x8x8, R=4, N=2, batch 32).
+frames), a small one (64 = 4x4x4 -> 256 = 4x8x8, R=4, N=2, batch 32) and a BTLSTM (64 -> 256, T=100,
+batch 32, its default path); path ``baseline`` is the torch module BT replaces (``nn.Linear``, ``nn.LSTM``).
 
-    python experiments/bt_compile.py            # writes results/bt_compile.json
+    python experiments/bt_compile.py --threads 1   # writes results/bt_compile.json
     python experiments/bt_compile.py --quick    # fewer repetitions
     python experiments/bt_compile.py --settings small --threads 1   # rerun some rows, keeping the others
 """
