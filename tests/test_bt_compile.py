@@ -87,12 +87,14 @@ def test_compiled_dense_op_passes_opcheck(seed, need_x, batch):
     layer = BTLinear(24, 12, in_shape=(2, 3, 4), out_shape=(3, 2, 2), ranks=2, dtype=torch.float64)
     left, right = rebuild_operands(layer.core, list(layer.factors))
     x = torch.randn(batch, 24, dtype=torch.float64, requires_grad=need_x)
-    torch.library.opcheck(_rebuild_linear_op, (x, left, right, 3, layer.workspace.key))
-    y = _rebuild_linear_op(x, left, right, 3, layer.workspace.key)
-    torch.testing.assert_close(y, x @ layer.to_dense().t(), rtol=1e-10, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda x, a, b: _rebuild_linear_op(x, a, b, 3, layer.workspace.key),
+    bias = layer.bias.detach()
+    torch.library.opcheck(_rebuild_linear_op, (x, left, right, bias, 3, layer.workspace.key))
+    torch.library.opcheck(_rebuild_linear_op, (x, left, right, None, 3, layer.workspace.key))
+    y = _rebuild_linear_op(x, left, right, bias, 3, layer.workspace.key)
+    torch.testing.assert_close(y, x @ layer.to_dense().t() + bias, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x, a, b, c: _rebuild_linear_op(x, a, b, c, 3, layer.workspace.key),
                                     (x.detach().requires_grad_(need_x), left.detach().requires_grad_(),
-                                     right.detach().requires_grad_()))
+                                     right.detach().requires_grad_(), bias.clone().requires_grad_()))
 
 
 def test_workspace_copies_start_empty_under_their_own_key(seed):

@@ -154,7 +154,7 @@ def test_outlier_under_squared_loss_stays_stable(seed):
     opt = ISGD(model.parameters(), lr=0.02, window=30, max_chase=8, history=True)
     for step in range(40):
         x = torch.randn(32, 4)
-        y = x @ w_true if step != 35 else torch.full((32, 1), 30.0) + 5 * torch.randn(32, 1)
+        y = x @ w_true if step != 35 else torch.full((32, 1), 100.0) + 5 * torch.randn(32, 1)
         opt.step(make_closure(opt, model, x, y))
     outlier = opt.history[35]
     assert outlier["chased"] and outlier["loss"] > 100 * outlier["limit"]

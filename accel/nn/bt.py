@@ -202,12 +202,7 @@ class BTLinear(nn.Module):
         self._check_input(input)
         leading = input.shape[:-1]
         x = input.reshape(-1, self.in_features)
-        if is_tracing(x, self.core):
-            y = self._traced_product(x)
-            if self.bias is not None:
-                y = y + self.bias.to(y.dtype)  # autocast: keep the product's dtype
-        else:
-            y = self._eager_product(x, self.bias)
+        y = self._traced_product(x, self.bias) if is_tracing(x, self.core) else self._eager_product(x, self.bias)
         return y.reshape(*leading, self.out_features)
 
     def _check_input(self, input: torch.Tensor) -> None:
@@ -227,27 +222,30 @@ class BTLinear(nn.Module):
         y = factorized_product(x, self.core, self.factors, self._key(), method, self.max_intermediate_bytes)
         return y if bias is None else y + bias.to(y.dtype)  # autocast: keep the product's dtype
 
-    def _traced_product(self, x: torch.Tensor) -> torch.Tensor:
-        """The product under torch.compile / export / jit.trace (bt_trace.py): a plan made outside the graph,
-        no workspace, no pieces, ordinary differentiable ops."""
+    def _traced_product(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The product (+ bias) under torch.compile / export / jit.trace (bt_trace.py): a plan made outside the
+        graph, no workspace, no pieces, ordinary differentiable ops; under torch.compile, opaque ops running the
+        eager kernels where those are faster (the dense path, with its bias fused as eager's; the factorized
+        paths where eager splits the batch)."""
         # jit.trace cannot record the chain's autograd.Function ("unordered_map::at"): it gets the einsum twin
         method, steps = traced_plan(*self._key(), self.contraction, plan_rows(x.shape[0]),
                                     gemm_chain=not torch.jit.is_tracing())
-        if torch.compiler.is_dynamo_compiling() and not torch.compiler.is_exporting():  # opaque ops, eager kernels
-            if method == "dense":
-                return compiled_rebuild_linear(x, self.core, self.factors, self.workspace)
-            if eager_splits(*self._key(), method, plan_rows(x.shape[0]), x.element_size(),
-                            self.max_intermediate_bytes, x.device.type):  # keep eager's cache-sized pieces
-                return compiled_factorized_product(x, self.core, self.factors, self._key(), method,
-                                                   self.max_intermediate_bytes)
-        if method == "dense":
-            return rebuild_matmul(x, self.core, self.factors)
-        if method == "gemm":
-            return gemm_chain_contract(x, self.core, self.factors, self.in_shape, self.out_shape, self.ranks, steps)
-        dtype = matmul_dtype(x, self.core)
-        operands = [x.reshape(x.shape[0], *self.in_shape), self.core, *self.factors]
-        y = contract_steps(steps, [t.to(dtype) for t in operands])
-        return y.reshape(x.shape[0], self.out_features)
+        compiling = torch.compiler.is_dynamo_compiling() and not torch.compiler.is_exporting()
+        if compiling and method == "dense":
+            return compiled_rebuild_linear(x, self.core, self.factors, self.workspace, bias)
+        if compiling and eager_splits(*self._key(), method, plan_rows(x.shape[0]), x.element_size(),
+                                      self.max_intermediate_bytes, x.device.type):  # keep eager's pieces
+            y = compiled_factorized_product(x, self.core, self.factors, self._key(), method,
+                                            self.max_intermediate_bytes)
+        elif method == "dense":
+            y = rebuild_matmul(x, self.core, self.factors)
+        elif method == "gemm":
+            y = gemm_chain_contract(x, self.core, self.factors, self.in_shape, self.out_shape, self.ranks, steps)
+        else:
+            dtype = matmul_dtype(x, self.core)
+            operands = [x.reshape(x.shape[0], *self.in_shape), self.core, *self.factors]
+            y = contract_steps(steps, [t.to(dtype) for t in operands]).reshape(x.shape[0], self.out_features)
+        return y if bias is None else y + bias.to(y.dtype)  # autocast: keep the product's dtype
 
     def chunk_size(self, batch: int, input: torch.Tensor | None = None) -> int:
         """Rows per piece of the factorized forward on CPU: the batch is split so that the largest

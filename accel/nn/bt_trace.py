@@ -21,6 +21,8 @@ size where Python can read it (``torch.export``), else for ``SYMBOLIC_BATCH_PLAN
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch._subclasses.fake_tensor import is_fake
 from torch.fx.experimental.symbolic_shapes import has_static_value
@@ -120,13 +122,13 @@ def rebuild_matmul(x: torch.Tensor, core: torch.Tensor, factors) -> torch.Tensor
 # glibc's mmap threshold) and ran 1.5x slower than eager at the UCF11 setting (experiments/bt_compile.py).
 # Not for export: an exported program must hold ordinary ops only (rebuild_matmul).
 @torch.library.custom_op("accel::bt_rebuild_linear", mutates_args=())
-def _rebuild_linear_op(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, out0: int,
-                       workspace_key: int) -> torch.Tensor:
-    return rebuild_forward(x, left, right, out0, workspace_by_key(workspace_key))
+def _rebuild_linear_op(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, bias: Optional[torch.Tensor],
+                       out0: int, workspace_key: int) -> torch.Tensor:
+    return rebuild_forward(x, left, right, out0, workspace_by_key(workspace_key), bias)  # the bias fused
 
 
 @_rebuild_linear_op.register_fake
-def _(x, left, right, out0, workspace_key):
+def _(x, left, right, bias, out0, workspace_key):
     return x.new_empty(x.shape[0], right.shape[1] * left.shape[0] // x.shape[1])
 
 
@@ -145,7 +147,7 @@ def _(grad_y, x, left, right, out0, workspace_key, need_x):
 
 
 def _setup_context(ctx, inputs, output):
-    x, left, right, ctx.out0, ctx.workspace_key = inputs
+    x, left, right, _, ctx.out0, ctx.workspace_key = inputs
     ctx.save_for_backward(x, left, right)
 
 
@@ -154,15 +156,18 @@ def _backward(ctx, grad_y):
     need_x = ctx.needs_input_grad[0]
     grad_x, grad_left, grad_right = _rebuild_linear_backward_op(grad_y, x, left, right, ctx.out0, ctx.workspace_key,
                                                                 need_x)
-    return grad_x if need_x else None, grad_left, grad_right, None, None
+    grad_bias = grad_y.sum(0) if ctx.needs_input_grad[3] else None
+    return grad_x if need_x else None, grad_left, grad_right, grad_bias, None, None
 
 
 _rebuild_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def compiled_rebuild_linear(x: torch.Tensor, core: torch.Tensor, factors, workspace) -> torch.Tensor:
-    """``rebuild_linear`` as one op in a torch.compile graph (forward and backward), same kernels and workspace."""
+def compiled_rebuild_linear(x: torch.Tensor, core: torch.Tensor, factors, workspace,
+                            bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``rebuild_linear`` (bias included) as one op in a torch.compile graph (forward and backward), same
+    kernels and workspace."""
     left, right = rebuild_operands(core, list(factors))
     dtype = matmul_dtype(x, left, right)
-    return _rebuild_linear_op(x.to(dtype).contiguous(), left.to(dtype), right.to(dtype), factors[0].shape[2],
-                              workspace.key)
+    return _rebuild_linear_op(x.to(dtype).contiguous(), left.to(dtype), right.to(dtype),
+                              None if bias is None else bias.to(dtype), factors[0].shape[2], workspace.key)
