@@ -19,6 +19,7 @@ naming the variable and its value before any network wait, rather than hanging.
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import socket
 from dataclasses import dataclass
@@ -64,8 +65,8 @@ class DistInfo:
     def __enter__(self) -> DistInfo:
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        shutdown()
+    def __exit__(self, exc_type, *exc_info) -> None:
+        shutdown(synchronize=exc_type is None)
 
 
 # ----------------------------------------------------------------------------- process group
@@ -160,10 +161,25 @@ def _wants_cuda(device: str | None, source: str) -> bool:
     return device == "cuda"
 
 
-def shutdown() -> None:
-    """Destroy the default process group if there is one; safe to call any number of times."""
+def shutdown(synchronize: bool = False) -> None:
+    """Destroy the default process group if there is one; safe to call any number of times.
+
+    ``synchronize`` (every rank got here, no error): first a barrier, so that no rank tears its connections
+    down while a peer's gloo threads still use them (a rank then aborted at exit with "terminate called
+    without an active exception", twice in CI runs). With gloo a monitored barrier that gives up after 60 s
+    if a peer never arrives; nothing waits at exit after an error.
+    """
     global _info
     if dist.is_available() and dist.is_initialized():
+        if synchronize and dist.get_world_size() > 1:
+            gc.collect()  # DDP reducers (reference cycles) holding the group's work go first
+            try:
+                if dist.get_backend() == "gloo":
+                    dist.monitored_barrier(timeout=timedelta(seconds=60))
+                else:
+                    dist.barrier()
+            except RuntimeError:  # a peer gone: destroy anyway
+                pass
         dist.destroy_process_group()
     _info = None
 
