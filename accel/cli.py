@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import importlib.metadata
 import os
 import platform
@@ -164,6 +163,7 @@ def run_check(args: argparse.Namespace) -> int:
     """Launcher self-check: init(), an all_reduce, one DDP step; one line per rank; 0 if all agree."""
     info = distributed.init(backend=args.backend, timeout=timedelta(seconds=args.timeout))
     own_group = not dist.is_initialized()
+    agreed = False
     if own_group:  # one process: init() made no group, but DDP needs one, so make a private one
         dist.init_process_group(distributed.choose_backend(args.backend, torch.cuda.is_available()),
                                 store=dist.HashStore(), rank=0, world_size=1)
@@ -175,10 +175,7 @@ def run_check(args: argparse.Namespace) -> int:
         ok = total.item() == expected and reference_difference < 1e-5 and replica_diff == 0.0
         everyone = torch.tensor([1.0 if ok else 0.0], device=info.device)
         dist.all_reduce(everyone, op=dist.ReduceOp.MIN)  # every rank exits with the same status
-        # every rank is here: no rank tears its connections down while a peer's gloo threads still use them
-        # (a rank aborted at exit, "terminate called without an active exception", once in CI)
-        gc.collect()  # the DDP reducer of _ddp_step (reference cycles) before the group goes
-        dist.barrier()
+        agreed = True  # every rank got here: shutdown meets at a barrier before tearing down
         _say(f"rank {info.rank}/{info.world_size} local {info.local_rank}/{info.local_world_size} "
               f"on {socket.gethostname()}: launcher {info.launcher}, backend {dist.get_backend()}, "
               f"device {info.device}; all_reduce {total.item():g} (expected {expected:g}); "
@@ -192,7 +189,7 @@ def run_check(args: argparse.Namespace) -> int:
     finally:
         if own_group:
             dist.destroy_process_group()
-        distributed.shutdown()
+        distributed.shutdown(synchronize=agreed)
 
 
 # -------------------------------------------------------------------------------------- main

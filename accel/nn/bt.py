@@ -228,13 +228,13 @@ class BTLinear(nn.Module):
         eager kernels where those are faster (the dense path, with its bias fused as eager's; the factorized
         paths where eager splits the batch)."""
         # jit.trace cannot record the chain's autograd.Function ("unordered_map::at"): it gets the einsum twin
-        method, steps = traced_plan(*self._key(), self.contraction, plan_rows(x.shape[0]),
-                                    gemm_chain=not torch.jit.is_tracing())
+        rows = plan_rows(x.shape[0])
+        method, steps = traced_plan(*self._key(), self.contraction, rows, gemm_chain=not torch.jit.is_tracing())
         compiling = torch.compiler.is_dynamo_compiling() and not torch.compiler.is_exporting()
         if compiling and method == "dense":
             return compiled_rebuild_linear(x, self.core, self.factors, self.workspace, bias)
-        if compiling and eager_splits(*self._key(), method, plan_rows(x.shape[0]), x.element_size(),
-                                      self.max_intermediate_bytes, x.device.type):  # keep eager's pieces
+        if compiling and eager_splits(*self._key(), method, rows, x.element_size(), self.max_intermediate_bytes,
+                                      x.device.type):  # keep eager's pieces
             y = compiled_factorized_product(x, self.core, self.factors, self._key(), method,
                                             self.max_intermediate_bytes)
         elif method == "dense":
