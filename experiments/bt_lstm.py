@@ -255,9 +255,7 @@ def time_projection(projection, x, steps):
 
 def bt_path(projection, rows):
     """The contraction path BTLinear takes for ``rows`` inputs (None for other layers)."""
-    if not hasattr(projection, "uses_dense"):
-        return None
-    return "dense" if projection.uses_dense(rows) else projection.factorized_method(rows)
+    return projection.method(rows) if hasattr(projection, "method") else None
 
 
 def timing_part(args, results, path):

@@ -174,8 +174,8 @@ def run_setting(setting, device, repetitions, warmup=2):
         "setting": name, "device": device.type, "in_shape": in_shape, "out_shape": out_shape, "ranks": ranks,
         "num_blocks": num_blocks, "batch": batch, "bt_parameters": bt.num_weight_parameters,
         "dense_parameters": in_features * out_features, "compression_ratio": bt.compression_ratio,
-        "bt_path": "dense" if bt.uses_dense(batch) else
-                   f"factorized ({bt.factorized_method(batch)}), pieces of {bt.chunk_size(batch, x)} rows",
+        "bt_path": bt.method(batch) if bt.method(batch) in ("dense", "lowrank") else
+                   f"factorized ({bt.method(batch)}), pieces of {bt.chunk_size(batch, x)} rows",
         "flops_ratio_dense_over_bt": bt.cost(batch)["matmul"] / bt.cost(batch)["factorized"],
         "median_wall_s": {k: statistics.median(v) for k, v in walls.items()},
         "median_cpu_s": {k: statistics.median(v) for k, v in cpus.items()},

@@ -11,12 +11,13 @@ from accel.nn.bt_paths import contraction_method
 
 def model_reaching_every_path():
     """BTLinears whose contraction="auto" picks the GEMM chain (a wide input) and the rebuilt weight (full
-    ranks), and one forced onto the opt_einsum path."""
+    ranks), and two forced onto the opt_einsum and the low-rank paths."""
     chain = BTLinear(4096, 64, in_shape=(16, 16, 16), out_shape=(4, 4, 4), ranks=2)
     dense = BTLinear(64, 64, in_shape=(4, 4, 4), out_shape=(4, 4, 4), ranks=16, num_blocks=1)
     einsum = BTLinear(64, 32, in_shape=(4, 4, 4), out_shape=(2, 4, 4), ranks=3, contraction="einsum")
+    lowrank = BTLinear(32, 64, in_shape=(4, 8), out_shape=(16, 4), ranks=2, contraction="lowrank")
     # float64: compiled and eager may contract in another order (a dynamic batch's plan, pieces)
-    return nn.Sequential(chain, nn.Tanh(), dense, nn.Tanh(), einsum).double()
+    return nn.Sequential(chain, nn.Tanh(), dense, nn.Tanh(), einsum, nn.Tanh(), lowrank).double()
 
 
 def step(model, x):
@@ -34,7 +35,7 @@ def test_compile_no_graph_break_static_and_dynamic_batch(seed):
     model = model_reaching_every_path()
     keys = [layer._key() for layer in model[::2]]
     assert [contraction_method(*k, layer.contraction, 6) for k, layer in zip(keys, model[::2])] == ["gemm", "dense",
-                                                                                                   "einsum"]
+                                                                                                   "einsum", "lowrank"]
     x = torch.randn(6, 4096, dtype=torch.float64)
     eager = step(model, x)
     workspace = dict(model[2].workspace._buffers)

@@ -96,25 +96,24 @@ def test_gemm_chain_elements_match_counted(seed, in_shape, out_shape, split):
 
 
 def test_auto_takes_the_measured_fastest_path():
-    """Where forward+backward was timed on every path (1 thread, development CPU; the comments in bt_paths.py):
-    the moving-digits projection of experiments/bt_lstm.py at R = 1 / 2 / 4, batch 256 (the chain on modes
-    8 | 8x5x5 merged at R = 1, 2; the rebuilt W at R=4), and at batch 32 (the chain over all modes); UCF11's
-    input layer (the chain over all modes); 16x12x8x8 with N=4 at batch 128 (rebuilt W 77 ms, opt_einsum 175)
-    and 16 (opt_einsum 22 ms, rebuilt W 39)."""
+    """Where forward+backward was timed on every path (1 thread, development CPU, a random output gradient; the
+    comments in bt_paths.py): the moving-digits projection of experiments/bt_lstm.py at R = 1 / 2 / 4, batch 256
+    (low-rank 2.1 / 3.2 / 3.7 ms, the chain 2.5 / 5.0 / 12.4, rebuilt W 5.9 / 5.8 / 6.4), at batch 32 (R=1: the
+    chain 0.93 ms, low-rank 1.13; R=2: low-rank 1.6, the chain 2.0); a UCF11 input layer (the chain 94 ms,
+    low-rank 127); 16x12x8x8 with N=4 at batch 128 (low-rank 52 ms, rebuilt W 75, the chain 211), 16 (low-rank
+    12 ms, opt_einsum 21) and 6 (opt_einsum 9.2 ms, low-rank 10.6)."""
     def method(in_shape, out_shape, ranks, num_blocks, batch):
         layer = BTLinear(math.prod(in_shape), math.prod(out_shape), in_shape=in_shape, out_shape=out_shape,
                          ranks=ranks, num_blocks=num_blocks)
-        if layer.uses_dense(batch):
-            return "dense"
-        method = layer.factorized_method(batch)
-        return method if method == "einsum" else (method, chain_plan(*layer._key(), batch)[0])
+        method = layer.method(batch)
+        return method if method != "gemm" else (method, chain_plan(*layer._key(), batch)[0])
 
     moving = ((8, 8, 5, 5), (16, 4, 2, 2))
-    assert [method(*moving, rank, 2, 256) for rank in (1, 2, 4)] == [("gemm", 1), ("gemm", 1), "dense"]
-    assert method(*moving, 2, 2, 32) == ("gemm", None)
+    assert [method(*moving, rank, 2, 256) for rank in (1, 2, 4)] == ["lowrank"] * 3
+    assert method(*moving, 1, 2, 32) == ("gemm", None) and method(*moving, 2, 2, 32) == "lowrank"
     assert method((8, 20, 20, 18), (16, 4, 4, 4), 4, 2, 96) == ("gemm", None)
     frames = ((16, 12, 8, 8), (16, 4, 4, 4), 4, 4)
-    assert method(*frames, 128) == "dense" and method(*frames, 16) == "einsum"
+    assert [method(*frames, batch) for batch in (128, 16, 6)] == ["lowrank", "lowrank", "einsum"]
 
 
 @pytest.mark.parametrize("in_shape,out_shape", CHAIN_SHAPES[1:])
@@ -142,14 +141,15 @@ def test_grouped_chain_matches_reference_every_split(seed, in_shape, out_shape):
         gemm_chain_contract(x, layer.core, layer.factors, layer.in_shape, layer.out_shape, layer.ranks, 0)
 
 
-def test_auto_runs_the_grouped_chain_and_its_traced_plan(seed):
-    """contraction="auto" at the moving-digits shape, R=2, batch 96, runs the grouped chain (eager and traced plan)
-    and matches the reference."""
+def test_factorized_runs_the_grouped_chain_and_its_traced_plan(seed):
+    """contraction="factorized" at the moving-digits shape, R=2, batch 96, runs the grouped chain (eager and traced
+    plan) and matches the reference ("auto" takes the low-rank path there)."""
     from accel.nn.bt_trace import traced_plan
 
     torch.manual_seed(seed)
-    layer = BTLinear(1600, 256, in_shape=(8, 8, 5, 5), out_shape=(16, 4, 2, 2), ranks=2, dtype=torch.float64)
-    assert traced_plan(*layer._key(), "auto", 96) == ("gemm", 1)
+    layer = BTLinear(1600, 256, in_shape=(8, 8, 5, 5), out_shape=(16, 4, 2, 2), ranks=2, dtype=torch.float64,
+                     contraction="factorized")
+    assert traced_plan(*layer._key(), "factorized", 96) == ("gemm", 1)
     x = torch.randn(96, 1600, dtype=torch.float64)
     for product in (layer._eager_product, layer._traced_product):
         torch.testing.assert_close(product(x), x @ layer.to_dense().t(), rtol=1e-10, atol=1e-12)

@@ -8,6 +8,8 @@ from torch import nn
 
 from accel.nn import BTLinear
 from accel.nn.bt import ELEMENT_FLOPS, FACTORIZED_FLOP_PENALTY, REBUILD_FLOP_PENALTY, balanced_factors
+from accel.nn.bt_lowrank import lowrank_costs
+from accel.nn.bt_paths import GROUPED_CHAIN_FLOP_PENALTY, LOWRANK_GEMM_FLOP_PENALTY, LOWRANK_STEP_FLOPS, chain_plan
 
 SHAPES = {  # d -> (in_shape, out_shape)
     2: ((6, 5), (4, 3)),
@@ -61,16 +63,27 @@ def test_auto_picks_dense_when_cheaper_and_factorized_at_ucf11():
     assert small.uses_dense(4096) and not big.uses_dense(1)
     cost = small.cost(4096)
     assert cost["rebuild"] + cost["matmul"] <= cost["factorized"]
-    # measured fastest (experiments/bt_speed.py): the rebuild at 16x12x8x8 -> 16x4x4x4, N=4, batch 128
-    assert BTLinear(12288, 1024, in_shape=(16, 12, 8, 8), out_shape=(16, 4, 4, 4), num_blocks=4).uses_dense(128)
-    for layer in (big, small, BTLinear(4096, 1024, ranks=2, num_blocks=2)):  # the documented rule
-        for batch in (1, 64, 4096):
+    # measured fastest (forward+backward, 1 thread): the low-rank path at 16x12x8x8 -> 16x4x4x4, N=4, batch 128
+    # (52 ms against the rebuilt W's 75 and the chain's 211) and at the moving-digits BTLSTM's 1,600 -> 16x4x2x2
+    # over 256 rows (R=4: 3.7 against 6.4 and 12.4 ms); the rebuild at UCF11 -> 256 outputs, batch 96
+    assert BTLinear(12288, 1024, in_shape=(16, 12, 8, 8), out_shape=(16, 4, 4, 4), num_blocks=4).method(128) == "lowrank"
+    assert BTLinear(1600, 256, in_shape=(8, 8, 5, 5), out_shape=(16, 4, 2, 2), ranks=4).method(256) == "lowrank"
+    assert BTLinear(57600, 256, ranks=4).method(96) == "dense"
+    for layer in (big, small, BTLinear(4096, 1024, ranks=2, num_blocks=2), BTLinear(1600, 256, ranks=2)):
+        for batch in (1, 64, 4096):  # the documented rule
             cost = layer.cost(batch)
             dense = REBUILD_FLOP_PENALTY * cost["rebuild"] + cost["matmul"] + ELEMENT_FLOPS * layer.in_features * \
                 layer.out_features
             factorized = FACTORIZED_FLOP_PENALTY * cost["factorized"] + ELEMENT_FLOPS * cost["factorized_elements"]
-            assert layer.uses_dense(batch) == (dense <= factorized)
-            assert (cost["auto_dense"], cost["auto_factorized"]) == (dense, factorized)
+            if layer.factorized_method(batch) == "gemm" and chain_plan(*layer._key(), batch)[0] is not None:
+                factorized = GROUPED_CHAIN_FLOP_PENALTY * cost["factorized"] + ELEMENT_FLOPS * cost["factorized_elements"]
+            gemm, small_ops, elements = lowrank_costs(*layer._key(), batch)
+            lowrank = (LOWRANK_GEMM_FLOP_PENALTY * gemm + FACTORIZED_FLOP_PENALTY * small_ops + ELEMENT_FLOPS * elements
+                       + LOWRANK_STEP_FLOPS * (len(layer.in_shape) - 1))
+            assert (cost["auto_dense"], cost["auto_lowrank"], cost["auto_factorized"]) == (dense, lowrank, factorized)
+            expected = min((dense, 0, "dense"), (lowrank, 1, "lowrank"), (factorized, 2, layer.factorized_method(batch)))
+            assert layer.method(batch) == expected[2]
+            assert layer.uses_dense(batch) == (expected[2] == "dense")
 
 
 def test_ucf11_parameter_count():

@@ -25,8 +25,10 @@ from accel.nn.bt_compiled import compiled_factorized_product
 from accel.nn.bt_contract import gemm_chain_contract
 from accel.nn.bt_dense import RebuildWorkspace, matmul_dtype, rebuild_linear
 from accel.nn.bt_factorized import chunk_rows, factorized_product
+from accel.nn.bt_lowrank import lowrank_linear
 from accel.nn.bt_paths import (ELEMENT_FLOPS, FACTORIZED_FLOP_PENALTY,  # noqa: F401 (re-exported)
-                               GEMM_CHAIN_MAX_EXTRA_FLOPS, REBUILD_FLOP_PENALTY, chain_plan, contraction_costs,
+                               GEMM_CHAIN_MAX_EXTRA_FLOPS, REBUILD_FLOP_PENALTY, chain_plan,
+                               contraction_costs,
                                contraction_method, dense_is_cheaper, factorized_expression, factorized_method,
                                rebuild_expression)
 from accel.nn.bt_shapes import (auto_num_modes, balanced_factors, check_shape,  # noqa: F401 (re-exported)
@@ -36,7 +38,7 @@ from accel.nn.bt_trace import (compiled_rebuild_linear, contract_steps, eager_sp
 
 __all__ = ["BTLinear", "balanced_factors"]
 
-_CONTRACTIONS = ("auto", "factorized", "gemm", "einsum", "dense")
+_CONTRACTIONS = ("auto", "factorized", "gemm", "einsum", "dense", "lowrank")
 _auto_num_modes = auto_num_modes  # the name rnn.py imports
 
 
@@ -64,8 +66,9 @@ class BTLinear(nn.Module):
             contract through the factors, by ``"gemm"`` or ``"einsum"``: the GEMM chain unless it costs
             more than ``GEMM_CHAIN_MAX_EXTRA_FLOPS`` (1.15) times the flops of the opt_einsum path, or
             d = 1), ``"gemm"`` (the chain of GEMMs with a hand-written backward, d >= 2), ``"einsum"``
-            (the opt_einsum path with autograd) or ``"dense"`` (always rebuild ``W``, with one GEMM into
-            ``workspace``, and multiply).
+            (the opt_einsum path with autograd), ``"dense"`` (always rebuild ``W``, with one GEMM into
+            ``workspace``, and multiply) or ``"lowrank"`` (multiply by ``W``'s two thin factors in turn, factor 0
+            and the rest of the block term, :mod:`accel.nn.bt_lowrank`; ``"auto"`` weighs it as well).
             Default: ``"auto"``.
         device, dtype: of the parameters, as for ``nn.Linear``.
 
@@ -180,11 +183,16 @@ class BTLinear(nn.Module):
             return self.contraction == "dense"
         return dense_is_cheaper(*self._key(), batch)
 
+    def method(self, batch: int) -> str:
+        """How a forward pass over ``batch`` rows contracts: ``"dense"``, ``"lowrank"``, ``"gemm"`` or ``"einsum"``."""
+        return contraction_method(*self._key(), self.contraction, batch)
+
     def cost(self, batch: int) -> dict:
         """Flop estimates of the forward pass over ``batch`` rows: ``{"factorized": ..., "einsum": ...,
-        "gemm": ..., "rebuild": ..., "matmul": ...}`` (the dense path is rebuild + matmul;
+        "gemm": ..., "rebuild": ..., "matmul": ..., "lowrank": ...}`` (the dense path is rebuild + matmul;
         ``"factorized"`` is the one of ``"gemm"``/``"einsum"`` that ``factorized_method`` uses), the elements
-        each side moves and the totals ``"auto_dense"`` / ``"auto_factorized"`` that ``"auto"`` compares."""
+        each path moves and the totals ``"auto_dense"`` / ``"auto_lowrank"`` / ``"auto_factorized"`` that
+        ``"auto"`` compares."""
         return contraction_costs(*self._key(), batch)
 
     def factorized_method(self, batch: int) -> str:
@@ -219,6 +227,8 @@ class BTLinear(nn.Module):
         method = contraction_method(*self._key(), self.contraction, x.shape[0])
         if method == "dense":  # the bias fused into the product
             return rebuild_linear(x, self.core, self.factors, self.workspace, bias)
+        if method == "lowrank":
+            return lowrank_linear(x, self.core, self.factors, bias)
         y = factorized_product(x, self.core, self.factors, self._key(), method, self.max_intermediate_bytes)
         return y if bias is None else y + bias.to(y.dtype)  # autocast: keep the product's dtype
 
@@ -230,6 +240,8 @@ class BTLinear(nn.Module):
         # jit.trace cannot record the chain's autograd.Function ("unordered_map::at"): it gets the einsum twin
         rows = plan_rows(x.shape[0])
         method, steps = traced_plan(*self._key(), self.contraction, rows, gemm_chain=not torch.jit.is_tracing())
+        if method == "lowrank":  # ordinary ops: its own traced twin
+            return lowrank_linear(x, self.core, self.factors, bias)
         compiling = torch.compiler.is_dynamo_compiling() and not torch.compiler.is_exporting()
         if compiling and method == "dense":
             return compiled_rebuild_linear(x, self.core, self.factors, self.workspace, bias)

@@ -8,9 +8,10 @@ import math
 import opt_einsum
 
 from accel.nn.bt_contract import gemm_chain_elements, gemm_chain_flops, grouped_shapes
+from accel.nn.bt_lowrank import lowrank_costs
 
 __all__ = ["FACTORIZED_FLOP_PENALTY", "REBUILD_FLOP_PENALTY", "ELEMENT_FLOPS", "GROUPED_CHAIN_FLOP_PENALTY",
-           "GROUPED_CHAIN_MIN_BATCH", "GEMM_CHAIN_MAX_EXTRA_FLOPS", "chain_plan", "contraction_costs",
+           "GROUPED_CHAIN_MIN_BATCH", "GEMM_CHAIN_MAX_EXTRA_FLOPS", "LOWRANK_GEMM_FLOP_PENALTY", "LOWRANK_STEP_FLOPS", "auto_method", "chain_plan", "contraction_costs",
            "contraction_method", "dense_is_cheaper", "factorized_contraction_steps", "factorized_expression",
            "factorized_method", "rebuild_expression"]
 
@@ -125,6 +126,18 @@ GROUPED_CHAIN_MIN_BATCH = 64
 GEMM_CHAIN_MAX_EXTRA_FLOPS = 1.15
 
 
+# The low-rank path (bt_lowrank.py): its one large GEMM (input by the rest of the block term) counts this many
+# flops of the dense GEMM, its per-row GEMMs and the build of that operand count FACTORIZED_FLOP_PENALTY, and
+# each of the d - 1 pairwise contractions building the operand (forward and backward: ~15 small ops, 0.5 ms in
+# all at d = 4 whatever the batch) a fixed LOWRANK_STEP_FLOPS. Fitted on 20 settings timed forward+backward on
+# 1 thread (1,600 -> 256 at R = 1, 2, 4 and batches 32-1,024; 4,096 -> 64; 12,288 -> 1,024; 57,600 -> 256 and
+# -> 1,024; 8 -> 256): "auto" then takes the fastest path, or one at most 1.13x its time (4,096 -> 64, R=2,
+# batch 6: 0.69 against 0.61 ms; R=4, batch 64: 2.31 against 2.12). With a penalty of 1 it took the low-rank
+# path at 57,600 = 8x20x20x18 -> 1,024, batch 96: 127 ms against the chain's 94.
+LOWRANK_GEMM_FLOP_PENALTY = 1.3
+LOWRANK_STEP_FLOPS = 7.5e6
+
+
 @functools.lru_cache(maxsize=256)
 def chain_plan(in_shape, out_shape, ranks, num_blocks, batch) -> tuple:
     """``(split, flops, elements)`` of the cheapest GEMM chain (``split`` as ``gemm_chain_contract`` takes it):
@@ -162,43 +175,54 @@ def factorized_method(in_shape, out_shape, ranks, num_blocks, batch) -> str:
 def contraction_costs(in_shape, out_shape, ranks, num_blocks, batch) -> dict:
     """Flop estimates of the forward pass: the opt_einsum path (``"einsum"``), the GEMM chain
     (``"gemm"``, ``chain_plan``'s, ``None`` for d = 1), the factorized method in use (``"factorized"``, the one of those
-    two that ``factorized_method`` picks), the rebuild of W and the dense matmul with W. The backward
-    pass costs about twice the forward for any choice. Also the elements each side moves
-    (``"factorized_elements"``, ``"dense_elements"``) and the two totals ``contraction="auto"`` compares, in
-    flops of the dense GEMM (``"auto_factorized"``, ``"auto_dense"``; see :func:`dense_is_cheaper`)."""
+    two that ``factorized_method`` picks), the rebuild of W and the dense matmul with W, and the low-rank path
+    (``"lowrank"``, bt_lowrank.py). The backward pass costs about twice the forward for any choice. Also the
+    elements each side moves (``"factorized_elements"``, ``"dense_elements"``, ``"lowrank_elements"``) and the
+    three totals ``contraction="auto"`` compares, in flops of the dense GEMM (``"auto_factorized"``,
+    ``"auto_dense"``, ``"auto_lowrank"``; see :func:`auto_method`)."""
     key = (in_shape, out_shape, ranks, num_blocks, batch)
     einsum = factorized_expression(*key)[1]
     _, gemm, gemm_elements = chain_plan(*key) if len(in_shape) >= 2 else (None, None, None)
     chain = factorized_method(*key) == "gemm"
+    lowrank_gemm, lowrank_small, lowrank_elements = lowrank_costs(*key)
     cost = {"factorized": gemm if chain else einsum, "einsum": einsum, "gemm": gemm,
             "rebuild": rebuild_expression(in_shape, out_shape, ranks, num_blocks)[1],
             "matmul": 2 * batch * math.prod(in_shape) * math.prod(out_shape),
+            "lowrank": lowrank_gemm + lowrank_small,
             "factorized_elements": gemm_elements if chain else factorized_expression(*key)[3],
-            "dense_elements": math.prod(in_shape) * math.prod(out_shape)}
+            "dense_elements": math.prod(in_shape) * math.prod(out_shape), "lowrank_elements": lowrank_elements}
     grouped = chain and chain_plan(*key)[0] is not None
     cost["auto_factorized"] = ((GROUPED_CHAIN_FLOP_PENALTY if grouped else FACTORIZED_FLOP_PENALTY) * cost["factorized"]
                                + ELEMENT_FLOPS * cost["factorized_elements"])
     cost["auto_dense"] = (REBUILD_FLOP_PENALTY * cost["rebuild"] + cost["matmul"]
                           + ELEMENT_FLOPS * cost["dense_elements"])
+    cost["auto_lowrank"] = (LOWRANK_GEMM_FLOP_PENALTY * lowrank_gemm + FACTORIZED_FLOP_PENALTY * lowrank_small
+                            + ELEMENT_FLOPS * lowrank_elements + LOWRANK_STEP_FLOPS * (len(in_shape) - 1))
     return cost
 
 
-def dense_is_cheaper(in_shape, out_shape, ranks, num_blocks, batch) -> bool:
-    """The rule of ``contraction="auto"``: rebuild W when ``REBUILD_FLOP_PENALTY`` x the rebuild's flops plus
-    the dense matmul's plus ``ELEMENT_FLOPS`` x W's elements come to no more than ``FACTORIZED_FLOP_PENALTY`` x
-    the factorized path's flops plus ``ELEMENT_FLOPS`` x the elements it moves (ties go to the dense path: its
-    GEMMs are the large, efficient ones)."""
+@functools.lru_cache(maxsize=256)
+def auto_method(in_shape, out_shape, ranks, num_blocks, batch) -> str:
+    """The rule of ``contraction="auto"``: ``"dense"``, ``"lowrank"`` or ``"factorized"``, whichever weighs least
+    in ``contraction_costs`` (penalised flops plus ``ELEMENT_FLOPS`` x elements moved; ties go in that order:
+    the dense path's GEMMs are the large, efficient ones)."""
     cost = contraction_costs(in_shape, out_shape, ranks, num_blocks, batch)
-    return cost["auto_dense"] <= cost["auto_factorized"]
+    return min(("dense", "lowrank", "factorized"), key=lambda method: cost[f"auto_{method}"])
+
+
+def dense_is_cheaper(in_shape, out_shape, ranks, num_blocks, batch) -> bool:
+    """Whether ``contraction="auto"`` rebuilds W for ``batch`` rows (:func:`auto_method`)."""
+    return auto_method(in_shape, out_shape, ranks, num_blocks, batch) == "dense"
 
 
 def contraction_method(in_shape, out_shape, ranks, num_blocks, contraction, batch) -> str:
-    """``"dense"``, ``"gemm"`` or ``"einsum"``: how a layer set to ``contraction`` contracts ``batch`` rows."""
-    if contraction == "dense" or (contraction == "auto"
-                                  and dense_is_cheaper(in_shape, out_shape, ranks, num_blocks, batch)):
-        return "dense"
+    """``"dense"``, ``"lowrank"``, ``"gemm"`` or ``"einsum"``: how a layer set to ``contraction`` contracts
+    ``batch`` rows."""
+    method = auto_method(in_shape, out_shape, ranks, num_blocks, batch) if contraction == "auto" else contraction
+    if method in ("dense", "lowrank"):
+        return method
     if batch == 0:  # the chain reshapes by the batch size
         return "einsum"
-    if contraction in ("gemm", "einsum"):
-        return contraction
+    if method in ("gemm", "einsum"):
+        return method
     return factorized_method(in_shape, out_shape, ranks, num_blocks, batch)

@@ -28,7 +28,8 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.fx.experimental.symbolic_shapes import has_static_value
 
 from accel.compile_cache import tag_compile_caches
-from accel.nn.bt_dense import matmul_dtype, rebuild_backward, rebuild_forward, rebuild_operands, workspace_by_key
+from accel.nn.bt_dense import (contract_steps, matmul_dtype, rebuild_backward, rebuild_forward,  # noqa: F401
+                               rebuild_operands, workspace_by_key)
 from accel.nn.bt_factorized import chunk_rows
 from accel.nn.bt_paths import chain_plan, contraction_method, factorized_contraction_steps
 
@@ -81,7 +82,8 @@ def eager_splits(in_shape, out_shape, ranks, num_blocks, method, rows, element_s
 
 @torch.compiler.assume_constant_result
 def traced_plan(in_shape, out_shape, ranks, num_blocks, contraction, rows, gemm_chain=True) -> tuple:
-    """``("dense", None)``, ``("gemm", split)`` or ``("einsum", steps)`` for a batch of ``rows``.
+    """``("dense", None)``, ``("lowrank", None)``, ``("gemm", split)`` or ``("einsum", steps)`` for a batch of
+    ``rows``.
 
     Dynamo calls this at trace time and keeps the result as a constant (no cost model in the graph,
     no guard); ``split`` is ``chain_plan``'s grouping of modes for the chain, ``steps`` the pairwise
@@ -95,16 +97,6 @@ def traced_plan(in_shape, out_shape, ranks, num_blocks, contraction, rows, gemm_
     steps = (factorized_contraction_steps(in_shape, out_shape, ranks, num_blocks, rows) if method == "einsum"
              else None)
     return method, steps
-
-
-def contract_steps(steps, operands) -> torch.Tensor:
-    """Run ``opt_einsum``'s pairwise contraction list with ``torch.einsum`` (as ``opt_einsum`` does:
-    each step pops its operands by position and appends the result)."""
-    operands = list(operands)
-    for positions, equation in steps:
-        picked = [operands.pop(p) for p in positions]
-        operands.append(torch.einsum(equation, *picked))
-    return operands[0]
 
 
 def rebuild_matmul(x: torch.Tensor, core: torch.Tensor, factors) -> torch.Tensor:
