@@ -59,13 +59,14 @@ def make_tednet(in_shape, out_shape, ranks, num_blocks):
         return BTTLinear(list(in_shape), list(out_shape), [ranks] * len(in_shape), num_blocks)
 
 
-def time_step(module, x, device):
-    """One forward+backward; returns (wall seconds, process CPU seconds)."""
+def time_step(module, x, grad_y, device):
+    """One forward+backward with the output gradient ``grad_y`` (a dense one, as in training: the gradient of a
+    ``sum()`` is a stride-0 view that some backward kernels copy first); returns (wall seconds, CPU seconds)."""
     module.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.synchronize()
     wall, cpu = time.perf_counter(), time.process_time()
-    module(x).sum().backward()
+    module(x).backward(grad_y)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - wall, time.process_time() - cpu
@@ -159,14 +160,15 @@ def run_setting(setting, device, repetitions, warmup=2):
         layers["tednet"] = tednet
     layers = {k: v.to(device) for k, v in layers.items()}
     x = torch.randn(batch, in_features, device=device)
+    grad_y = torch.randn(batch, out_features, device=device)
     for _ in range(warmup):
         for layer in layers.values():
-            time_step(layer, x, device)
+            time_step(layer, x, grad_y, device)
     walls = {k: [] for k in layers}
     cpus = {k: [] for k in layers}
     for _ in tqdm(range(repetitions), desc=f"{name} [{device.type}]", leave=False):
         for key, layer in layers.items():  # interleaved: drifts in machine load hit all alike
-            wall, cpu = time_step(layer, x, device)
+            wall, cpu = time_step(layer, x, grad_y, device)
             walls[key].append(wall)
             cpus[key].append(cpu)
     bt = layers["bt"]
@@ -176,7 +178,8 @@ def run_setting(setting, device, repetitions, warmup=2):
         "dense_parameters": in_features * out_features, "compression_ratio": bt.compression_ratio,
         "bt_path": bt.method(batch) if bt.method(batch) in ("dense", "lowrank") else
                    f"factorized ({bt.method(batch)}), pieces of {bt.chunk_size(batch, x)} rows",
-        "flops_ratio_dense_over_bt": bt.cost(batch)["matmul"] / bt.cost(batch)["factorized"],
+        "flops_ratio_dense_over_bt": bt.cost(batch)["matmul"] / bt.cost(batch)[
+            "lowrank" if bt.method(batch) == "lowrank" else "factorized"],
         "median_wall_s": {k: statistics.median(v) for k, v in walls.items()},
         "median_cpu_s": {k: statistics.median(v) for k, v in cpus.items()},
         "repetitions": repetitions,
@@ -184,7 +187,7 @@ def run_setting(setting, device, repetitions, warmup=2):
     # every GEMM and copy of one BT step, replayed alone and hot: what a build from these library ops could
     # at best reach if moving data between them cost nothing
     with OpRecorder() as recorder:
-        time_step(bt, x, device)
+        time_step(bt, x, grad_y, device)
     gemm_s, copy_s = replay_alone(recorder.calls, device)
     row["bt_ops_alone_hot_ms"] = {"gemm": gemm_s * 1e3, "copy": copy_s * 1e3}
     row["dense_over_bt_bound"] = row["median_wall_s"]["dense"] / (gemm_s + copy_s)
