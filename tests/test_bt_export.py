@@ -71,7 +71,7 @@ def test_export_dynamic_batch(seed, contraction, no_grad):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("contraction", ["gemm", "einsum", "dense"])
+@pytest.mark.parametrize("contraction", ["gemm", "einsum", "dense", "lowrank"])
 def test_export_leading_dimensions_dynamic(seed, contraction):
     """A (batch, time, features) input with both leading sizes dynamic, as an RNN's projection sees it."""
     layer = trained_layer(contraction, seed)

@@ -21,7 +21,7 @@ SHAPES = {  # d -> (in_shape, out_shape)
 
 @pytest.mark.parametrize("d", sorted(SHAPES))
 @pytest.mark.parametrize("num_blocks,ranks", [(1, 2), (2, 3), (3, 1)])
-@pytest.mark.parametrize("contraction", ["factorized", "gemm", "einsum", "dense", "auto"])
+@pytest.mark.parametrize("contraction", ["factorized", "gemm", "einsum", "dense", "lowrank", "auto"])
 def test_contraction_equals_dense_weight(seed, d, num_blocks, ranks, contraction):
     torch.manual_seed(seed)
     in_shape, out_shape = SHAPES[d]
@@ -39,7 +39,7 @@ def test_contraction_equals_dense_weight(seed, d, num_blocks, ranks, contraction
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-11)
 
 
-@pytest.mark.parametrize("contraction", ["gemm", "einsum", "dense"])
+@pytest.mark.parametrize("contraction", ["gemm", "einsum", "dense", "lowrank"])
 def test_gradcheck(seed, contraction):
     torch.manual_seed(seed)
     layer = BTLinear(24, 12, in_shape=(2, 3, 4), out_shape=(3, 2, 2), ranks=2, num_blocks=2,
@@ -243,7 +243,7 @@ def test_factorized_method_rule():
 
 def test_empty_batch_every_contraction(seed):
     torch.manual_seed(seed)
-    for contraction in ("auto", "gemm", "einsum", "dense"):
+    for contraction in ("auto", "gemm", "einsum", "dense", "lowrank"):
         layer = BTLinear(24, 12, in_shape=(2, 3, 4), out_shape=(3, 2, 2), contraction=contraction)
         assert layer(torch.randn(0, 24)).shape == (0, 12)
 
@@ -321,7 +321,7 @@ def test_dense_path_layouts_match_dense_weight(seed, batch):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("contraction", ["gemm", "einsum", "dense"])
+@pytest.mark.parametrize("contraction", ["gemm", "einsum", "dense", "lowrank"])
 def test_autocast_bfloat16(seed, contraction):
     """Under CPU autocast the products run in bfloat16 (the weight-side ops come out in mixed dtypes,
     which every path must reconcile) and match float32 to bfloat16 precision, gradients included."""

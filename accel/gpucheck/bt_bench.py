@@ -14,7 +14,7 @@ from accel.gpucheck.record import float32_precision, interleaved_seconds
 from accel.gpucheck.table import seconds_text, speed_text
 from accel.nn import BTLSTM, BTLinear
 
-PATHS = ("auto", "factorized", "gemm", "einsum", "dense")
+PATHS = ("auto", "factorized", "gemm", "einsum", "dense", "lowrank")
 UCF11 = dict(in_shape=(8, 20, 20, 18), hidden_shape=(4, 4, 4, 4), ranks=4, num_blocks=2)
 STAND_IN = dict(in_shape=(4, 5, 5, 6), hidden_shape=(2, 2, 2, 2), ranks=2, num_blocks=2)
 LINEAR_BATCHES, DRY_LINEAR_BATCHES = (16 * 6, 1024), (12,)
