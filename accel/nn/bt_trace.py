@@ -144,9 +144,8 @@ def _rebuild_linear_backward_op(grad_y: torch.Tensor, x: torch.Tensor, left: tor
     """The gradients of ``x``, ``left``, ``right`` and the bias (``x``'s and the bias's empty where not needed)."""
     grad_x, grad_left, grad_right = rebuild_backward(grad_y, x, left, right, out0, workspace_by_key(workspace_key),
                                                      (need_x, True, True))
-    empty = x.new_empty(0)
-    grad_bias = torch.mv(grad_y.t(), grad_y.new_ones(grad_y.shape[0])) if need_bias else empty  # the column sums
-    return grad_x if need_x else empty, grad_left, grad_right, grad_bias
+    grad_bias = torch.mv(grad_y.t(), grad_y.new_ones(grad_y.shape[0])) if need_bias else x.new_empty(0)  # column sums
+    return grad_x if need_x else x.new_empty(0), grad_left, grad_right, grad_bias  # outputs never alias
 
 
 @_rebuild_linear_backward_op.register_fake
