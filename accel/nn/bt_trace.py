@@ -122,7 +122,7 @@ def rebuild_matmul(x: torch.Tensor, core: torch.Tensor, factors) -> torch.Tensor
 # glibc's mmap threshold) and ran 1.5x slower than eager at the UCF11 setting (experiments/bt_compile.py).
 # The bias gradient is taken inside the backward op too, as a GEMV: left in the graph, Inductor fused it with
 # the weight-side einsum backward's copies into one column reduction over the whole batch that took 2.0 ms of a
-# 75 ms BTLSTM step (64 -> 256, T=100, batch 32, 1 thread), against 0.6-0.7 ms here (README: compile).
+# 75 ms BTLSTM step (64 -> 256, T=100, batch 32, 1 thread), against 0.6-1.0 ms here (README: compile).
 # The weight-side ops themselves (rebuild_operands and its backward) stay traced: Inductor's kernels for them
 # cost little, while torch.einsum searches its opt_einsum path on every call (0.6 ms forward there, eagerly).
 # Not for export: an exported program must hold ordinary ops only (rebuild_matmul).
