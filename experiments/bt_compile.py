@@ -21,11 +21,15 @@ a user's very first call sees, Dynamo and Inductor warm-up included) builds the 
 
 Settings: the paper's UCF11 input layer (57600 = 8x20x20x18 -> 256 = 4x4x4x4, R=4, N=2, batch 16 x 6
 frames), a small one (64 = 4x4x4 -> 256 = 4x8x8, R=4, N=2, batch 32) and a BTLSTM (64 -> 256, T=100,
-batch 32, its default path); path ``baseline`` is the torch module BT replaces (``nn.Linear``, ``nn.LSTM``).
+batch 32, its default path), alone (the loss sums its output sequence) and as a classifier (a linear head on
+its last hidden state, as experiments/bt_lstm.py trains it); path ``baseline`` is the torch module BT replaces
+(``nn.Linear``, ``nn.LSTM``). ``--ab-runs N`` adds N interleaved A/B runs per row, each in a fresh process:
+one run's ratio moves with where the allocator places the step's large buffers (page faults).
 
     python experiments/bt_compile.py --threads 1   # writes results/bt_compile.json
     python experiments/bt_compile.py --quick    # fewer repetitions
     python experiments/bt_compile.py --settings small --threads 1   # rerun some rows, keeping the others
+    python experiments/bt_compile.py --settings "BTLSTM 64 -> 256, T=100" --paths auto --threads 1 --ab-runs 6
 """
 from __future__ import annotations
 
@@ -55,7 +59,22 @@ SETTINGS = {
 }
 RNN_SETTINGS = {  # name: input size, hidden size, batch, sequence length (BTLSTM on its default shapes)
     "BTLSTM 64 -> 256, T=100": (64, 256, 32, 100),
+    # the same under a linear head on the last hidden state (experiments/bt_lstm.py's classifier)
+    "BTLSTM 64 -> 256, T=100, classifier": (64, 256, 32, 100),
 }
+CLASSES = 10
+
+
+class Classifier(nn.Module):
+    """An RNN whose last hidden state feeds a linear head, as trained in experiments/bt_lstm.py."""
+
+    def __init__(self, rnn: nn.Module):
+        super().__init__()
+        self.rnn, self.head = rnn, nn.Linear(rnn.hidden_size, CLASSES)
+
+    def forward(self, x):
+        _, (h, _) = self.rnn(x)
+        return self.head(h[-1])
 # "baseline": the torch module the BT layer replaces (nn.Linear / nn.LSTM), compiled the same way
 PATHS = ("auto", "gemm", "einsum", "dense", "baseline")
 
@@ -67,6 +86,7 @@ def build(setting: str, contraction: str):
         input_size, hidden_size, batch, length = RNN_SETTINGS[setting]
         module = (nn.LSTM(input_size, hidden_size, batch_first=True) if contraction == "baseline"
                   else BTLSTM(input_size, hidden_size, batch_first=True))
+        module = Classifier(module) if setting.endswith("classifier") else module
         return module, torch.randn(batch, length, input_size)
     in_shape, out_shape, ranks, num_blocks, batch = SETTINGS[setting]
     features = math.prod(in_shape), math.prod(out_shape)
@@ -77,6 +97,7 @@ def build(setting: str, contraction: str):
 
 
 def eager_path(module, batch: int) -> str:
+    module = module.rnn if isinstance(module, Classifier) else module
     layer = module.input_projection if isinstance(module, BTLSTM) else module
     if not isinstance(layer, BTLinear):
         return "torch"
@@ -97,7 +118,8 @@ def relative_difference(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def measure(setting: str, contraction: str, repetitions: int, warm_only: bool = False) -> dict:
+def measure(setting: str, contraction: str, repetitions: int, warm_only: bool = False,
+            ratio_only: bool = False) -> dict:
     layer, x = build(setting, contraction)
     batch = x.shape[0]
     compiled = torch.compile(layer)
@@ -109,6 +131,8 @@ def measure(setting: str, contraction: str, repetitions: int, warm_only: bool = 
     graph_breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
     if warm_only:
         return {"first_call_s": first_call[0], "first_call_cpu_s": first_call_cpu}
+    if ratio_only:  # one more interleaved A/B run (a fresh process): its CPU-time ratio
+        return {"compiled_over_eager_cpu": interleaved(layer, compiled, x, repetitions)[1]}
     # a second batch size (an RNN's sequence gets another length too)
     shape = [size // 2 + 1 for size in x.shape[:-1]] + [x.shape[-1]]
     _, y_eager, grads_eager = step(layer, x)
@@ -119,14 +143,8 @@ def measure(setting: str, contraction: str, repetitions: int, warm_only: bool = 
     _, y_eager, grads_eager = step(layer, other)
     differences.append(relative_difference(y_compiled, y_eager))
     differences += [relative_difference(a, b) for a, b in zip(grads_compiled, grads_eager)]
-    for _ in range(2):  # warm both
-        step(layer, x), step(compiled, x)
-    times = {"eager": [], "compiled": []}
-    # a millisecond step needs many repetitions to outlast the load spikes of a shared machine: >= 3 s of eager steps
-    repetitions = max(repetitions, min(500, int(3.0 / max(step(layer, x)[0][0], 1e-6))))
-    for _ in range(repetitions):  # interleaved: load drifts hit both alike
-        times["eager"].append(step(layer, x)[0])
-        times["compiled"].append(step(compiled, x)[0])
+    times, _ = interleaved(layer, compiled, x, repetitions)
+    repetitions = len(times["eager"])
     medians = {k: statistics.median(wall for wall, _ in v) for k, v in times.items()}
     cpu_medians = {k: statistics.median(cpu for _, cpu in v) for k, v in times.items()}
     return {"setting": setting, "contraction": contraction, "eager_path": eager_path(layer, batch),
@@ -139,11 +157,30 @@ def measure(setting: str, contraction: str, repetitions: int, warm_only: bool = 
             "threads": torch.get_num_threads(), "load_average_1min": os.getloadavg()[0]}
 
 
+def interleaved(layer, compiled, x, repetitions: int):
+    """Eager and compiled steps in turn (load drifts hit both alike): ``({"eager": [(wall, cpu)..], "compiled":
+    [..]}, median compiled CPU time / median eager CPU time)``."""
+    for _ in range(2):  # warm both
+        step(layer, x), step(compiled, x)
+    times = {"eager": [], "compiled": []}
+    # a millisecond step needs many repetitions to outlast the load spikes of a shared machine: >= 3 s of eager steps
+    repetitions = max(repetitions, min(500, int(3.0 / max(step(layer, x)[0][0], 1e-6))))
+    for _ in range(repetitions):
+        times["eager"].append(step(layer, x)[0])
+        times["compiled"].append(step(compiled, x)[0])
+    cpu = {k: statistics.median(cpu for _, cpu in v) for k, v in times.items()}
+    return times, cpu["compiled"] / cpu["eager"]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="5 repetitions instead of 11")
     parser.add_argument("--one", nargs=2, metavar=("SETTING", "PATH"), help=argparse.SUPPRESS)
     parser.add_argument("--warm", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--ratio", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--ab-runs", type=int, default=0, metavar="N",
+                        help="N more interleaved A/B runs per row, each in a fresh process (warm cache): their "
+                             "CPU-time ratios go into the row (ab_runs_compiled_over_eager_cpu) with their median")
     every = list(SETTINGS) + list(RNN_SETTINGS)
     parser.add_argument("--settings", nargs="*", default=every, choices=every)
     parser.add_argument("--paths", nargs="*", default=list(PATHS), choices=PATHS)
@@ -155,7 +192,7 @@ def main():
         torch.set_num_threads(args.threads)
     repetitions = 5 if args.quick else 11
     if args.one:
-        print(json.dumps(measure(*args.one, repetitions, warm_only=args.warm)))
+        print(json.dumps(measure(*args.one, repetitions, warm_only=args.warm, ratio_only=args.ratio)))
         return
     RESULTS.mkdir(parents=True, exist_ok=True)
     output = RESULTS / "bt_compile.json"
@@ -177,6 +214,13 @@ def main():
                 done = subprocess.run(command + ["--warm"], capture_output=True, text=True, check=True, env=env)
                 warm = json.loads(done.stdout.strip().splitlines()[-1])  # a later process: the cache is warm
                 row["warm_first_call_s"], row["warm_first_call_cpu_s"] = warm["first_call_s"], warm["first_call_cpu_s"]
+                ratios = []
+                for _ in range(args.ab_runs):  # the ratio of one run moves with the process's heap layout
+                    done = subprocess.run(command + ["--ratio"], capture_output=True, text=True, check=True, env=env)
+                    ratios.append(json.loads(done.stdout.strip().splitlines()[-1])["compiled_over_eager_cpu"])
+                if ratios:
+                    row["ab_runs_compiled_over_eager_cpu"] = ratios
+                    row["ab_median_compiled_over_eager_cpu"] = statistics.median(ratios)
             with tempfile.TemporaryDirectory() as cache:  # cold again, with Inductor's own compile workers
                 env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_COMPILE_THREADS"}
                 done = subprocess.run(command + ["--warm"], capture_output=True, text=True, check=True,
@@ -191,7 +235,9 @@ def main():
                   f"breaks {row['graph_breaks']}, dynamic recompile {row['dynamic_recompile_s']:5.1f} s, "
                   f"rel. diff {row['max_relative_difference']:.1e}, compiled/eager {row['compiled_over_eager']:.2f} "
                   f"(CPU time {row['compiled_over_eager_cpu']:.2f}) "
-                  f"({row['median_s']['compiled'] * 1e3:.1f} / {row['median_s']['eager'] * 1e3:.1f} ms)", flush=True)
+                  f"({row['median_s']['compiled'] * 1e3:.1f} / {row['median_s']['eager'] * 1e3:.1f} ms)"
+                  + (f"; A/B runs (CPU) {' '.join(f'{r:.2f}' for r in ratios)}, median "
+                     f"{row['ab_median_compiled_over_eager_cpu']:.2f}" if ratios else ""), flush=True)
             output.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))  # after each row: a long run
     print(f"wrote {output}")
 

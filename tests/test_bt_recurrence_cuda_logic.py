@@ -59,7 +59,8 @@ def emulated_cells():
 
 @pytest.mark.parametrize("mode,reverse,lengths", list(itertools.product(["LSTM", "GRU", "RNN_TANH"], [False, True],
                                                                         ["equal", "unequal"])))
-def test_cuda_path_matches_generic_path(emulated_cells, seed, mode, reverse, lengths):
+@pytest.mark.parametrize("grad_final", [False, True])  # h_n's gradient given apart (the op's h_n output)
+def test_cuda_path_matches_generic_path(emulated_cells, seed, mode, reverse, lengths, grad_final):
     torch.manual_seed(seed)
     steps, batch, hidden = 5, 4, 3
     width = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1}[mode] * hidden
@@ -74,8 +75,10 @@ def test_cuda_path_matches_generic_path(emulated_cells, seed, mode, reverse, len
         out, extra = module.forward(mode, x_proj, h0, c0, weight, bias, active, reverse)
         grad_out = torch.randn(steps, batch, hidden, generator=torch.Generator().manual_seed(seed), **kw)
         grad_c_n = torch.ones(batch, hidden, **kw) if mode == "LSTM" else None
+        grad_h_n = torch.randn(hidden, batch, generator=torch.Generator().manual_seed(seed + 1), **kw)
+        grad_h_n = grad_h_n.t() if grad_final else None  # a column-major view: copied into the row-major carry
         saved = extra[1:] if mode == "LSTM" else extra
-        grads = module.backward(mode, grad_out, grad_c_n, h0, c0, weight, out, saved, active, reverse)
+        grads = module.backward(mode, grad_out, grad_c_n, h0, c0, weight, out, saved, active, reverse, grad_h_n)
         results[name] = [out, *(extra[:1] if mode == "LSTM" else []), *(g for g in grads if g is not None)]
     for a, b in zip(results["cuda"], results["generic"]):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

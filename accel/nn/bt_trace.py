@@ -112,6 +112,11 @@ def rebuild_matmul(x: torch.Tensor, core: torch.Tensor, factors) -> torch.Tensor
 # Under torch.compile the dense path is one opaque op running the eager kernels with the layer's workspace:
 # Inductor's version of rebuild_matmul allocates W and grad W afresh (page faults on every call above
 # glibc's mmap threshold) and ran 1.5x slower than eager at the UCF11 setting (experiments/bt_compile.py).
+# The bias gradient is taken inside the backward op too, as a GEMV: left in the graph, Inductor fused it with
+# the weight-side einsum backward's copies into one column reduction over the whole batch that took 2.0 ms of a
+# 75 ms BTLSTM step (64 -> 256, T=100, batch 32, 1 thread), against 0.6-1.0 ms here (README: compile).
+# The weight-side ops themselves (rebuild_operands and its backward) stay traced: Inductor's kernels for them
+# cost little, while torch.einsum searches its opt_einsum path on every call (0.6 ms forward there, eagerly).
 # Not for export: an exported program must hold ordinary ops only (rebuild_matmul).
 @torch.library.custom_op("accel::bt_rebuild_linear", mutates_args=())
 def _rebuild_linear_op(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, bias: Optional[torch.Tensor],
@@ -126,16 +131,19 @@ def _(x, left, right, bias, out0, workspace_key):
 
 @torch.library.custom_op("accel::bt_rebuild_linear_backward", mutates_args=())
 def _rebuild_linear_backward_op(grad_y: torch.Tensor, x: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
-                                out0: int, workspace_key: int, need_x: bool) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                       torch.Tensor]:
+                                out0: int, workspace_key: int, need_x: bool,
+                                need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of ``x``, ``left``, ``right`` and the bias (``x``'s and the bias's empty where not needed)."""
     grad_x, grad_left, grad_right = rebuild_backward(grad_y, x, left, right, out0, workspace_by_key(workspace_key),
                                                      (need_x, True, True))
-    return grad_x if need_x else x.new_empty(0), grad_left, grad_right
+    grad_bias = torch.mv(grad_y.t(), grad_y.new_ones(grad_y.shape[0])) if need_bias else x.new_empty(0)  # column sums
+    return grad_x if need_x else x.new_empty(0), grad_left, grad_right, grad_bias  # outputs never alias
 
 
 @_rebuild_linear_backward_op.register_fake
-def _(grad_y, x, left, right, out0, workspace_key, need_x):
-    return x.new_empty(x.shape if need_x else (0,)), torch.empty_like(left), torch.empty_like(right)
+def _(grad_y, x, left, right, out0, workspace_key, need_x, need_bias):
+    return (x.new_empty(x.shape if need_x else (0,)), torch.empty_like(left), torch.empty_like(right),
+            grad_y.new_empty(grad_y.shape[1] if need_bias else 0))
 
 
 def _setup_context(ctx, inputs, output):
@@ -145,11 +153,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_y):
     x, left, right = ctx.saved_tensors
-    need_x = ctx.needs_input_grad[0]
-    grad_x, grad_left, grad_right = _rebuild_linear_backward_op(grad_y, x, left, right, ctx.out0, ctx.workspace_key,
-                                                                need_x)
-    grad_bias = grad_y.sum(0) if ctx.needs_input_grad[3] else None
-    return grad_x if need_x else None, grad_left, grad_right, grad_bias, None, None
+    need_x, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+    grad_x, grad_left, grad_right, grad_bias = _rebuild_linear_backward_op(grad_y, x, left, right, ctx.out0,
+                                                                           ctx.workspace_key, need_x, need_bias)
+    return grad_x if need_x else None, grad_left, grad_right, grad_bias if need_bias else None, None, None
 
 
 _rebuild_linear_op.register_autograd(_backward, setup_context=_setup_context)

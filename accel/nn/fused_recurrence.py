@@ -213,11 +213,13 @@ def _gru_factors(gates, hidden_gates, h_prev):
     return factors, d_n
 
 
-def backward(mode: str, grad_out, grad_c_n, h0, c0, weight_hh, out, saved: list, active: list[int], reverse: bool):
+def backward(mode: str, grad_out, grad_c_n, h0, c0, weight_hh, out, saved: list, active: list[int], reverse: bool,
+             grad_h_n=None):
     """Gradients ``(x_proj, h0, c0, weight_hh, bias_hh)`` (``c0``'s is ``None`` but for the LSTM).
 
-    ``grad_out`` (``(T, B, H)``, or ``None``) already holds the gradient of ``h_n`` (a view of ``out``);
-    ``grad_c_n`` is the gradient of the LSTM's ``c_n`` (or ``None``)."""
+    ``grad_out`` (``(T, B, H)``, or ``None``) is the gradient of ``out``; ``grad_h_n`` (or ``None``) that of
+    the final state ``h_n`` (``out``'s last step) where it is an output of its own; ``grad_c_n`` is the
+    gradient of the LSTM's ``c_n`` (or ``None``)."""
     steps, batch, hidden = out.shape
     packed = min(active) < batch
     width = weight_hh.shape[0]
@@ -232,6 +234,8 @@ def backward(mode: str, grad_out, grad_c_n, h0, c0, weight_hh, out, saved: list,
     grad_outs = _per_step(grad_out) if grad_out is not None else None
     if fold:
         grad_h.copy_(grad_outs[order[0]])
+    if grad_h_n is not None:  # where the backward starts: as if added to grad_out's last step
+        grad_h.add_(grad_h_n)
 
     def start_step(k: int, t: int):
         if grad_out is not None and not fold:

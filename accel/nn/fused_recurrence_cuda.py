@@ -60,9 +60,10 @@ def forward(mode: str, x_proj, h0, c0, weight_hh, bias_hh, active: list[int], re
     return out, ([c.clone(), workspace, cells] if mode == "LSTM" else [workspace])
 
 
-def backward(mode: str, grad_out, grad_c_n, h0, c0, weight_hh, out, saved: list, active: list[int], reverse: bool):
+def backward(mode: str, grad_out, grad_c_n, h0, c0, weight_hh, out, saved: list, active: list[int], reverse: bool,
+             grad_h_n=None):
     if mode not in SAVED:
-        return _generic_backward(mode, grad_out, grad_c_n, h0, c0, weight_hh, out, saved, active, reverse)
+        return _generic_backward(mode, grad_out, grad_c_n, h0, c0, weight_hh, out, saved, active, reverse, grad_h_n)
     steps, batch, hidden = out.shape
     width = weight_hh.shape[0]
     packed = min(active) < batch
@@ -70,7 +71,7 @@ def backward(mode: str, grad_out, grad_c_n, h0, c0, weight_hh, out, saved: list,
     grad_x = grad_hidden_gates if mode == "LSTM" else torch.zeros_like(grad_hidden_gates)
     grad_hg_all, grad_x_all, workspaces = _per_step(grad_hidden_gates), _per_step(grad_x), _per_step(saved[0])
     grad_outs = _per_step(grad_out) if grad_out is not None else None
-    grad_h = torch.zeros_like(h0)
+    grad_h = torch.zeros_like(h0) if grad_h_n is None else grad_h_n.clone(memory_format=torch.contiguous_format)
     if mode == "LSTM":
         cells = _per_step(saved[1])
         cells_prev = _per_step(previous(saved[1], c0, reverse))
