@@ -76,7 +76,7 @@ class Classifier(nn.Module):
         _, (h, _) = self.rnn(x)
         return self.head(h[-1])
 # "baseline": the torch module the BT layer replaces (nn.Linear / nn.LSTM), compiled the same way
-PATHS = ("auto", "gemm", "einsum", "dense", "baseline")
+PATHS = ("auto", "gemm", "einsum", "dense", "lowrank", "baseline")
 
 
 def build(setting: str, contraction: str):
@@ -101,7 +101,7 @@ def eager_path(module, batch: int) -> str:
     layer = module.input_projection if isinstance(module, BTLSTM) else module
     if not isinstance(layer, BTLinear):
         return "torch"
-    return "dense" if layer.uses_dense(batch) else layer.factorized_method(batch)
+    return layer.method(batch)
 
 
 def step(module, x):
