@@ -11,9 +11,10 @@ factors 1.. as ``right`` ``(I', K J')``, with ``K = N R_0`` and ``I' = I_1..``, 
 Forward flops ``2 B I K J' (1 + J_0 / I')`` against the dense product's ``2 B I J``: fewer wherever
 ``K (1 / J_0 + 1 / I') < 1``, i.e. a small ``N R_0`` beside a wide first output mode and a wide rest of the
 input. The backward (input without grad) is the same two GEMMs again, and the weight-side work is only
-``right``, a few times ``W / (I_0 J_0)`` elements. At 1,600 = 8x8x5x5 -> 16x4x2x2, N=2, R=4, batch 256 (the
+``right``, ``N R_0`` times ``W / (I_0 J_0)`` elements. At 1,600 = 8x8x5x5 -> 16x4x2x2, N=2, R=4, batch 256 (the
 moving-digits BTLSTM of experiments/bt_lstm.py) this is 235 M flops for forward+backward against the rebuilt
-W's 446 M: 0.69-0.81x its time (1 thread, development CPU).
+W's 446 M: 3.7 against 6.4 ms (1 thread, development CPU, a random output gradient). Which path a batch takes
+is the cost model's choice (:mod:`accel.nn.bt_paths`).
 
 Ordinary differentiable ops only, so the same function is its own traced twin (compile, export, ONNX).
 """
