@@ -70,7 +70,6 @@ def test_an_overflowed_chase_pass_is_skipped_and_the_chase_goes_on(seed):
     sees the weights the clean run's first pass saw. So the poisoned chase is the clean one shifted by one pass;
     with the clean run allowed one pass fewer on that batch, both make the same updates (scaling by powers of two
     is exact) and every weight afterwards is bit-identical."""
-    batches = regression_batches(seed, epochs=4, hard_noise=6.0)
     max_chase = 5
 
     def run(poisoned_step=None, shorter_step=None):
@@ -82,8 +81,15 @@ def test_an_overflowed_chase_pass_is_skipped_and_the_chase_goes_on(seed):
             scaled_train(opt, model, [batch], scaler, poison=lambda _, call: step == poisoned_step and call == 1)
         return model, opt, scaler
 
-    first_model, first, _ = run()
-    target = next(h for h in first.history if h["chased"] and h["extra_passes"] >= 2)  # pass 1 was above the limit
+    # a data draw whose clean run chases some batch at least twice (pass 1 was above the limit): ~94% of draws do
+    # (9 of 151 seeds did not), so up to 8 draws derived from the seed
+    for draw in range(8):
+        batches = regression_batches(seed + draw, epochs=4, hard_noise=6.0)
+        first_model, first, _ = run()
+        target = next((h for h in first.history if h["chased"] and h["extra_passes"] >= 2), None)
+        if target is not None:
+            break
+    assert target is not None, f"no batch chased twice in 8 data draws from seed {seed}"
     shorter = target["step"] if target["extra_passes"] == max_chase else None
     clean_model, clean, clean_scaler = run(shorter_step=shorter)
     model, opt, scaler = run(poisoned_step=target["step"])
