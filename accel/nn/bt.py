@@ -27,8 +27,7 @@ from accel.nn.bt_dense import RebuildWorkspace, matmul_dtype, rebuild_linear
 from accel.nn.bt_factorized import chunk_rows, factorized_product
 from accel.nn.bt_lowrank import lowrank_linear
 from accel.nn.bt_paths import (ELEMENT_FLOPS, FACTORIZED_FLOP_PENALTY,  # noqa: F401 (re-exported)
-                               GEMM_CHAIN_MAX_EXTRA_FLOPS, REBUILD_FLOP_PENALTY, chain_plan,
-                               contraction_costs,
+                               GEMM_CHAIN_MAX_EXTRA_FLOPS, REBUILD_FLOP_PENALTY, chain_plan, contraction_costs,
                                contraction_method, dense_is_cheaper, factorized_expression, factorized_method,
                                rebuild_expression)
 from accel.nn.bt_shapes import (auto_num_modes, balanced_factors, check_shape,  # noqa: F401 (re-exported)

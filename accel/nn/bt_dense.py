@@ -12,8 +12,8 @@ matrices (factor 0 as ``(J_0 I_0, N R_0)`` and the rest of the block-term contra
 ``(N R_0, I_1.. J_1..)``). Then either ``y[:, j_0, :] = x @ W[j_0]`` is one batched GEMM over ``j_0``
 (``J' = J_1 .. J_{d-1}`` columns each), or, where those GEMMs are narrow and the batch large, or the batch
 at least the input width (:func:`weight_rows_first`), ``W`` is copied once into the ``(I, J)`` layout and
-``y = x @ W + bias`` and ``grad W = x^T @ grad y`` are each one plain GEMM. ``W`` and its gradient share two buffers of a workspace
-reused across calls: the backward needs neither the forward's ``W`` (the input gradient rebuilds it), so a
+``y = x @ W + bias`` and ``grad W = x^T @ grad y`` are each one plain GEMM. ``W`` and its gradient share two
+buffers of a workspace reused across calls: the backward needs neither the forward's ``W`` (the input gradient rebuilds it), so a
 second forward before the first backward is safe.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 __all__ = ["RebuildWorkspace", "contract_steps", "einsum_cached", "matmul_dtype", "rebuild_backward",
-           "rebuild_forward", "rebuild_linear", "rebuild_operands", "weight_rows_first"]
+           "rebuild_forward", "rebuild_linear", "rebuild_operands", "rest_equation", "weight_rows_first"]
 
 
 def matmul_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -113,19 +113,24 @@ def einsum_cached(equation: str, *operands: torch.Tensor) -> torch.Tensor:
     return contract_steps(_pairwise_steps(equation, tuple(tuple(t.shape) for t in operands)), operands)
 
 
+def rest_equation(d: int, inputs_first: bool = False) -> str:
+    """The einsum of ``core, factor_1..factor_{d-1}`` into the rest of the block term (all but factor 0):
+    ``(N, R_0, I_1.., J_1..)``, or with ``inputs_first`` ``(I_1.., N, R_0, J_1..)`` (the low-rank path's)."""
+    ranks = "abcdefghij"[:d]
+    ins, outs = "klmnopqrst"[:d], "uvwxyzABCD"[:d]
+    terms = [f"Z{ranks}"] + [f"Z{ins[k]}{outs[k]}{ranks[k]}" for k in range(1, d)]
+    output = f"{ins[1:]}Z{ranks[0]}{outs[1:]}" if inputs_first else f"Z{ranks[0]}{ins[1:]}{outs[1:]}"
+    return ",".join(terms) + "->" + output
+
+
 def rebuild_operands(core: torch.Tensor, factors) -> tuple[torch.Tensor, torch.Tensor]:
     """``(left, right)`` with ``left @ right`` the weight in the ``(J_0, I_0, I_1.., J_1..)`` layout.
 
     ``left`` is factor 0 as ``(J_0 I_0, N R_0)``; ``right`` is ``(N R_0, I_1.. J_1..)``, the core
     contracted with factors 1..d-1 (small: ``N R_0`` times the weight over ``I_0 J_0``). Differentiable.
     """
-    d = len(factors)
     num_blocks, in0, out0, rank0 = factors[0].shape
-    ranks = "abcdefghij"[:d]
-    ins, outs = "klmnopqrst"[:d], "uvwxyzABCD"[:d]
-    terms = [f"Z{ranks}"] + [f"Z{ins[k]}{outs[k]}{ranks[k]}" for k in range(1, d)]
-    equation = ",".join(terms) + f"->Z{ranks[0]}{ins[1:]}{outs[1:]}"
-    right = einsum_cached(equation, core, *factors[1:]).reshape(num_blocks * rank0, -1)
+    right = einsum_cached(rest_equation(len(factors)), core, *factors[1:]).reshape(num_blocks * rank0, -1)
     left = factors[0].permute(2, 1, 0, 3).reshape(out0 * in0, num_blocks * rank0)
     return left, right
 

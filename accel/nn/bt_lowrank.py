@@ -26,24 +26,16 @@ import math
 import opt_einsum
 import torch
 
-from accel.nn.bt_dense import einsum_cached, matmul_dtype
+from accel.nn.bt_dense import einsum_cached, matmul_dtype, rest_equation
 
 __all__ = ["lowrank_costs", "lowrank_linear", "lowrank_operands"]
-
-
-def _right_equation(d: int) -> str:
-    """``core, factor_1.. -> (I_1.., N, R_0, J_1..)``: ``right`` in the layout the first GEMM takes."""
-    ranks = "abcdefghij"[:d]
-    ins, outs = "klmnopqrst"[:d], "uvwxyzABCD"[:d]
-    terms = [f"Z{ranks}"] + [f"Z{ins[k]}{outs[k]}{ranks[k]}" for k in range(1, d)]
-    return ",".join(terms) + f"->{ins[1:]}Z{ranks[0]}{outs[1:]}"
 
 
 def lowrank_operands(core: torch.Tensor, factors) -> tuple[torch.Tensor, torch.Tensor]:
     """``(left, right)``: factor 0 as ``(J_0, I_0 K)`` and the rest of the block term as ``(I', K J')``
     (``K = N R_0``). Differentiable."""
     num_blocks, in0, out0, rank0 = factors[0].shape
-    right = einsum_cached(_right_equation(len(factors)), core, *factors[1:])
+    right = einsum_cached(rest_equation(len(factors), inputs_first=True), core, *factors[1:])
     in_rest = math.prod([f.shape[1] for f in factors[1:]])  # a list: strict export cannot trace a generator here
     left = factors[0].permute(2, 1, 0, 3).reshape(out0, in0 * num_blocks * rank0)
     return left, right.reshape(in_rest, -1)
@@ -76,6 +68,7 @@ def lowrank_costs(in_shape, out_shape, ranks, num_blocks, batch) -> tuple[int, i
     per_row = 2 * batch * out0 * in0 * k * out_rest
     d = len(in_shape)
     shapes = [(num_blocks, *ranks)] + [(num_blocks, i, j, r) for i, j, r in zip(in_shape[1:], out_shape[1:], ranks[1:])]
-    right_flops = 0 if d == 1 else int(opt_einsum.contract_path(_right_equation(d), *shapes, shapes=True)[1].opt_cost)
+    equation = rest_equation(d, inputs_first=True)
+    right_flops = 0 if d == 1 else int(opt_einsum.contract_path(equation, *shapes, shapes=True)[1].opt_cost)
     elements = in_rest * k * out_rest + batch * in0 * k * out_rest + batch * out0 * out_rest
     return gemm, per_row + right_flops, elements

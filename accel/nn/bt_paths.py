@@ -11,7 +11,8 @@ from accel.nn.bt_contract import gemm_chain_elements, gemm_chain_flops, grouped_
 from accel.nn.bt_lowrank import lowrank_costs
 
 __all__ = ["FACTORIZED_FLOP_PENALTY", "REBUILD_FLOP_PENALTY", "ELEMENT_FLOPS", "GROUPED_CHAIN_FLOP_PENALTY",
-           "GROUPED_CHAIN_MIN_BATCH", "GEMM_CHAIN_MAX_EXTRA_FLOPS", "LOWRANK_GEMM_FLOP_PENALTY", "LOWRANK_STEP_FLOPS", "auto_method", "chain_plan", "contraction_costs",
+           "GROUPED_CHAIN_MIN_BATCH", "GEMM_CHAIN_MAX_EXTRA_FLOPS", "LOWRANK_GEMM_FLOP_PENALTY", "LOWRANK_STEP_FLOPS",
+           "auto_method", "chain_plan", "contraction_costs",
            "contraction_method", "dense_is_cheaper", "factorized_contraction_steps", "factorized_expression",
            "factorized_method", "rebuild_expression"]
 
