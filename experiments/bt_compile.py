@@ -158,16 +158,17 @@ def measure(setting: str, contraction: str, repetitions: int, warm_only: bool = 
 
 
 def interleaved(layer, compiled, x, repetitions: int):
-    """Eager and compiled steps in turn (load drifts hit both alike): ``({"eager": [(wall, cpu)..], "compiled":
+    """Eager and compiled steps in turn, in ABBA order (load drifts hit both alike, and neither is always the
+    step that follows the other): ``({"eager": [(wall, cpu)..], "compiled":
     [..]}, median compiled CPU time / median eager CPU time)``."""
     for _ in range(2):  # warm both
         step(layer, x), step(compiled, x)
     times = {"eager": [], "compiled": []}
     # a millisecond step needs many repetitions to outlast the load spikes of a shared machine: >= 3 s of eager steps
     repetitions = max(repetitions, min(500, int(3.0 / max(step(layer, x)[0][0], 1e-6))))
-    for _ in range(repetitions):
-        times["eager"].append(step(layer, x)[0])
-        times["compiled"].append(step(compiled, x)[0])
+    for k in range(repetitions):  # ABBA: neither side always runs right after the other
+        for name in (("eager", "compiled") if k % 2 == 0 else ("compiled", "eager")):
+            times[name].append(step(layer if name == "eager" else compiled, x)[0])
     cpu = {k: statistics.median(cpu for _, cpu in v) for k, v in times.items()}
     return times, cpu["compiled"] / cpu["eager"]
 

