@@ -19,7 +19,7 @@ What makes it fast on CPU (measured against the reference in ``experiments/bt_re
 - the weight and bias gradients taken after the loop with two GEMMs over all ``T * B`` rows;
 - the whole-sequence buffers (outputs, saved gates, their gradient) taken from
   :mod:`accel.nn.step_buffers`, which keeps their memory between steps: freed and allocated afresh,
-  they were faulted in again page by page (a BTLSTM step at 64 -> 256, T=100, batch 32: 15-19% faster).
+  they were faulted in again page by page (a BTLSTM step at 64 -> 256, T=100, batch 32: 0.83-0.87x the time).
 
 Rows of a sequence that has finished (forward) or not yet started (reverse) carry the state through
 the step unchanged, in the outputs as well: so ``out[last]`` is every sequence's final state, and

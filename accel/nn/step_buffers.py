@@ -4,10 +4,10 @@ Why: a BTLSTM step (64 -> 256, T=100, batch 32) allocates and frees three 13 MB 
 (the projected input, the saved gates, the gates' gradient). glibc hands freed memory at the top of its heap
 back to the OS once more than its trim threshold (twice the dynamic mmap threshold, ~26 MB here) is free
 there, and the next step then faults every 4 KiB page in again, zero-filled by the kernel. On the 2-core VM
-that cost a step 3,200-9,600 page faults and took it from 70 ms to 80-130 ms, eager or compiled alike,
-depending on where a process's heap happened to place the buffers (``experiments/bt_compile.py``). glibc's
-own knobs (``M_TRIM_THRESHOLD``) are process-wide, so the library leaves them alone and reuses its own
-buffers instead.
+that cost a step 3,200-7,600 page faults, eager or compiled alike, as many as a process's heap layout
+happened to give: with this pool the step takes 0.83-0.87x the time (``experiments/step_buffers.py``).
+glibc's own knobs (``M_TRIM_THRESHOLD``) are process-wide, so the library leaves them alone and reuses its
+own buffers instead.
 
 A buffer is handed out again only when nothing else holds its memory: no tensor, view, autograd saved
 tensor, NumPy array or storage object (its storage's reference count, and the Python count of the storage
