@@ -402,3 +402,18 @@ def test_input_dtype_must_match_parameters_as_nn_linear(seed, dtype):
     if dtype == torch.float16:  # autocast casts it, as for nn.Linear
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert layer.float()(x).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("contraction", ["auto", "dense", "lowrank", "gemm"])
+def test_inference_mode_then_training(seed, contraction):
+    """Buffers made under torch.inference_mode (the dense path's workspace) are not reused where they could
+    not be written: a training step afterwards runs and agrees."""
+    torch.manual_seed(seed)
+    layer = BTLinear(64, 1024, in_shape=(4, 4, 4), out_shape=(8, 8, 16), contraction=contraction)
+    x = torch.randn(96, 64)
+    with torch.inference_mode():
+        y_inference = layer(x)
+    y = layer(x)
+    y.square().sum().backward()
+    torch.testing.assert_close(y_inference, y.detach(), rtol=1e-5, atol=1e-5)
+    assert all(p.grad is not None for p in layer.parameters())

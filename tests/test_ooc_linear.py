@@ -112,3 +112,20 @@ def test_activations_on_gpu(seed):
     torch.testing.assert_close(y.cpu(), linear(x_ref).detach(), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(x.grad.cpu(), x_ref.grad, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(layer.weight.grad, linear.weight.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_inference_mode_then_training(seed):
+    """Under torch.inference_mode (which does not reach the engine's threads) the layer and accel.gemm still
+    compute; a training step afterwards works and agrees."""
+    import accel
+    torch.manual_seed(seed)
+    layer = OutOfCoreLinear(96, 40)
+    x = torch.randn(12, 96)
+    with torch.inference_mode():
+        y_inference = layer(x)
+        product = accel.gemm(x, layer.weight.t())
+    y = layer(x)
+    y.square().sum().backward()
+    torch.testing.assert_close(y_inference, y.detach())
+    torch.testing.assert_close(product, x @ layer.weight.detach().t(), rtol=1e-5, atol=1e-5)
+    assert layer.weight.grad is not None

@@ -177,3 +177,17 @@ def test_a_training_step_reuses_its_memory():
     for _ in range(3):
         step()
     assert step_buffers.pooled_bytes() == pooled
+
+
+def test_inference_mode_then_training_with_pooled_buffers(pool_everything, seed):
+    """Pool buffers and workspaces first made under torch.inference_mode serve training steps afterwards."""
+    torch.manual_seed(seed)
+    lstm = BTLSTM(64, 32, in_shape=(4, 4, 4), hidden_shape=(2, 4, 4), batch_first=True)
+    x = torch.randn(4, 9, 64)
+    with torch.inference_mode():
+        expected = lstm(x)[0]
+    out = lstm(x)[0]
+    out.square().sum().backward()
+    torch.testing.assert_close(out.detach(), expected)
+    with torch.no_grad():
+        torch.testing.assert_close(lstm(x)[0], expected)

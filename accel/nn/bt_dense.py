@@ -67,7 +67,8 @@ class RebuildWorkspace:
     def get(self, role: str, shape, like: torch.Tensor) -> torch.Tensor:
         key = (role, tuple(shape), like.dtype, like.device)
         buffer = self._buffers.get(key)
-        if buffer is None:
+        # one made under torch.inference_mode cannot be written outside it: made afresh then
+        if buffer is None or (buffer.is_inference() and not torch.is_inference_mode_enabled()):
             # only the latest shape per role is kept: a layer sees few batch-independent shapes
             self._buffers = {k: v for k, v in self._buffers.items() if k[0] != role}
             buffer = self._buffers[key] = torch.empty(shape, dtype=like.dtype, device=like.device)

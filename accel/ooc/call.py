@@ -112,7 +112,10 @@ def _compute(engine, A, B, C, *, alpha, beta, trans_a, trans_b, block, compute_d
         if C is not None and beta != 0:
             out.copy_(C.to(accumulator) * beta)
     else:
-        out = torch.empty((m, n), dtype=out_dtype)
+        # the engine's threads write it, and torch.inference_mode does not reach them: a tensor made under it
+        # could not be written there ("Inplace update to inference tensor outside InferenceMode")
+        with torch.inference_mode(False):
+            out = torch.empty((m, n), dtype=out_dtype)
         scope = cache_scope.key if cache_scope is not None else ("persistent",) if engine.persist_cache else None
         a_key = source_key(A_source, scope if keyed_a and scope else call_scope())
         b_key = source_key(B_source, scope if keyed_b and scope else call_scope())
