@@ -206,10 +206,18 @@ class BTLinear(nn.Module):
         return w.reshape(self.in_features, self.out_features).t()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self._linear(input, self.bias)
+
+    def product(self, input: torch.Tensor) -> torch.Tensor:
+        """``input @ W^T`` without the bias: ``forward`` less ``self.bias`` (the fused BT RNNs add it with
+        ``b_hh`` inside their step)."""
+        return self._linear(input, None)
+
+    def _linear(self, input: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         self._check_input(input)
         leading = input.shape[:-1]
         x = input.reshape(-1, self.in_features)
-        y = self._traced_product(x, self.bias) if is_tracing(x, self.core) else self._eager_product(x, self.bias)
+        y = self._traced_product(x, bias) if is_tracing(x, self.core) else self._eager_product(x, bias)
         return y.reshape(*leading, self.out_features)
 
     def _check_input(self, input: torch.Tensor) -> None:
