@@ -417,3 +417,12 @@ def test_inference_mode_then_training(seed, contraction):
     y.square().sum().backward()
     torch.testing.assert_close(y_inference, y.detach(), rtol=1e-5, atol=1e-5)
     assert all(p.grad is not None for p in layer.parameters())
+
+
+@pytest.mark.parametrize("contraction", ["auto", "factorized", "dense", "lowrank"])
+def test_product_is_forward_without_the_bias(seed, contraction):
+    torch.manual_seed(seed)
+    layer = BTLinear(24, 12, in_shape=(2, 3, 4), out_shape=(3, 2, 2), ranks=2, contraction=contraction)
+    x = torch.randn(2, 5, 24)
+    torch.testing.assert_close(layer.product(x) + layer.bias, layer(x))
+    assert layer.product(x).shape == (2, 5, 12)
