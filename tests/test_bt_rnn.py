@@ -169,3 +169,28 @@ def test_tuple_state_for_gru_and_rnn_is_refused_by_name(kind):
         bt(torch.randn(3, 2, INPUT, dtype=torch.float64), (h0,))
     with pytest.raises(TypeError, match="BTLSTM expects hx as a tuple"):
         make("lstm")(torch.randn(3, 2, INPUT, dtype=torch.float64), h0)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "rnn_tanh"])
+@pytest.mark.parametrize("projection", ["nn.Linear", "BTLinear without bias"])
+def test_swapped_input_projection_fused_matches_loop(seed, kind, projection):
+    """The fused LSTM/RNN add b_ih inside their step when the projection is a BTLinear; a projection a user
+    swapped in (any module, e.g. a TT layer, or a BTLinear without bias) keeps its own bias: same results."""
+    torch.manual_seed(seed)
+    rnn = make(kind, num_layers=2, bidirectional=True)
+    gates = rnn.input_projection.out_features
+    for name in ("input_projection", "input_projection_reverse"):
+        swapped = (nn.Linear(INPUT, gates, dtype=torch.float64) if projection == "nn.Linear" else
+                   BTLinear(INPUT, gates, in_shape=(4, 6), ranks=2, bias=False, dtype=torch.float64))
+        setattr(rnn, name, swapped)
+    x = torch.randn(5, 3, INPUT, dtype=torch.float64)
+    grad = torch.randn(5, 3, 2 * HIDDEN, dtype=torch.float64)
+    results = {}
+    for recurrence in ("fused", "loop"):
+        rnn.recurrence = recurrence
+        rnn.zero_grad()
+        out, _ = rnn(x)
+        out.backward(grad)
+        results[recurrence] = [out.detach()] + [p.grad.clone() for p in rnn.parameters()]
+    for fused, loop in zip(results["fused"], results["loop"]):
+        torch.testing.assert_close(fused, loop, rtol=1e-9, atol=1e-10)

@@ -98,15 +98,21 @@ class _BTRNNBase(nn.Module):
     def _project(self, layer: int, direction: int, data: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
         """Input-to-hidden projection of all time steps at once (without ``b_ih`` if not ``with_bias``)."""
         if layer == 0:
-            projection = getattr(self, "input_projection" + ("_reverse" if direction else ""))
+            projection = self._input_projection(direction)
             return projection(data) if with_bias else projection.product(data)
         weight_ih, bias_ih, _, _ = self._weights(layer, direction)
         return nn.functional.linear(data, weight_ih, bias_ih if with_bias else None)
 
-    def _input_bias(self, layer: int, direction: int) -> torch.Tensor | None:
-        if layer == 0:
-            return getattr(self, "input_projection" + ("_reverse" if direction else "")).bias
-        return self._weights(layer, direction)[1]
+    def _input_projection(self, direction: int) -> nn.Module:
+        return getattr(self, "input_projection" + ("_reverse" if direction else ""))
+
+    def _separable_input_bias(self, layer: int, direction: int) -> torch.Tensor | None:
+        """``b_ih`` where the projection can run without it: deeper layers, and a first layer whose projection
+        is a BTLinear (``product``); ``None`` for one a user swapped in (any module: it adds its own bias)."""
+        if layer > 0:
+            return self._weights(layer, direction)[1]
+        projection = self._input_projection(direction)
+        return projection.bias if isinstance(projection, BTLinear) else None
 
     def _check_state(self, state: torch.Tensor, name: str, batch: int, batched: bool) -> torch.Tensor:
         expected = (self.num_layers * self.num_directions, batch, self.hidden_size)
@@ -199,9 +205,10 @@ class _BTRNNBase(nn.Module):
         # over all (T*B, gates*H) values forward and their column sums backward (~2 ms of a 62 ms BTLSTM step at
         # 64 -> 256, T=100, batch 32). Not the GRU: its b_in stays outside r * (W_hn h + b_hn).
         fold = self.recurrence == "fused" and self.mode != "GRU" and bias_hh is not None
-        x_proj = self._project(layer, direction, data, with_bias=not fold)
-        if fold:
-            bias_hh = bias_hh + self._input_bias(layer, direction)
+        bias_ih = self._separable_input_bias(layer, direction) if fold else None
+        x_proj = self._project(layer, direction, data, with_bias=bias_ih is None)
+        if bias_ih is not None:
+            bias_hh = bias_hh + bias_ih
         reverse = direction == 1
         if self.recurrence == "fused":
             if batch_sizes is None:
