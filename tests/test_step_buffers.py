@@ -58,7 +58,7 @@ def test_memory_still_held_is_never_handed_out(holder):
     assert address(step_buffers.empty(SHAPE, LIKE)) == where  # let go: the pool has it back
 
 
-def test_small_gpu_or_disabled_requests_allocate_afresh(monkeypatch):
+def test_small_or_disabled_requests_allocate_afresh(monkeypatch):
     small = step_buffers.empty((8, 8), LIKE)
     assert small.untyped_storage().nbytes() == 8 * 8 * 4  # exactly its size: not from a pooled buffer
     monkeypatch.setattr(step_buffers, "enabled", False)
@@ -191,3 +191,16 @@ def test_inference_mode_then_training_with_pooled_buffers(pool_everything, seed)
     torch.testing.assert_close(out.detach(), expected)
     with torch.no_grad():
         torch.testing.assert_close(lstm(x)[0], expected)
+
+
+def test_a_buffer_pooled_after_the_cap_let_idle_ones_go_is_reused(monkeypatch):
+    step_buffers.clear()
+    held = step_buffers.empty(SHAPE, LIKE)  # class X, in use
+    step_buffers.empty((700, 1024), LIKE)  # class Y, idle at once
+    monkeypatch.setattr(step_buffers, "MAX_BYTES", step_buffers.pooled_bytes() + 2 ** 20)
+    second = step_buffers.empty(SHAPE, LIKE)  # X again: over the cap until Y's buffer goes
+    where = address(second)
+    del second
+    assert address(step_buffers.empty(SHAPE, LIKE)) == where
+    assert step_buffers.pooled_bytes() == sum(size * len(pool) for size, pool in step_buffers._buffers.items())
+    del held

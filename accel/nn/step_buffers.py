@@ -53,7 +53,7 @@ def _holders(buffer: torch.Tensor) -> tuple[int, int]:
 
 
 # what the counts read when only the pool holds a buffer (torch's own share of them differs between versions)
-_ONLY_THE_POOL = _holders(torch.empty(1))
+_ONLY_THE_POOL = _holders(torch.empty(1, device="cpu"))
 
 
 def _is_free(buffer: torch.Tensor) -> bool:
@@ -73,14 +73,15 @@ def empty(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.
         pool = _buffers.setdefault(size, [])
         buffer = next((b for b in pool if _is_free(b)), None)
         if buffer is None:
-            buffer = torch.empty(size, dtype=torch.uint8)
             if _total + size > MAX_BYTES:
                 _release_idle()
-            if _total + size <= MAX_BYTES:
-                pool.append(buffer)
-                _total += size
+            if _total + size > MAX_BYTES:  # past the cap: an ordinary allocation of the exact size
+                return torch.empty(shape, dtype=dtype, device="cpu")
+            buffer = torch.empty(size, dtype=torch.uint8, device="cpu")  # not torch's default device
+            pool.append(buffer)
+            _total += size
         # made while the lock is held: from here the buffer counts as in use for every other thread
-        return torch.empty(0, dtype=dtype).set_(buffer.untyped_storage(), 0, tuple(shape))
+        return torch.empty(0, dtype=dtype, device="cpu").set_(buffer.untyped_storage(), 0, tuple(shape))
 
 
 def _release_idle() -> None:
@@ -88,7 +89,7 @@ def _release_idle() -> None:
     for size, pool in list(_buffers.items()):
         kept = [b for b in pool if not _is_free(b)]
         _total -= size * (len(pool) - len(kept))
-        _buffers[size] = kept
+        pool[:] = kept  # in place: a caller may hold this list
 
 
 def clear() -> None:
