@@ -4,7 +4,9 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/procs.py
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/procs.py, tests/helpers.py
+
+from helpers import chosen_seed  # noqa: E402
 
 # every GPU test carries the `cuda` marker (also those only skipped "needs a CUDA GPU"): `pytest -m cuda` runs them all
 pytest_plugins = ["accel.gpucheck.pytest_gpu_tests"]
@@ -16,10 +18,8 @@ def pytest_configure(config):
 
 @pytest.fixture
 def seed():
-    """A fresh seed each run (never a fixed input); printed so a failure can be replayed."""
-    value = int.from_bytes(os.urandom(4), "little")
-    print(f"seed={value}")
-    return value
+    """The test's seed: fixed by default; ACCEL_TEST_SEED picks another (see ``helpers.chosen_seed``)."""
+    return chosen_seed()
 
 
 # The local SLURM cluster is one session fixture for every test module that needs it (started once).

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch.distributed
 
+from helpers import chosen_seed
 from procs import check, torchrun
 
 SCRIPT = Path(__file__).parent / "scripts" / "isgd_ddp.py"
@@ -15,8 +16,7 @@ pytestmark = [pytest.mark.multiprocess,
 
 @pytest.fixture(scope="module")
 def result():
-    seed = int.from_bytes(__import__("os").urandom(2), "little")
-    print(f"seed={seed}")
+    seed = chosen_seed()
     output = check(torchrun(SCRIPT, str(seed), "gloo", nproc=2, timeout=180))  # explicit: nccl would be the
     # default pick on a GPU machine, and these tests are about the CPU path
     line = next(line for line in output.splitlines() if line.startswith("RESULT "))
