@@ -3,7 +3,7 @@
 Two weights: a random Gaussian one (far from block-term: the error stays near 1) and one that truly
 is block-term (the dense weight of a random ``BTLinear`` with the same ranks: it should be recovered
 to ~1e-10). For each, the wall and CPU time and the relative error of the current implementation are
-measured; with ``--baseline`` the implementation before the speed-up (``accel/nn/decompose.py`` at
+measured; with ``--baseline`` the implementation before the speed-up (``accel/nn/bt/decompose.py`` at
 commit ``BASELINE_COMMIT``, read with ``git show``) runs on the same weights in the same process,
 and the ratios are printed. The baseline takes minutes per weight.
 
@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from accel.nn import BTLinear  # noqa: E402
-from accel.nn.decompose import block_term_decomposition  # noqa: E402
+from accel.nn.bt.decompose import block_term_decomposition  # noqa: E402
 
 RESULTS = ROOT / "experiments" / "results"
 BASELINE_COMMIT = "2ced4ef"  # last commit with the tensorly-based implementation
@@ -34,7 +34,7 @@ OUT_FEATURES, IN_FEATURES, RANKS, NUM_BLOCKS = 1024, 4096, 8, 4
 
 
 def load_baseline():
-    source = subprocess.run(["git", "show", f"{BASELINE_COMMIT}:accel/nn/decompose.py"], cwd=ROOT,
+    source = subprocess.run(["git", "show", f"{BASELINE_COMMIT}:accel/nn/bt/decompose.py"], cwd=ROOT,
                             capture_output=True, text=True, check=True).stdout
     module = types.ModuleType("decompose_baseline")
     exec(compile(source, "decompose_baseline.py", "exec"), module.__dict__)

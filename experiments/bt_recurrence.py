@@ -28,7 +28,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from accel.nn import BTGRU, BTLSTM, BTRNN, fused_recurrence, recurrence_kernel  # noqa: E402
+from accel.nn import BTGRU, BTLSTM, BTRNN
+from accel.nn.recurrence import _fused as fused_recurrence
+from accel.nn.recurrence import _kernel as recurrence_kernel  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # name, BT class, nn class, input_size, hidden_size, steps, batch, BT options
@@ -57,7 +59,7 @@ def step(module, x, grad):
 
 
 def without_kernel(fn):
-    """``fn`` with the LSTM step on torch ops instead of kernels/lstm_step.cpp."""
+    """``fn`` with the LSTM step on torch ops instead of accel/nn/recurrence/_csrc/lstm_step.cpp."""
     def run():
         fused_recurrence.use_kernel = False
         try:

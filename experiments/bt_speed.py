@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from accel.nn import BTLinear  # noqa: E402
-from accel.nn.bt_contract import gemm_chain_training_flops  # noqa: E402
+from accel.nn.bt._contract import gemm_chain_training_flops  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SETTINGS = [

@@ -1,4 +1,4 @@
-"""What keeping the large buffers between steps (accel/nn/step_buffers.py) saves: BT RNN training steps with
+"""What keeping the large buffers between steps (accel/nn/_step_buffers.py) saves: BT RNN training steps with
 the pool on and off, interleaved in ABBA order in one process, each in a few fresh processes (a process's heap
 layout decides how many pages glibc hands back to the OS between steps, so one process is one sample).
 
@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from accel.nn import BTGRU, BTLSTM, step_buffers  # noqa: E402
+from accel.nn import BTGRU, BTLSTM
+from accel.nn import _step_buffers as step_buffers  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SETTINGS = {  # name: class, input size, hidden size, batch, steps

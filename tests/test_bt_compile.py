@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from accel.nn import BTLinear
-from accel.nn.bt_paths import contraction_method
+from accel.nn.bt._paths import contraction_method
 
 
 def model_reaching_every_path():
@@ -81,8 +81,8 @@ def test_inductor_default_path_matches_eager(seed):
 @pytest.mark.parametrize("batch", [5, 30])  # under / over the 24 input features: batched-GEMM / flat layout
 def test_compiled_dense_op_passes_opcheck(seed, need_x, batch):
     """The dense path's custom op (used under torch.compile): fake shapes, autograd and schema checked by torch."""
-    from accel.nn.bt_dense import rebuild_operands
-    from accel.nn.bt_trace import _rebuild_linear_op
+    from accel.nn.bt._dense import rebuild_operands
+    from accel.nn.bt._traced import _rebuild_linear_op
 
     torch.manual_seed(seed)
     layer = BTLinear(24, 12, in_shape=(2, 3, 4), out_shape=(3, 2, 2), ranks=2, dtype=torch.float64)
@@ -103,7 +103,7 @@ def test_workspace_copies_start_empty_under_their_own_key(seed):
     import copy
     import io
 
-    from accel.nn.bt_dense import workspace_by_key
+    from accel.nn.bt._dense import workspace_by_key
 
     torch.manual_seed(seed)
     layer = BTLinear(24, 12, in_shape=(2, 3, 4), out_shape=(3, 2, 2), ranks=2, contraction="dense")
@@ -137,7 +137,7 @@ def test_compiled_factorized_paths_run_the_eager_code(seed, backend, x_needs_gra
     (bt_compiled.py): outputs and the weights' and input's gradients equal eager's bit for bit (the bias
     gradient is the compiled graph's own sum), at a second (dynamic) batch size too; no kept graph outlives
     its backward."""
-    from accel.nn import bt_compiled
+    from accel.nn.bt import _compiled as bt_compiled
 
     torch.manual_seed(seed)
     for layer in factorized_layers():
@@ -162,7 +162,7 @@ def test_compiled_factorized_graph_lifetime_and_second_backward(seed):
     backward through the same compiled graph raises an error naming the limitation, never a wrong gradient."""
     import gc
 
-    from accel.nn import bt_compiled
+    from accel.nn.bt import _compiled as bt_compiled
 
     torch.manual_seed(seed)
     layer = factorized_layers()[0]
@@ -185,7 +185,7 @@ def test_compiled_factorized_graph_lifetime_and_second_backward(seed):
 
 def test_compiled_factorized_op_passes_opcheck(seed):
     """The factorized path's custom op (used under torch.compile): fake shapes and schema checked by torch."""
-    from accel.nn.bt_compiled import _forward_op
+    from accel.nn.bt._compiled import _forward_op
 
     torch.manual_seed(seed)
     layer = factorized_layers()[0]

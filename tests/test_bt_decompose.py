@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from accel.nn import BTLinear
-from accel.nn.decompose import block_term_decomposition, matrix_to_bt_tensor
+from accel.nn.bt.decompose import block_term_decomposition, matrix_to_bt_tensor
 
 
 def test_full_rank_reconstructs_to_machine_precision(seed):
@@ -68,7 +68,7 @@ def test_contractions_match_tensorly(seed):
     """The BLAS-shaped contractions are checked against tensorly's plain mode products."""
     import tensorly as tl
 
-    from accel.nn.decompose import _Blocks, _contract, _leading_subspace, _sweep_projections
+    from accel.nn.bt.decompose import _Blocks, _contract, _leading_subspace, _sweep_projections
 
     rng = np.random.default_rng(seed)
     for shape in [(7,), (5, 6), (4, 6, 5), (3, 5, 4, 6), (3, 4, 2, 5, 3)]:

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from accel.nn import BTLinear
-from accel.nn.bt_dense import weight_rows_first
-from accel.nn.bt_paths import chain_plan
-from accel.nn.bt_trace import rebuild_matmul
+from accel.nn.bt._dense import weight_rows_first
+from accel.nn.bt._paths import chain_plan
+from accel.nn.bt._traced import rebuild_matmul
 
 # (in_shape, out_shape): J_0 > 1 and J' > 1 so the copy between the layouts moves data; d = 2 and the
 # moving-digits projection of experiments/bt_lstm.py (1,600 -> 16x4x2x2) included
@@ -70,7 +70,7 @@ def test_gemm_chain_elements_match_counted(seed, in_shape, out_shape, split):
     leaves out as small."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from accel.nn.bt_contract import gemm_chain_contract, gemm_chain_elements, grouped_shapes
+    from accel.nn.bt._contract import gemm_chain_contract, gemm_chain_elements, grouped_shapes
 
     counted_ops = {torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.clone.default,
                    torch.ops.aten.copy_.default}
@@ -120,7 +120,7 @@ def test_auto_takes_the_measured_fastest_path():
 def test_grouped_chain_matches_reference_every_split(seed, in_shape, out_shape):
     """The chain on two merged modes (every split point) against the dense reference, input gradient included;
     and gradcheck in float64 at one split."""
-    from accel.nn.bt_contract import gemm_chain_contract
+    from accel.nn.bt._contract import gemm_chain_contract
 
     torch.manual_seed(seed)
     layer = BTLinear(math.prod(in_shape), math.prod(out_shape), in_shape=in_shape, out_shape=out_shape, ranks=2,
@@ -144,7 +144,7 @@ def test_grouped_chain_matches_reference_every_split(seed, in_shape, out_shape):
 def test_factorized_runs_the_grouped_chain_and_its_traced_plan(seed):
     """contraction="factorized" at the moving-digits shape, R=2, batch 96, runs the grouped chain (eager and traced
     plan) and matches the reference ("auto" takes the low-rank path there)."""
-    from accel.nn.bt_trace import traced_plan
+    from accel.nn.bt._traced import traced_plan
 
     torch.manual_seed(seed)
     layer = BTLinear(1600, 256, in_shape=(8, 8, 5, 5), out_shape=(16, 4, 2, 2), ranks=2, dtype=torch.float64,

@@ -8,8 +8,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
 
 from accel.nn import BTLinear
-from accel.nn.bt_paths import contraction_method
-from accel.nn.bt_trace import SYMBOLIC_BATCH_PLAN_ROWS, plan_rows, traced_plan
+from accel.nn.bt._paths import contraction_method
+from accel.nn.bt._traced import SYMBOLIC_BATCH_PLAN_ROWS, plan_rows, traced_plan
 
 CONTRACTIONS = ["auto", "factorized", "gemm", "einsum", "dense", "lowrank"]
 SHAPES = {2: ((6, 5), (4, 3)), 3: ((2, 3, 4), (3, 2, 2)), 4: ((3, 2, 4, 2), (2, 2, 3, 2)),

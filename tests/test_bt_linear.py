@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from accel.nn import BTLinear
-from accel.nn.bt import ELEMENT_FLOPS, FACTORIZED_FLOP_PENALTY, REBUILD_FLOP_PENALTY, balanced_factors
-from accel.nn.bt_lowrank import lowrank_costs
-from accel.nn.bt_paths import GROUPED_CHAIN_FLOP_PENALTY, LOWRANK_GEMM_FLOP_PENALTY, LOWRANK_STEP_FLOPS, chain_plan
+from accel.nn.bt.linear import ELEMENT_FLOPS, FACTORIZED_FLOP_PENALTY, REBUILD_FLOP_PENALTY, balanced_factors
+from accel.nn.bt._lowrank import lowrank_costs
+from accel.nn.bt._paths import GROUPED_CHAIN_FLOP_PENALTY, LOWRANK_GEMM_FLOP_PENALTY, LOWRANK_STEP_FLOPS, chain_plan
 
 SHAPES = {  # d -> (in_shape, out_shape)
     2: ((6, 5), (4, 3)),
@@ -191,7 +191,7 @@ def test_cpu_pieces_match_one_piece(seed, contraction):
 @pytest.mark.parametrize("d", sorted(SHAPES))
 def test_gemm_chain_gradcheck_every_order(seed, d):
     """The hand-written backward of the GEMM chain, input gradient included, for d = 2..5."""
-    from accel.nn.bt_contract import gemm_chain_contract
+    from accel.nn.bt._contract import gemm_chain_contract
 
     torch.manual_seed(seed)
     in_shape, out_shape = SHAPES[d]
@@ -255,8 +255,8 @@ def test_gemm_chain_training_flops_match_counted(seed, d, input_grad):
     difference allowed is the (tiny) weight preparation outside the chain."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from accel.nn.bt_contract import gemm_chain_training_flops, grouped_shapes
-    from accel.nn.bt_paths import chain_plan
+    from accel.nn.bt._contract import gemm_chain_training_flops, grouped_shapes
+    from accel.nn.bt._paths import chain_plan
 
     torch.manual_seed(seed)
     in_shape, out_shape = SHAPES[d]
@@ -304,7 +304,7 @@ def test_dense_path_layouts_match_dense_weight(seed, batch):
     mode for batches under the input width, as one GEMM with the bias fused through W in the (I, J) layout
     from it on: both against x W^T + b, the input, factor and bias gradients included, the second call reusing
     the workspace."""
-    from accel.nn.bt_dense import weight_rows_first
+    from accel.nn.bt._dense import weight_rows_first
     torch.manual_seed(seed)
     layer = BTLinear(64, 128, in_shape=(4, 4, 4), out_shape=(2, 8, 8), ranks=2, num_blocks=2, contraction="dense",
                      dtype=torch.float64)

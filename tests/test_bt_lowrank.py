@@ -1,4 +1,4 @@
-"""The low-rank path of BTLinear (accel/nn/bt_lowrank.py) against its reference twin, the rebuilt dense weight:
+"""The low-rank path of BTLinear (accel/nn/bt/_lowrank.py) against its reference twin, the rebuilt dense weight:
 outputs and every gradient on fresh random layers and inputs, its flop count, and the cached pairwise order of
 the weight-side einsum. (gradcheck, autocast, the empty batch, export and compile: with the other paths in
 test_bt_linear.py, test_bt_export.py and test_bt_compile.py.)"""
@@ -10,8 +10,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from accel.nn import BTLinear
-from accel.nn.bt_dense import einsum_cached
-from accel.nn.bt_lowrank import lowrank_costs
+from accel.nn.bt._dense import einsum_cached
+from accel.nn.bt._lowrank import lowrank_costs
 
 SHAPES = [((6,), (5,)), ((4, 8), (16, 4)), ((2, 3, 4), (3, 2, 2)), ((8, 2, 5, 5), (4, 4, 2, 2)),
           ((2, 3, 2, 2, 3), (2, 2, 1, 3, 2))]

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from accel.nn.recurrence import CELLS, GATES, run_direction
-from accel.nn.recurrence_onnx import onnx_direction
-from accel.nn.recurrence_op import fused_direction, padded_direction
+from accel.nn.recurrence._reference import CELLS, GATES, run_direction
+from accel.nn.recurrence._onnx import onnx_direction
+from accel.nn.recurrence._op import fused_direction, padded_direction
 from test_bt_rnn import INPUT, KINDS, initial_state, make
 
 
@@ -202,9 +202,10 @@ def test_non_contiguous_initial_state(seed):
 @pytest.mark.parametrize("dtype,reverse,lengths,scale", list(itertools.product(
     [torch.float32, torch.float64], [False, True], ["equal", "unequal"], [1.0, 200.0])))
 def test_lstm_step_kernel_matches_torch_ops(seed, monkeypatch, dtype, reverse, lengths, scale):
-    """kernels/lstm_step.cpp against its twin, the torch-op LSTM step, forward and backward; scale 200
+    """accel/nn/recurrence/_csrc/lstm_step.cpp against its twin, the torch-op LSTM step, forward and backward; scale 200
     saturates the gates (exp overflows) and must still give finite, equal results."""
-    from accel.nn import fused_recurrence, recurrence_kernel
+    from accel.nn.recurrence import _fused as fused_recurrence
+    from accel.nn.recurrence import _kernel as recurrence_kernel
     if recurrence_kernel.lstm_step(dtype) is None:
         pytest.skip(f"the kernel did not build here: {recurrence_kernel.status}")
     torch.manual_seed(seed)
@@ -229,7 +230,7 @@ def test_lstm_step_kernel_matches_torch_ops(seed, monkeypatch, dtype, reverse, l
 
 def test_lstm_kernel_path_takes_non_contiguous_tensors(seed):
     """The kernel reads its operands by pointer: strided x_proj, h0, c0 give the results of contiguous ones."""
-    from accel.nn import fused_recurrence
+    from accel.nn.recurrence import _fused as fused_recurrence
     torch.manual_seed(seed)
     steps, batch, hidden = 5, 3, 4
     x_proj = torch.randn(batch, steps, 4 * hidden, dtype=torch.float64).transpose(0, 1)
@@ -250,7 +251,8 @@ def test_lstm_kernel_path_takes_non_contiguous_tensors(seed):
 def test_lstm_kernel_row_blocks_match_one_block(seed, monkeypatch, threads):
     """The kernel's split of a step's rows into blocks (one per thread; run one after the other where it was
     built without OpenMP) against one block: outputs and gradients, with packed steps of fewer rows."""
-    from accel.nn import fused_recurrence, recurrence_kernel
+    from accel.nn.recurrence import _fused as fused_recurrence
+    from accel.nn.recurrence import _kernel as recurrence_kernel
     if recurrence_kernel.lstm_step(torch.float64) is None:
         pytest.skip(f"the kernel did not build here: {recurrence_kernel.status}")
     torch.manual_seed(seed)
@@ -279,7 +281,8 @@ def test_lstm_kernel_row_blocks_match_one_block(seed, monkeypatch, threads):
 
 
 def test_kernel_build_failure_falls_back_with_a_reason(seed, monkeypatch):
-    from accel.nn import fused_recurrence, recurrence_kernel
+    from accel.nn.recurrence import _fused as fused_recurrence
+    from accel.nn.recurrence import _kernel as recurrence_kernel
     monkeypatch.setattr(recurrence_kernel, "_library", None)
     monkeypatch.setattr(recurrence_kernel, "status", "not built yet")
     monkeypatch.setenv("CXX", "/nonexistent/c++")
@@ -295,7 +298,7 @@ def test_kernel_build_failure_falls_back_with_a_reason(seed, monkeypatch):
 
 def test_loading_the_kernel_keeps_denormals():
     """The kernel is built without -ffast-math, whose crtfastmath.o would set flush-to-zero process-wide."""
-    from accel.nn import recurrence_kernel
+    from accel.nn.recurrence import _kernel as recurrence_kernel
     recurrence_kernel.lstm_step(torch.float32)
     tiny = torch.tensor([1e-40], dtype=torch.float32)
     assert (tiny * 1.5).item() > 0

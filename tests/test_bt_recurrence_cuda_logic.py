@@ -1,4 +1,4 @@
-"""The CUDA path of the fused recurrence (accel/nn/fused_recurrence_cuda.py) run on the CPU: the fused
+"""The CUDA path of the fused recurrence (accel/nn/recurrence/_fused_cuda.py) run on the CPU: the fused
 cells it calls have only CUDA kernels, so this test registers CPU emulations of them (written from
 ATen's definitions) for its duration, and compares the path with the generic one on random inputs,
 packed and reversed included. On a GPU, tests/test_bt_recurrence.py::test_cuda_fused_cells_match_loop
@@ -8,7 +8,8 @@ import itertools
 import pytest
 import torch
 
-from accel.nn import fused_recurrence, fused_recurrence_cuda
+from accel.nn.recurrence import _fused as fused_recurrence
+from accel.nn.recurrence import _fused_cuda as fused_recurrence_cuda
 
 
 def _lstm_cell(input_gates, hidden_gates, cx, input_bias=None, hidden_bias=None):

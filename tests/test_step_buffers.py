@@ -1,4 +1,4 @@
-"""The pool of large CPU buffers kept between training steps (accel/nn/step_buffers.py): memory is handed out
+"""The pool of large CPU buffers kept between training steps (accel/nn/_step_buffers.py): memory is handed out
 again only when nothing holds it, and the recurrence and the dense BT path stay exact with every buffer pooled."""
 import threading
 
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from accel.nn import BTLSTM, BTLinear, step_buffers
+from accel.nn import BTLSTM, BTLinear
+from accel.nn import _step_buffers as step_buffers
 from test_bt_recurrence import test_fused_matches_loop_outputs_and_all_gradients as fused_matches_loop
 
 LIKE = torch.empty(0)

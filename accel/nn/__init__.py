@@ -9,21 +9,21 @@ import importlib
 from typing import TYPE_CHECKING
 
 _EXPORTS = {
-    "BTLinear": "accel.nn.bt",
-    "BTRNN": "accel.nn.rnn",
-    "BTLSTM": "accel.nn.rnn",
-    "BTGRU": "accel.nn.rnn",
-    "block_term_decomposition": "accel.nn.decompose",
+    "BTLinear": "accel.nn.bt.linear",
+    "BTRNN": "accel.nn.recurrence.modules",
+    "BTLSTM": "accel.nn.recurrence.modules",
+    "BTGRU": "accel.nn.recurrence.modules",
+    "block_term_decomposition": "accel.nn.bt.decompose",
     "OutOfCoreLinear": "accel.nn.ooc_linear",
 }
 
 __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:
-    from accel.nn.bt import BTLinear
-    from accel.nn.decompose import block_term_decomposition
+    from accel.nn.bt.linear import BTLinear
+    from accel.nn.bt.decompose import block_term_decomposition
     from accel.nn.ooc_linear import OutOfCoreLinear
-    from accel.nn.rnn import BTGRU, BTLSTM, BTRNN
+    from accel.nn.recurrence.modules import BTGRU, BTLSTM, BTRNN
 
 
 def __getattr__(name: str):

@@ -8,7 +8,7 @@ generated C++ kernels to the first compile (``experiments/bt_compile.py``).
 
 So under ``torch.compile`` (not export: an exported program holds ordinary ops only), wherever the eager
 code would split the batch, the product is ``torch.ops.accel.bt_factorized``: at run time it runs
-:func:`accel.nn.bt_factorized.factorized_product` with autograd recording on the real tensors and keeps that
+:func:`accel.nn.bt._factorized.factorized_product` with autograd recording on the real tensors and keeps that
 graph in a registry under an integer handle, returned as a tensor; the backward op
 ``accel.bt_factorized_backward`` runs the kept graph once (the chain's hand-written backward included; a
 second backward, ``retain_graph=True``, raises). Results equal eager bit for bit. AOTAutograd saves the handle
@@ -26,9 +26,9 @@ import weakref
 import torch
 from torch import Tensor
 
-from accel.compile_cache import tag_compile_caches
-from accel.nn.bt_dense import matmul_dtype
-from accel.nn.bt_factorized import factorized_product
+from accel.nn._compile_cache import tag_compile_caches
+from accel.nn.bt._dense import matmul_dtype
+from accel.nn.bt._factorized import factorized_product
 
 __all__ = ["compiled_factorized_product"]
 

@@ -18,7 +18,7 @@ import torch
 
 __all__ = ["source_hash", "tag_compile_caches"]
 
-_PACKAGE = Path(__file__).resolve().parent
+_PACKAGE = Path(__file__).resolve().parents[1]  # the whole accel package
 
 
 @functools.lru_cache(maxsize=None)

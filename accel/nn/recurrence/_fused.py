@@ -1,6 +1,6 @@
 """The whole recurrence of one direction of one layer with a hand-written backward-through-time.
 
-The fast twin of :func:`accel.nn.recurrence.run_direction` (the Python reference loop, which autograd
+The fast twin of :func:`accel.nn.recurrence._reference.run_direction` (the Python reference loop, which autograd
 differentiates step by step). Layout: padded, time-major. ``x_proj`` is ``(T, B, gates * H)``, the
 input projections of every step with ``bias_ih`` included; ``active[t]`` is the number of sequences
 still running at step ``t`` (a prefix of the batch, as in a ``PackedSequence``; ``None``: all).
@@ -10,7 +10,7 @@ What makes it fast on CPU (measured against the reference in ``experiments/bt_re
 - one GEMM per step for the hidden path, written into a preallocated buffer (``addmm`` / ``mm`` with
   ``out=``), and the step's elementwise work into the gate buffer that is then kept for the backward:
   no autograd graph of ~10 nodes per step. The LSTM's step runs in a hand-written kernel
-  (``kernels/lstm_step.cpp``: ``x_proj``'s step and ``b_hh`` added, activations, cell and hidden state
+  (``accel/nn/recurrence/_csrc/lstm_step.cpp``: ``x_proj``'s step and ``b_hh`` added, activations, cell and hidden state
   in one pass forward; the gate gradients, ``b_hh``'s share and the carried cell gradient in one pass
   backward);
 - the backward's per-step work reduced to one GEMM plus that pass for the LSTM (its torch-op twin and
@@ -18,7 +18,7 @@ What makes it fast on CPU (measured against the reference in ``experiments/bt_re
   few whole-sequence ops before the backward loop, then ~5 small ops per step);
 - the weight and bias gradients taken after the loop with two GEMMs over all ``T * B`` rows;
 - the whole-sequence buffers (outputs, saved gates, their gradient) taken from
-  :mod:`accel.nn.step_buffers`, which keeps their memory between steps: freed and allocated afresh,
+  :mod:`accel.nn._step_buffers`, which keeps their memory between steps: freed and allocated afresh,
   they were faulted in again page by page (a BTLSTM step at 64 -> 256, T=100, batch 32: 0.83-0.87x the time).
 
 Rows of a sequence that has finished (forward) or not yet started (reverse) carry the state through
@@ -28,17 +28,18 @@ the same way.
 
 On CUDA the LSTM and GRU step runs ``torch``'s fused cells that take precomputed input gates
 (``aten._thnn_fused_lstm_cell`` / ``_thnn_fused_gru_cell`` and their backward), see
-:mod:`accel.nn.fused_recurrence_cuda`.
+:mod:`accel.nn.recurrence._fused_cuda`.
 """
 from __future__ import annotations
 
 import torch
 
-from accel.nn import recurrence_kernel, step_buffers
+from accel.nn.recurrence import _kernel as recurrence_kernel
+from accel.nn import _step_buffers as step_buffers
 
 __all__ = ["SAVED", "forward", "backward", "previous", "use_kernel"]
 
-# the LSTM step's elementwise work through kernels/lstm_step.cpp when it builds (else the torch ops below,
+# the LSTM step's elementwise work through accel/nn/recurrence/_csrc/lstm_step.cpp when it builds (else the torch ops below,
 # its reference twin); tests switch this off to compare the two
 use_kernel = True
 
@@ -181,7 +182,7 @@ def _lstm_forward(x_proj, h0, c0, w_t, bias_hh, active: list[int], reverse: bool
 
 
 def _lstm_step_torch(g, bias_hh, c_prev, c_new, h_new):
-    """The twin of kernels/lstm_step.cpp's forward step, in place on one step's running rows."""
+    """The twin of accel/nn/recurrence/_csrc/lstm_step.cpp's forward step, in place on one step's running rows."""
     if bias_hh is not None:
         g.add_(bias_hh)
     hidden = c_prev.shape[-1]

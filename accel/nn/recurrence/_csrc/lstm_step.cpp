@@ -1,9 +1,9 @@
 // One LSTM time step's elementwise work, forward and backward, fused into one pass each (CPU).
 //
-// The reference twin is the torch-op step in accel/nn/fused_recurrence.py (tests compare the two).
+// The reference twin is the torch-op step in accel/nn/recurrence/_fused.py (tests compare the two).
 // The GEMMs stay torch's (mm); what this replaces is the input and bias adds and ~10 small torch ops per
 // forward step and ~6 per backward step, each a pass over the step's rows plus a dispatch. Built at first
-// use by accel/nn/recurrence_kernel.py (g++ -O3 -march=native, no -ffast-math, see exp_clamped); plain C
+// use by accel/nn/recurrence/_kernel.py (g++ -O3 -march=native, no -ffast-math, see exp_clamped); plain C
 // ABI, called through ctypes with raw pointers: every row block is contiguous, gate rows are 4*H wide.
 //
 // The forward keeps only what an LSTM must (the activated gates and the cell states); the backward

@@ -7,8 +7,8 @@ import math
 
 import opt_einsum
 
-from accel.nn.bt_contract import gemm_chain_elements, gemm_chain_flops, grouped_shapes
-from accel.nn.bt_lowrank import lowrank_costs
+from accel.nn.bt._contract import gemm_chain_elements, gemm_chain_flops, grouped_shapes
+from accel.nn.bt._lowrank import lowrank_costs
 
 __all__ = ["FACTORIZED_FLOP_PENALTY", "REBUILD_FLOP_PENALTY", "ELEMENT_FLOPS", "GROUPED_CHAIN_FLOP_PENALTY",
            "GROUPED_CHAIN_MIN_BATCH", "GEMM_CHAIN_MAX_EXTRA_FLOPS", "LOWRANK_GEMM_FLOP_PENALTY", "LOWRANK_STEP_FLOPS",

@@ -6,9 +6,9 @@ written as a sum of ``N`` Tucker blocks (Ye et al., CVPR 2018)::
 
     W[i_1..i_d, j_1..j_d] = sum_n sum_r core[n, r_1..r_d] * prod_k factors[k][n, i_k, j_k, r_k]
 
-The forward pass never rebuilds ``W`` unless a cost model (:mod:`accel.nn.bt_paths`) says that is
-cheaper for the batch at hand (then :mod:`accel.nn.bt_dense`): it contracts the input with the cores
-and factors, either as a chain of plain GEMMs with a hand-written backward (:mod:`accel.nn.bt_contract`)
+The forward pass never rebuilds ``W`` unless a cost model (:mod:`accel.nn.bt._paths`) says that is
+cheaper for the batch at hand (then :mod:`accel.nn.bt._dense`): it contracts the input with the cores
+and factors, either as a chain of plain GEMMs with a hand-written backward (:mod:`accel.nn.bt._contract`)
 or along an ``opt_einsum`` path chosen per batch size and cached (the reference twin, and the fallback
 where the chain costs many more flops).
 """
@@ -21,24 +21,23 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from accel.nn.bt_compiled import compiled_factorized_product
-from accel.nn.bt_contract import gemm_chain_contract
-from accel.nn.bt_dense import RebuildWorkspace, matmul_dtype, rebuild_linear
-from accel.nn.bt_factorized import chunk_rows, factorized_product
-from accel.nn.bt_lowrank import lowrank_linear
-from accel.nn.bt_paths import (ELEMENT_FLOPS, FACTORIZED_FLOP_PENALTY,  # noqa: F401 (re-exported)
+from accel.nn.bt._compiled import compiled_factorized_product
+from accel.nn.bt._contract import gemm_chain_contract
+from accel.nn.bt._dense import RebuildWorkspace, matmul_dtype, rebuild_linear
+from accel.nn.bt._factorized import chunk_rows, factorized_product
+from accel.nn.bt._lowrank import lowrank_linear
+from accel.nn.bt._paths import (ELEMENT_FLOPS, FACTORIZED_FLOP_PENALTY,  # noqa: F401 (re-exported)
                                GEMM_CHAIN_MAX_EXTRA_FLOPS, REBUILD_FLOP_PENALTY, chain_plan, contraction_costs,
                                contraction_method, dense_is_cheaper, factorized_expression, factorized_method,
                                rebuild_expression)
-from accel.nn.bt_shapes import (auto_num_modes, balanced_factors, check_shape,  # noqa: F401 (re-exported)
+from accel.nn.bt.shapes import (auto_num_modes, balanced_factors, check_shape,  # noqa: F401 (re-exported)
                                  resolve_ranks, weight_parameters)
-from accel.nn.bt_trace import (compiled_rebuild_linear, contract_steps, eager_splits, is_tracing, plan_rows,
+from accel.nn.bt._traced import (compiled_rebuild_linear, contract_steps, eager_splits, is_tracing, plan_rows,
                                rebuild_matmul, traced_plan)
 
 __all__ = ["BTLinear", "balanced_factors"]
 
 _CONTRACTIONS = ("auto", "factorized", "gemm", "einsum", "dense", "lowrank")
-_auto_num_modes = auto_num_modes  # the name rnn.py imports
 
 
 class BTLinear(nn.Module):
@@ -67,7 +66,7 @@ class BTLinear(nn.Module):
             d = 1), ``"gemm"`` (the chain of GEMMs with a hand-written backward, d >= 2), ``"einsum"``
             (the opt_einsum path with autograd), ``"dense"`` (always rebuild ``W``, with one GEMM into
             ``workspace``, and multiply) or ``"lowrank"`` (multiply by ``W``'s two thin factors in turn, factor 0
-            and the rest of the block term, :mod:`accel.nn.bt_lowrank`; ``"auto"`` weighs it as well).
+            and the rest of the block term, :mod:`accel.nn.bt._lowrank`; ``"auto"`` weighs it as well).
             Default: ``"auto"``.
         device, dtype: of the parameters, as for ``nn.Linear``.
 
@@ -88,7 +87,7 @@ class BTLinear(nn.Module):
 
     Under ``torch.compile``, ``torch.export`` (a dynamic batch included), ``torch.onnx.export(dynamo=True)``,
     ``torch.jit.trace`` or on FakeTensors the layer runs the same contraction with ordinary ops, its plan made
-    outside the graph (:mod:`accel.nn.bt_trace`); no traced tensor reaches a cache or ``workspace`` (compiled, the
+    outside the graph (:mod:`accel.nn.bt._traced`); no traced tensor reaches a cache or ``workspace`` (compiled, the
     dense path is one custom op that runs the eager kernels, workspace included, on the real tensors).
     """
 
@@ -269,7 +268,7 @@ class BTLinear(nn.Module):
     def chunk_size(self, batch: int, input: torch.Tensor | None = None) -> int:
         """Rows per piece of the factorized forward on CPU: the batch is split so that the largest
         intermediate stays under ``max_intermediate_bytes`` (8 MiB by default; why: see
-        :mod:`accel.nn.bt_factorized`). GPU inputs are not split."""
+        :mod:`accel.nn.bt._factorized`). GPU inputs are not split."""
         element = input.element_size() if input is not None else self.core.element_size()
         return chunk_rows(self._key(), self.factorized_method(batch), batch, element, self.max_intermediate_bytes,
                           "cpu" if input is None else input.device.type)
@@ -290,11 +289,11 @@ class BTLinear(nn.Module):
             bias (Tensor, optional): ``(out_features,)``, copied; without it the layer has no bias.
             in_shape, out_shape, ranks, num_blocks, contraction: as for :class:`BTLinear`.
             **decomposition_options: ``n_iter``, ``tol``, ``num_restarts``, ``tucker_iter``, ``full_space_iter``,
-                ``random_state``, ``progress`` of :func:`accel.nn.decompose.block_term_decomposition`.
+                ``random_state``, ``progress`` of :func:`accel.nn.bt.decompose.block_term_decomposition`.
 
         The relative Frobenius error ``||W - W_bt|| / ||W||`` is stored in ``reconstruction_error``.
         """
-        from accel.nn.decompose import block_term_decomposition
+        from accel.nn.bt.decompose import block_term_decomposition
 
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise ValueError(f"weight must be a 2-D (out_features, in_features) tensor, "

@@ -22,9 +22,10 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from accel.nn.bt import BTLinear, _auto_num_modes, balanced_factors
-from accel.nn.recurrence import CELLS, GATES, run_direction
-from accel.nn.recurrence_op import fused_direction, padded_direction
+from accel.nn.bt.linear import BTLinear
+from accel.nn.bt.shapes import auto_num_modes, balanced_factors
+from accel.nn.recurrence._reference import CELLS, GATES, run_direction
+from accel.nn.recurrence._op import fused_direction, padded_direction
 
 __all__ = ["BTRNN", "BTLSTM", "BTGRU"]
 
@@ -53,7 +54,7 @@ class _BTRNNBase(nn.Module):
         self.bidirectional, self.num_directions = bidirectional, 2 if bidirectional else 1
         self.num_gates = GATES[mode]
         if in_shape is None and hidden_shape is None:
-            d = _auto_num_modes(input_size, hidden_size)
+            d = auto_num_modes(input_size, hidden_size)
         else:
             d = len(in_shape) if in_shape is not None else len(hidden_shape)
         in_shape = tuple(in_shape) if in_shape is not None else balanced_factors(input_size, d)
@@ -297,7 +298,7 @@ _CONSTRUCTOR_DOC = """
         ranks (int or sequence of int): Tucker ranks of the BT input weight. Default: 4.
         num_blocks (int): number of Tucker blocks. Default: 2.
         recurrence (str): ``"fused"``: each direction of each layer is one op with a hand-written
-            backward-through-time (:mod:`accel.nn.recurrence_op`), which ``torch.export`` keeps with a
+            backward-through-time (:mod:`accel.nn.recurrence._op`), which ``torch.export`` keeps with a
             dynamic sequence length; ``"loop"``: the Python reference loop that autograd differentiates
             step by step (exported unrolled at a fixed length). Default: ``"fused"``.
         device, dtype: of the parameters.
@@ -342,7 +343,7 @@ class BTLSTM(_BTRNNBase):
     def from_lstm(cls, lstm: nn.LSTM, **kwargs) -> "BTLSTM":
         """Compress a trained ``nn.LSTM``: the first layer's input weights by block-term decomposition,
         everything else copied. Keyword arguments: ``in_shape``, ``hidden_shape``, ``ranks``,
-        ``num_blocks`` and the options of :func:`accel.nn.decompose.block_term_decomposition`. The largest
+        ``num_blocks`` and the options of :func:`accel.nn.bt.decompose.block_term_decomposition`. The largest
         relative reconstruction error of the compressed weights is stored in ``reconstruction_error``."""
         return cls._from_torch(lstm, **kwargs)
 

@@ -1,4 +1,4 @@
-"""The hand-written LSTM step kernel (``kernels/lstm_step.cpp``), built at first use.
+"""The hand-written LSTM step kernel (``accel/nn/recurrence/_csrc/lstm_step.cpp``), built at first use.
 
 The fused recurrence's LSTM step on CPU is one ``addmm`` plus ~10 small torch ops forward and ~6
 backward; this kernel does each step's elementwise work in one pass (``experiments/bt_recurrence.py``
@@ -6,8 +6,7 @@ measures the difference). It is compiled with the system C++ compiler (``$CXX``,
 per-user cache folder (``$ACCEL_KERNEL_DIR``, else the temp folder) and loaded with ``ctypes``: no torch
 headers, so the build takes about a second. Where torch runs on OpenMP (``libgomp``), the kernel is
 built with ``-fopenmp`` and shares that runtime, so it splits a step's rows over ``torch.get_num_threads()``
-threads. When the source is absent (an installed package without
-the repository's ``kernels/``), no compiler is found, the build fails, or ``ACCEL_KERNELS=0`` is set,
+threads. When the source is absent, no compiler is found, the build fails, or ``ACCEL_KERNELS=0`` is set,
 :func:`lstm_step` returns ``None`` and the torch-op step (the reference twin) runs; :data:`status`
 says why.
 """
@@ -27,7 +26,7 @@ import torch
 
 __all__ = ["lstm_step", "status", "SOURCE"]
 
-SOURCE = Path(__file__).resolve().parents[2] / "kernels" / "lstm_step.cpp"
+SOURCE = Path(__file__).resolve().parent / "_csrc" / "lstm_step.cpp"  # package data: ships in the wheel
 # no -ffast-math: it links crtfastmath.o, which sets flush-to-zero for the whole process on load; the
 # kernel's own exp vectorises without it
 FLAGS = ["-std=c++17", "-O3", "-march=native", "-fno-math-errno", "-shared", "-fPIC"]

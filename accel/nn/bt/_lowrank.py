@@ -2,7 +2,7 @@
 turn, and ``W`` is never built.
 
 Every block-term weight is a product of two thin matrices (the split the dense path builds ``W`` from,
-:func:`~accel.nn.bt_dense.rebuild_operands`): factor 0 as ``left`` ``(J_0, I_0 K)`` and the core contracted with
+:func:`~accel.nn.bt._dense.rebuild_operands`): factor 0 as ``left`` ``(J_0, I_0 K)`` and the core contracted with
 factors 1.. as ``right`` ``(I', K J')``, with ``K = N R_0`` and ``I' = I_1..``, ``J' = J_1..``. So::
 
     z[b, i_0, k, j'] = sum_i'       x[b, i_0, i'] right[i', k j']     one GEMM, (B I_0, I') x (I', K J')
@@ -14,7 +14,7 @@ input. The backward (input without grad) is the same two GEMMs again, and the we
 ``right``, ``N R_0`` times ``W / (I_0 J_0)`` elements. At 1,600 = 8x8x5x5 -> 16x4x2x2, N=2, R=4, batch 256 (the
 moving-digits BTLSTM of experiments/bt_lstm.py) this is 235 M flops for forward+backward against the rebuilt
 W's 446 M: 3.7 against 6.4 ms (1 thread, development CPU, a random output gradient). Which path a batch takes
-is the cost model's choice (:mod:`accel.nn.bt_paths`).
+is the cost model's choice (:mod:`accel.nn.bt._paths`).
 
 Ordinary differentiable ops only, so the same function is its own traced twin (compile, export, ONNX).
 """
@@ -26,7 +26,7 @@ import math
 import opt_einsum
 import torch
 
-from accel.nn.bt_dense import einsum_cached, matmul_dtype, rest_equation
+from accel.nn.bt._dense import einsum_cached, matmul_dtype, rest_equation
 
 __all__ = ["lowrank_costs", "lowrank_linear", "lowrank_operands"]
 

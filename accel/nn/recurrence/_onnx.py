@@ -23,7 +23,7 @@ _ONNX_GATE_ORDER = {"LSTM": (0, 3, 1, 2), "GRU": (1, 0, 2), "RNN_TANH": (0,), "R
 
 def onnx_direction(mode: str, x_proj: Tensor, state: tuple[Tensor, ...], weight_hh: Tensor, bias_hh: Optional[Tensor],
                    reverse: bool, batch_sizes: Optional[Tensor] = None):
-    """Same contract as :func:`accel.nn.recurrence_op.padded_direction`, as one ONNX operator."""
+    """Same contract as :func:`accel.nn.recurrence._op.padded_direction`, as one ONNX operator."""
     if batch_sizes is not None:
         raise NotImplementedError("torch.onnx.export of a BT RNN on a PackedSequence is not supported (nor is it "
                                   "for torch.nn's RNNs); export with a padded input")

@@ -4,12 +4,12 @@ One graph node for the whole recurrence of one direction of one layer: ``torch.e
 with a dynamic batch and a dynamic sequence length (a Python loop over time would be unrolled at
 the traced length), ``torch.compile`` sees no graph break, and its backward is a second op
 (``torch.ops.accel.recurrence_backward``), so a compiled training step keeps the hand-written
-backward-through-time too. The arithmetic lives in :mod:`accel.nn.fused_recurrence`.
+backward-through-time too. The arithmetic lives in :mod:`accel.nn.recurrence._fused`.
 
-:func:`fused_direction` is the drop-in twin of :func:`accel.nn.recurrence.run_direction` for
+:func:`fused_direction` is the drop-in twin of :func:`accel.nn.recurrence._reference.run_direction` for
 packed data; :func:`padded_direction` runs the padded layout directly. Under
 ``torch.onnx.export`` the op is replaced by ONNX's own ``LSTM`` / ``GRU`` / ``RNN`` operator
-(:mod:`accel.nn.recurrence_onnx`).
+(:mod:`accel.nn.recurrence._onnx`).
 """
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from accel.compile_cache import tag_compile_caches
-from accel.nn import fused_recurrence
-from accel.nn.recurrence import GATES
+from accel.nn._compile_cache import tag_compile_caches
+from accel.nn.recurrence import _fused as fused_recurrence
+from accel.nn.recurrence._reference import GATES
 
 __all__ = ["padded_direction", "fused_direction"]
 
@@ -35,7 +35,7 @@ def _active(batch_sizes: Optional[Tensor], steps: int, batch: int) -> list[int]:
 
 def _implementation(x_proj: Tensor):
     if x_proj.device.type == "cuda":
-        from accel.nn import fused_recurrence_cuda  # the fused cells exist only on CUDA
+        from accel.nn.recurrence import _fused_cuda as fused_recurrence_cuda  # the fused cells exist only on CUDA
         return fused_recurrence_cuda
     return fused_recurrence
 
@@ -64,7 +64,7 @@ def _(mode, x_proj, h0, c0, weight_hh, bias_hh, batch_sizes, reverse, keep_for_b
     hidden = h0.shape[-1]
     outputs = [x_proj.new_empty(steps, batch, hidden), x_proj.new_empty(batch, hidden)]  # out, h_n
     if x_proj.device.type == "cuda" and mode in ("LSTM", "GRU"):
-        from accel.nn.fused_recurrence_cuda import saved_widths
+        from accel.nn.recurrence._fused_cuda import saved_widths
         saved = [x_proj.new_empty(steps, batch, w) for w in saved_widths(mode, hidden)]
         return [*outputs, *([h0.new_empty(batch, hidden)] if mode == "LSTM" else []), *saved]
     if mode == "LSTM":  # c_n, then the activated gates and the cell states (empty at inference)
@@ -131,7 +131,7 @@ def padded_direction(mode: str, x_proj: Tensor, state: tuple[Tensor, ...], weigh
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
     if torch.onnx.is_in_onnx_export():
-        from accel.nn.recurrence_onnx import onnx_direction
+        from accel.nn.recurrence._onnx import onnx_direction
         return onnx_direction(mode, x_proj, state, weight_hh, bias_hh, reverse, batch_sizes)
     dtype = x_proj.dtype
     if torch.is_autocast_enabled(x_proj.device.type):  # the projection came out in the autocast dtype
@@ -153,7 +153,7 @@ def padded_direction(mode: str, x_proj: Tensor, state: tuple[Tensor, ...], weigh
 
 def fused_direction(mode: str, x_proj: Tensor, batch_sizes: Tensor, state: tuple[Tensor, ...],
                     weight_hh: Tensor, bias_hh: Optional[Tensor], reverse: bool):
-    """:func:`accel.nn.recurrence.run_direction` on packed data through the fused op: the packed rows
+    """:func:`accel.nn.recurrence._reference.run_direction` on packed data through the fused op: the packed rows
     are scattered into a padded buffer and gathered back (both differentiable)."""
     steps, batch = batch_sizes.shape[0], state[0].shape[0]
     valid = torch.arange(batch).unsqueeze(0) < batch_sizes.unsqueeze(1)  # (T, B), row-major = packed order

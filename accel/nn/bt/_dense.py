@@ -27,7 +27,7 @@ import opt_einsum
 import torch
 from torch.autograd.function import once_differentiable
 
-from accel.nn import step_buffers
+from accel.nn import _step_buffers as step_buffers
 
 __all__ = ["RebuildWorkspace", "column_sums", "contract_steps", "einsum_cached", "matmul_dtype", "rebuild_backward",
            "rebuild_forward", "rebuild_linear", "rebuild_operands", "rest_equation", "weight_rows_first"]

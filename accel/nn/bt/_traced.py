@@ -27,11 +27,11 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 from torch.fx.experimental.symbolic_shapes import has_static_value
 
-from accel.compile_cache import tag_compile_caches
-from accel.nn.bt_dense import (column_sums, contract_steps, matmul_dtype, rebuild_backward,  # noqa: F401
+from accel.nn._compile_cache import tag_compile_caches
+from accel.nn.bt._dense import (column_sums, contract_steps, matmul_dtype, rebuild_backward,  # noqa: F401
                                rebuild_forward, rebuild_operands, workspace_by_key)
-from accel.nn.bt_factorized import chunk_rows
-from accel.nn.bt_paths import chain_plan, contraction_method, factorized_contraction_steps
+from accel.nn.bt._factorized import chunk_rows
+from accel.nn.bt._paths import chain_plan, contraction_method, factorized_contraction_steps
 
 __all__ = ["SYMBOLIC_BATCH_PLAN_ROWS", "is_tracing", "traced_plan", "plan_rows", "contract_steps",
            "rebuild_matmul", "compiled_rebuild_linear", "eager_splits"]

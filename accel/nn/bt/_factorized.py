@@ -3,9 +3,9 @@
 The batch is split into pieces whose largest intermediate fits ``max_intermediate_bytes`` (on CPU these
 contractions are memory-bound: pieces that stay in the last-level cache run faster, and allocations above
 glibc's 32 MiB mmap threshold page-fault on every call, measured ~0.9 ms per MiB on the development VM,
-10x a reused allocation); each piece goes through the GEMM chain (:mod:`accel.nn.bt_contract`) or the
-``opt_einsum`` path (:mod:`accel.nn.bt_paths`). Module-level functions of the weights, so the compiled
-twin (:mod:`accel.nn.bt_compiled`) runs exactly this code on the real tensors.
+10x a reused allocation); each piece goes through the GEMM chain (:mod:`accel.nn.bt._contract`) or the
+``opt_einsum`` path (:mod:`accel.nn.bt._paths`). Module-level functions of the weights, so the compiled
+twin (:mod:`accel.nn.bt._compiled`) runs exactly this code on the real tensors.
 """
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import math
 
 import torch
 
-from accel.nn.bt_contract import gemm_chain_contract, gemm_chain_largest, grouped_shapes
-from accel.nn.bt_dense import matmul_dtype
-from accel.nn.bt_paths import chain_plan, factorized_expression
+from accel.nn.bt._contract import gemm_chain_contract, gemm_chain_largest, grouped_shapes
+from accel.nn.bt._dense import matmul_dtype
+from accel.nn.bt._paths import chain_plan, factorized_expression
 
 __all__ = ["chunk_rows", "factorized_product"]
 

@@ -8,15 +8,15 @@ and the hidden part of n, ``5 * H`` wide) and ``_thnn_fused_gru_cell_backward(gr
 has_bias)`` the gradients of both gate inputs and of ``hx``'s direct path. These are the cells
 ``torch.nn.LSTMCell`` / ``GRUCell`` run on CUDA; they have no CPU kernel. Biases are folded into the
 hidden GEMM (``addmm``), so the cells run without theirs. Same contract, carried rows and saved
-tensors' roles as :mod:`accel.nn.fused_recurrence`; the saved tensors differ (see :data:`SAVED`).
+tensors' roles as :mod:`accel.nn.recurrence._fused`; the saved tensors differ (see :data:`SAVED`).
 """
 from __future__ import annotations
 
 import torch
 
-from accel.nn.fused_recurrence import _carry, _per_step, _rows, _time_steps, _weight_grad, previous
-from accel.nn.fused_recurrence import backward as _generic_backward
-from accel.nn.fused_recurrence import forward as _generic_forward
+from accel.nn.recurrence._fused import _carry, _per_step, _rows, _time_steps, _weight_grad, previous
+from accel.nn.recurrence._fused import backward as _generic_backward
+from accel.nn.recurrence._fused import forward as _generic_forward
 
 __all__ = ["SAVED", "forward", "backward", "saved_widths"]
 

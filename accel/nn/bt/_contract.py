@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from accel.nn.bt_dense import matmul_dtype
+from accel.nn.bt._dense import matmul_dtype
 
 __all__ = ["gemm_chain_contract", "gemm_chain_elements", "gemm_chain_flops", "gemm_chain_training_flops",
            "gemm_chain_largest", "grouped_shapes", "group_modes"]

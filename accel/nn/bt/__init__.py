@@ -1,0 +1,6 @@
+"""Block-Term tensor algebra: :class:`BTLinear` (``linear``), shapes and ranks (``shapes``) and the
+decomposition of a dense weight into block terms (``decompose``). Modules starting with ``_`` are the
+strategies that compute the product; users never import them."""
+from accel.nn.bt.linear import BTLinear
+
+__all__ = ["BTLinear"]
