@@ -129,3 +129,17 @@ def test_inference_mode_then_training(seed):
     torch.testing.assert_close(y_inference, y.detach())
     torch.testing.assert_close(product, x @ layer.weight.detach().t(), rtol=1e-5, atol=1e-5)
     assert layer.weight.grad is not None
+
+
+def test_the_layer_uses_only_the_public_engine_api():
+    """accel/nn/ooc_linear.py imports nothing from accel.ooc but its public names."""
+    import ast
+    import inspect
+
+    import accel.nn.ooc_linear as module
+    import accel.ooc
+
+    for node in ast.walk(ast.parse(inspect.getsource(module))):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("accel.ooc"):
+            assert node.module == "accel.ooc", node.module
+            assert {alias.name for alias in node.names} <= set(accel.ooc.__all__)

@@ -23,7 +23,7 @@ def main():
     layer = OutOfCoreLinear.from_linear(twin, devices=["cpu"], memory_limit=4 << 20)
     opt, opt_twin = (torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (layer, twin))
     forward_errors, twin_errors = [], []
-    for step in range(3):
+    for _step in range(3):
         x = torch.randn(8, 20, dtype=torch.float64)
         for module, optimizer in ((layer, opt), (twin, opt_twin)):
             optimizer.zero_grad()
