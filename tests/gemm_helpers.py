@@ -3,6 +3,7 @@ reference, the tolerance check and one point of the BLAS grid."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 # dtype -> relative tolerance of one result element against sum_k |alpha a_ik b_kj| + |beta c_ij|
@@ -56,3 +57,10 @@ def check_blas_grid_case(engine, m, n, k, trans_a, trans_b, dtype, seed):
         c = C if with_c else None
         result = engine.gemm(A, B, c, alpha=alpha, beta=beta, trans_a=trans_a, trans_b=trans_b)
         assert_close(result, *reference(A, B, c, alpha, beta, trans_a, trans_b), dtype)
+
+
+@pytest.fixture(autouse=True)
+def seeded_global_rng(seed):
+    """torch's global generator seeded from the test's seed before every test of a module that imports this
+    fixture, so draws without an explicit generator repeat run to run too."""
+    torch.manual_seed(seed)

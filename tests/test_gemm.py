@@ -1,4 +1,5 @@
 """accel.gemm against NumPy float64 over the BLAS grid (CPU workers; the CUDA twin is test_gemm_cuda.py)."""
+import gemm_helpers
 import numpy as np
 import pytest
 import torch
@@ -10,6 +11,8 @@ from hypothesis import strategies as st
 
 import accel
 from accel.ooc import Engine
+
+seeded_global_rng = gemm_helpers.seeded_global_rng  # autouse fixture: torch's global generator seeded per test
 
 
 @pytest.mark.parametrize("trans_a", [False, True])

@@ -11,6 +11,7 @@ import contextlib
 import threading
 import types
 
+import gemm_helpers
 import numpy as np
 import pytest
 import torch
@@ -22,6 +23,8 @@ import accel.ooc.workers._cuda_runtime as cuda_runtime
 import accel.ooc.workers.cuda as cuda_module
 from accel.ooc import Engine
 from accel.ooc.workers.cuda import CUDAWorker, cublas_workspace_bytes
+
+seeded_global_rng = gemm_helpers.seeded_global_rng  # autouse fixture: torch's global generator seeded per test
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 WORKSPACE = 4096 + 2048  # the emulated cuBLAS + cuBLASLt workspace (CUBLAS_WORKSPACE_CONFIG=:4:1, 2 KiB)

@@ -1,6 +1,7 @@
 """accel.gemm and OutOfCoreLinear under torch.inference_mode behave as torch.mm and nn.Linear do: inputs and
 layers made there work inside and outside it, and where torch refuses (an inference tensor saved for backward)
 accel refuses with torch's own error."""
+import gemm_helpers
 import pytest
 import torch
 from torch import nn
@@ -8,6 +9,8 @@ from torch import nn
 import accel
 from accel.nn import OutOfCoreLinear
 from accel.ooc import Engine
+
+seeded_global_rng = gemm_helpers.seeded_global_rng  # autouse fixture: torch's global generator seeded per test
 
 ENGINE = dict(devices=["cpu", "cpu"], memory_limit=2 * 40_000)  # small: many blocks and slabs
 SAVED_FOR_BACKWARD = "Inference tensors cannot be saved for backward"

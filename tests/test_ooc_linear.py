@@ -1,12 +1,15 @@
 """OutOfCoreLinear against nn.Linear with the same weights: outputs, gradients, optimizer steps."""
 import copy
 
+import gemm_helpers
 import pytest
 import torch
 from torch import nn
 
 from accel.nn.ooc_linear import OutOfCoreLinear
 from accel.ooc import Engine
+
+seeded_global_rng = gemm_helpers.seeded_global_rng  # autouse fixture: torch's global generator seeded per test
 
 ENGINE = dict(devices=["cpu", "cpu"], memory_limit=2 * 40_000)  # small: many blocks and slabs
 

@@ -4,6 +4,7 @@ import copy
 import io
 import pickle
 
+import gemm_helpers
 import numpy as np
 import pytest
 import torch
@@ -12,6 +13,8 @@ from torch.nn import functional as F
 
 from accel.nn.ooc_linear import OutOfCoreLinear
 from accel.ooc import Engine
+
+seeded_global_rng = gemm_helpers.seeded_global_rng  # autouse fixture: torch's global generator seeded per test
 
 BIG = dict(devices=["cpu"], memory_limit=8 << 20)  # every tile fits: a stale cache would be used
 

@@ -1,5 +1,6 @@
 """The worker registry: a worker type from one file (tests/toy_worker.py) runs the BLAS grid; device
 knowledge (default devices, name checks, out-of-memory reading, compute modes) comes from the classes."""
+import gemm_helpers
 import pytest
 import torch
 from gemm_helpers import SHAPES, check_blas_grid_case
@@ -7,6 +8,8 @@ from gemm_helpers import SHAPES, check_blas_grid_case
 import accel
 from accel.ooc import CPUWorker, Engine, check_device, worker_class
 from accel.ooc.workers import default_devices, register_worker, unregister_worker
+
+seeded_global_rng = gemm_helpers.seeded_global_rng  # autouse fixture: torch's global generator seeded per test
 
 
 @pytest.fixture

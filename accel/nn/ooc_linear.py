@@ -104,9 +104,10 @@ class OutOfCoreLinear(nn.Module):
         in_features (int): size of each input sample.
         out_features (int): size of each output sample.
         bias (bool): learn an additive bias (default ``True``).
-        device (torch.device or str, optional): where the parameters are made: the host (``None`` or
-            ``"cpu"``), or ``"meta"`` to allocate nothing (then :meth:`~torch.nn.Module.to_empty` and
-            :meth:`reset_parameters`). The GEMMs' devices are ``devices``.
+        device (torch.device or str, optional): where the parameters are made: the host (``"cpu"``), or
+            ``"meta"`` to allocate nothing (then :meth:`~torch.nn.Module.to_empty` and
+            :meth:`reset_parameters`). Default: the meta device under ``with torch.device("meta")``, else the
+            host (whatever torch's default device). The GEMMs' devices are ``devices``.
         dtype (torch.dtype, optional): parameter dtype (default: torch's default dtype).
         devices (sequence, optional): devices for the GEMMs (see :class:`accel.ooc.Engine`); default
             every visible GPU, else the CPU.
@@ -271,9 +272,11 @@ class OutOfCoreLinear(nn.Module):
 
 
 def _parameter_device(device) -> torch.device:
-    """Where the parameters are made: the host, or the meta device (nothing allocated)."""
+    """Where the parameters are made: the host, or the meta device (nothing allocated). With no device,
+    torch's default device decides between the two (``with torch.device("meta"):`` makes a meta layer); any
+    other default device still gives host parameters, the layer's point."""
     if device is None:
-        return torch.device("cpu")
+        return torch.device("meta") if torch.get_default_device().type == "meta" else torch.device("cpu")
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as error:

@@ -6,6 +6,7 @@ and a call that ran out of memory is re-planned with half the memory and retried
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import queue
 import threading
@@ -21,6 +22,8 @@ from accel.ooc.queue import BlockQueue
 from accel.ooc.stats import EngineTotals, GemmStats
 from accel.ooc.workers import default_devices, make_worker
 from accel.ooc.workers.base import Cancelled, Problem, Worker
+
+logger = logging.getLogger(__name__)
 
 
 class Engine:
@@ -279,6 +282,8 @@ class Engine:
                                                f"(plan needing {plan.working_set_bytes} bytes, retries: {retries}); "
                                                f"pass a smaller memory_limit or free device memory") from error
                         retries += 1
+                        logger.warning("out of memory on %s (%s); planning again with %d bytes per worker and "
+                                       "retrying once", self.devices, error, smaller)
                         for worker in self.workers:  # this call's workers may hold only the smaller budget
                             worker.account.limit = min(worker.account.limit, smaller)
                         plan = self.plan(problem, smaller, None)
