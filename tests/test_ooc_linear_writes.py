@@ -22,7 +22,7 @@ BIG = dict(devices=["cpu"], memory_limit=8 << 20)  # every tile fits: a stale ca
 def pair(seed, in_features=24, out_features=17, dtype=torch.float64):
     torch.manual_seed(seed)
     linear = nn.Linear(in_features, out_features, dtype=dtype)
-    return linear, OutOfCoreLinear.from_linear(linear, **BIG)
+    return linear, OutOfCoreLinear.from_linear(copy.deepcopy(linear), **BIG)  # its own parameters
 
 
 def assert_forward_is_current(layer, generator):

@@ -184,7 +184,8 @@ class OutOfCoreLinear(nn.Module):
         so a weight tied to another module (GPT-2's ``lm_head`` and its token embedding) stays tied, and an
         optimizer built on the old parameters keeps training the new layer. A parameter on another device
         (a GPU) or of another dtype is copied into a new host parameter instead (logged at INFO level): a
-        tie through it is then broken, which model-level transforms must refuse or restore.
+        tie through it is then broken, which model-level transforms must refuse or restore. To keep ``linear``
+        independent of the new layer, pass a copy (``copy.deepcopy(linear)``).
 
         Args:
             linear (nn.Linear or transformers Conv1D): the layer to take over.
