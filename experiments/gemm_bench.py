@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 sys.path.insert(0, str(ROOT))
 
-from accel.nn.ooc_linear import OutOfCoreLinear, tile_side  # noqa: E402
+from accel.nn import OutOfCoreLinear  # noqa: E402
 from accel.ooc import Engine  # noqa: E402
 
 RESULTS = ROOT / "results"
@@ -83,7 +83,8 @@ def cpu_section(shapes, repeats: int, save) -> list[dict]:
         limit = problem_bytes(m, n, k, 4) // 4
         limited_engine = Engine(["cpu"], memory_limit=limit)
         baseline, default, limited = interleaved(
-            [lambda: torch.matmul(A, B), lambda: engine.gemm(A, B), lambda: limited_engine.gemm(A, B)], repeats)
+            [lambda: torch.matmul(A, B), lambda: engine.gemm(A, B), lambda: limited_engine.gemm(A, B)],  # noqa: B023
+            repeats)
         default_plan = engine.stats.plan.grid
         stats = limited_engine.stats
         error = (engine.gemm(A, B) - A @ B).abs().max().item()
@@ -110,7 +111,8 @@ def layer_reuse_section(batch: int, features: int, repeats: int) -> dict:
     engine = layer.engine
     x = torch.randn(batch, features, requires_grad=True)
     grad = torch.randn(batch, features)
-    side = tile_side(engine, batch, features, features, torch.float32)
+    # the grid OutOfCoreLinear cuts its three GEMMs on (forward x W^T, backward g W and g^T x)
+    side = engine.block_for([(batch, features, features)] * 3, torch.float32)
 
     def with_reuse():
         layer(x).backward(grad)
@@ -161,7 +163,7 @@ def cublasxt_times(A, B, repeats: int, block_dims) -> dict:
 
 
 def gpu_section(sizes, repeats: int, block_dims, bandwidth: dict, save) -> list[dict]:
-    from accel.ooc.cuda import CUDAWorker
+    from accel.ooc.workers.cuda import CUDAWorker
 
     rows = []
     precisions = [("fp32", torch.float32, None), ("tf32", torch.float32, "tf32"), ("bf16", torch.bfloat16, None)]
@@ -175,7 +177,8 @@ def gpu_section(sizes, repeats: int, block_dims, bandwidth: dict, save) -> list[
             try:
                 with CUDAWorker.compute_mode(SimpleNamespace(allow_tf32=name == "tf32")):
                     dA, dB = A.cuda(), B.cuda()
-                    row["in_core_s"] = best_of(lambda: (torch.matmul(dA, dB), torch.cuda.synchronize()), repeats)
+                    row["in_core_s"] = best_of(lambda: (torch.matmul(dA, dB), torch.cuda.synchronize()),  # noqa: B023
+                                               repeats)
             except torch.OutOfMemoryError:
                 row["in_core_s"] = None
             finally:
@@ -188,7 +191,7 @@ def gpu_section(sizes, repeats: int, block_dims, bandwidth: dict, save) -> list[
                     continue  # one GPU-sized block takes the CPU worker longer than the GPU takes for all
                 engine = Engine(devices, memory_limit=limit)
                 try:
-                    seconds = best_of(lambda: engine.gemm(A, B, compute_dtype=compute), repeats)
+                    seconds = best_of(lambda: engine.gemm(A, B, compute_dtype=compute), repeats)  # noqa: B023
                 except Exception as error:  # noqa: BLE001 - record it, go on with the other rows
                     row[f"accel_{label}_error"] = f"{type(error).__name__}: {error}"
                     continue

@@ -29,15 +29,15 @@ import weakref
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import accel.ooc.cuda as cuda_module
-import accel.ooc.cuda_runtime as cuda_runtime
+import accel.ooc.workers._cuda_runtime as cuda_runtime
+import accel.ooc.workers.cuda as cuda_module
 
 aten = torch.ops.aten
 _MATMULS = (aten.mm, aten.addmm, aten.addmm_)
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def _extent(tensor: torch.Tensor) -> tuple[int, int]:
+def byte_extent(tensor: torch.Tensor) -> tuple[int, int]:
     """Byte range [start, end) a strided tensor reads or writes."""
     if tensor.numel() == 0:
         return tensor.data_ptr(), tensor.data_ptr()
@@ -276,7 +276,7 @@ class Checks(TorchDispatchMode):
                 value = named.get(argument.name)
                 if isinstance(value, torch.Tensor):
                     writes = argument.alias_info is not None and argument.alias_info.is_write
-                    accesses.append((_extent(value), writes))
+                    accesses.append((byte_extent(value), writes))
             if stream is None:
                 self.runtime.host_access(accesses)
             else:

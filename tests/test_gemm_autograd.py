@@ -1,11 +1,14 @@
 """accel.gemm under autograd (backward and double backward through engine GEMMs), and the cache
 contract: tiles live for one call unless the caller opts in (persist_cache, CacheScope)."""
+import gemm_helpers
 import numpy as np
 import pytest
 import torch
 
 import accel
 from accel.ooc import Engine
+
+seeded_global_rng = gemm_helpers.seeded_global_rng  # autouse fixture: torch's global generator seeded per test
 
 ENGINE = dict(devices=["cpu", "cpu"], memory_limit=2 * 13_000)  # many blocks and slabs
 

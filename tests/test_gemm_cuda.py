@@ -11,17 +11,20 @@ import contextlib
 import threading
 import types
 
+import gemm_helpers
 import numpy as np
 import pytest
 import torch
+from emulated_cuda import Checks, DeviceMemory, Runtime, byte_extent, install
+from gemm_helpers import SHAPES, assert_close, operand, reference
 
 import accel
-import accel.ooc.cuda as cuda_module
-import accel.ooc.cuda_runtime as cuda_runtime
+import accel.ooc.workers._cuda_runtime as cuda_runtime
+import accel.ooc.workers.cuda as cuda_module
 from accel.ooc import Engine
-from accel.ooc.cuda import CUDAWorker, cublas_workspace_bytes
-from emulated_cuda import Checks, DeviceMemory, Runtime, _extent, install
-from test_gemm import SHAPES, assert_close, operand, reference
+from accel.ooc.workers.cuda import CUDAWorker, cublas_workspace_bytes
+
+seeded_global_rng = gemm_helpers.seeded_global_rng  # autouse fixture: torch's global generator seeded per test
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 WORKSPACE = 4096 + 2048  # the emulated cuBLAS + cuBLASLt workspace (CUBLAS_WORKSPACE_CONFIG=:4:1, 2 KiB)
@@ -67,7 +70,7 @@ class EmulatedCUDAWorker(CUDAWorker):
             return method(*arguments)
 
     def begin(self, problem):
-        self.runtime.host_only = [_extent(problem.out)] + ([_extent(problem.c)] if problem.c is not None else [])
+        self.runtime.host_only = [byte_extent(problem.out)] + ([byte_extent(problem.c)] if problem.c is not None else [])
         self._watched(super().begin, problem)
 
     def run_block(self, problem, block):
@@ -117,7 +120,7 @@ def test_cuda_worker_logic_on_emulated_device(runtime, trans_a, trans_b, dtype, 
 
 @pytest.mark.parametrize("compute_dtype", [torch.float32, "tf32", torch.bfloat16, torch.float16])
 def test_narrow_operands_into_a_float64_accumulator_on_emulated_device(runtime, compute_dtype, seed):
-    """fp64 operands multiplied in a narrower dtype: CUDA has no mm(out_dtype=float64) for them (issue 17.3)."""
+    """fp64 operands multiplied in a narrower dtype: CUDA has no mm(out_dtype=float64) for them."""
     generator = torch.Generator().manual_seed(seed)
     A, B = torch.randn(40, 70, generator=generator, dtype=torch.float64), torch.randn(70, 30, generator=generator,
                                                                                      dtype=torch.float64)
@@ -139,7 +142,7 @@ def test_narrow_operands_into_a_float64_accumulator_on_emulated_device(runtime, 
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
 def test_half_operands_accumulate_in_float32_under_either_addmm_rule(monkeypatch, runtime, wider_self, out_dtype,
                                                                      seed):
-    """addmm(fp32 acc, bf16, bf16, out_dtype=fp32) is refused by torch before pytorch#167931 (issue 17.3)."""
+    """addmm(fp32 acc, bf16, bf16, out_dtype=fp32) is refused by torch before pytorch#167931."""
     runtime.wider_self = wider_self
     generator = torch.Generator().manual_seed(seed)
     A, B = torch.randn(48, 300, generator=generator), torch.randn(300, 40, generator=generator)
@@ -156,7 +159,7 @@ def test_half_operands_accumulate_in_float32_under_either_addmm_rule(monkeypatch
 
 
 def test_memory_limit_counts_the_cublas_workspace_on_emulated_device(runtime, seed):
-    """Two workers share one device: each holds its own workspace inside its half (issue 17.4)."""
+    """Two workers share one device: each holds its own workspace inside its half."""
     generator = torch.Generator().manual_seed(seed)
     A, B = torch.randn(90, 70, generator=generator), torch.randn(70, 80, generator=generator)
     C = torch.randn(90, 80, generator=generator)
@@ -174,7 +177,7 @@ def test_memory_limit_counts_the_cublas_workspace_on_emulated_device(runtime, se
 
 @pytest.mark.parametrize("which", ["A", "B"])
 def test_one_row_pinned_tile_passes_a_valid_pitch_on_emulated_device(runtime, which, seed):
-    """op(A) = A.T of a (k, 1) A: a one-row tile whose row stride (1) is below its width (issue 17.8)."""
+    """op(A) = A.T of a (k, 1) A: a one-row tile whose row stride (1) is below its width."""
     generator = torch.Generator().manual_seed(seed)
     if which == "A":
         A, B, trans_a, trans_b = torch.randn(70, 1, generator=generator), torch.randn(70, 30, generator=generator), \
@@ -190,7 +193,7 @@ def test_one_row_pinned_tile_passes_a_valid_pitch_on_emulated_device(runtime, wh
 
 
 def test_staging_is_pinned_lazily_and_sized_to_the_plan(runtime, seed):
-    """Direct copies and beta == 0 pin nothing for operands or C (issue 17.11)."""
+    """Direct copies and beta == 0 pin nothing for operands or C."""
     generator = torch.Generator().manual_seed(seed)
     A, B = torch.randn(64, 90, generator=generator), torch.randn(90, 50, generator=generator)
     worker = EmulatedCUDAWorker(runtime, WORKSPACE + 16_000, pinned=[A, B])
@@ -398,7 +401,7 @@ def test_pinned_strided_operands(transposed, seed):
 
 @needs_gpu
 def test_one_row_pinned_tile_cuda(seed):
-    """A pinned (k, 1) A with trans_a: one-row tiles whose row stride is below their width (issue 17.8)."""
+    """A pinned (k, 1) A with trans_a: one-row tiles whose row stride is below their width."""
     generator = torch.Generator().manual_seed(seed)
     A, B = torch.randn(700, 1, generator=generator).pin_memory(), torch.randn(700, 300, generator=generator)
     result = accel.gemm(A, B, trans_a=True, devices=["cuda:0"], memory_limit=gpu_limit(1, 1 << 16))
@@ -408,7 +411,7 @@ def test_one_row_pinned_tile_cuda(seed):
 @needs_gpu
 @pytest.mark.parametrize("compute_dtype", [torch.float32, "tf32", torch.bfloat16, torch.float16])
 def test_narrow_compute_dtype_into_float64_cuda(compute_dtype, seed):
-    """fp64 operands and result with narrower products: no mm(out_dtype=float64) on CUDA (issue 17.3)."""
+    """fp64 operands and result with narrower products: no mm(out_dtype=float64) on CUDA."""
     generator = torch.Generator().manual_seed(seed)
     A, B = operand(300, 2000, False, torch.float64, generator), operand(2000, 200, False, torch.float64, generator)
     C = torch.randn(300, 200, generator=generator, dtype=torch.float64)
@@ -459,7 +462,7 @@ def test_emulator_agrees_with_cuda():
 @needs_gpu
 @pytest.mark.parametrize("engine_bytes", [1 << 20, 4 << 20])
 def test_memory_limit_measured_by_the_allocator(engine_bytes, seed):
-    """The limit covers each worker's cuBLAS workspace (allocated on its first multiply) (issue 17.4)."""
+    """The limit covers each worker's cuBLAS workspace (allocated on its first multiply)."""
     generator = torch.Generator().manual_seed(seed)
     A, B = torch.randn(1000, 800, generator=generator), torch.randn(800, 900, generator=generator)
     C = torch.randn(1000, 900, generator=generator)

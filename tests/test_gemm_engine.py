@@ -5,6 +5,7 @@ import threading
 import time
 import weakref
 
+import gemm_helpers
 import numpy as np
 import pytest
 import torch
@@ -13,6 +14,8 @@ import accel
 from accel.ooc import BlockQueue, CPUWorker, Engine, MemoryAccount, MemoryBudgetExceeded, TileCache
 from accel.ooc.cache import Tile, source_key
 from accel.ooc.plan import Block, make_plan, minimum_memory
+
+seeded_global_rng = gemm_helpers.seeded_global_rng  # autouse fixture: torch's global generator seeded per test
 
 SIZES = dict(operand_size=4, accumulator_size=4, output_size=4)
 
@@ -378,11 +381,13 @@ def test_worker_failure_stops_every_worker_and_returns_nothing(seed):
     torch.testing.assert_close(engine.gemm(A, B), A @ B, rtol=1e-5, atol=1e-5)  # the engine still works
 
 
-def test_out_of_memory_shrinks_the_plan_and_retries_once(seed):
+def test_out_of_memory_shrinks_the_plan_and_retries_once(seed, caplog):
     A, B = torch.randn(90, 50), torch.randn(50, 90)
     failing = FailingWorker(torch.OutOfMemoryError("CUDA out of memory"), after=1, times=1)
     engine = Engine([failing, PartnerWorker(failing)], memory_limit=2 * 60_000)
-    result = engine.gemm(A, B)
+    with caplog.at_level("WARNING", logger="accel.ooc.engine"):
+        result = engine.gemm(A, B)
+    assert "out of memory" in caplog.text and "retrying once" in caplog.text  # said, not silent
     torch.testing.assert_close(result, A @ B, rtol=1e-5, atol=1e-5)
     assert engine.stats.retries == 1
     assert engine.stats.plan.working_set_bytes <= 60_000 // 2
@@ -442,3 +447,48 @@ def test_totals_sum_the_calls_and_count_cache_hits():
     assert totals.as_dict()["cache_hit_rate"] == totals.cache_hit_rate
     engine.reset_totals()
     assert engine.totals.calls == 0 and engine.totals.cache_hit_rate == 0.0
+
+
+def test_plan_for_is_the_plan_a_call_uses(seed):
+    generator = torch.Generator().manual_seed(seed)
+    engine = Engine(["cpu", "cpu"], memory_limit=2 * 20_000)
+    A, B = torch.randn(97, 61, generator=generator), torch.randn(61, 83, generator=generator)
+    engine.gemm(A, B)
+    assert engine.plan_for(97, 83, 61, dtype=torch.float32) == engine.stats.plan
+    assert engine.memory_per_worker == {"cpu#0": 20_000, "cpu#1": 20_000}
+    with pytest.raises(ValueError, match="m must be a positive int"):
+        engine.plan_for(0, 3, 3)
+    with pytest.raises(TypeError, match="int32"):
+        engine.plan_for(3, 3, 3, dtype=torch.int32)
+
+
+def test_block_for_bounds_and_errors():
+    from accel.ooc.plan import MIN_TILE
+
+    roomy = Engine(["cpu"], memory_limit=1 << 30)
+    assert roomy.block_for([(40, 300, 200), (300, 200, 40)], torch.float32) == 300  # every call in one block
+    tight = Engine(["cpu"], memory_limit=4_000)
+    assert tight.block_for([(4000, 4000, 4000)], torch.float64) == MIN_TILE  # never below the smallest tile
+    middle = Engine(["cpu"], memory_limit=1 << 20)
+    wide, narrow = (middle.block_for([(5000, 5000, 5000)], torch.float32, memory_fraction=f) for f in (1.0, 0.25))
+    assert MIN_TILE < narrow < wide < 5000
+    for shapes in ([], [(3, 4)], [(3, 4, 0)]):
+        with pytest.raises(ValueError, match="shapes"):
+            middle.block_for(shapes, torch.float32)
+    with pytest.raises(ValueError, match="memory_fraction"):
+        middle.block_for([(3, 4, 5)], torch.float32, memory_fraction=0)
+
+
+def test_a_shared_block_and_scope_load_each_tile_once(seed):
+    """Engine.gemm with cache_scope and block_for: x W^T then g W read W's tiles once (the OutOfCoreLinear path)."""
+    generator = torch.Generator().manual_seed(seed)
+    engine = Engine(["cpu"], memory_limit=200_000)
+    x, w, g = (torch.randn(*shape, generator=generator, dtype=torch.float64) for shape in ((30, 50), (40, 50), (30, 40)))
+    side = engine.block_for([(30, 40, 50), (30, 50, 40)], torch.float64)
+    scope = engine.cache_scope()
+    torch.testing.assert_close(engine.gemm(x, w, trans_b=True, block=side, cache_scope=scope), x @ w.t())
+    torch.testing.assert_close(engine.gemm(g, w, block=side, cache_scope=scope), g @ w)
+    assert engine.stats.bytes_to_device == g.numel() * 8  # W came from the scope's cache
+    scope.close()
+    torch.testing.assert_close(engine.gemm(g, w, block=side), g @ w)
+    assert engine.stats.bytes_to_device == (g.numel() + w.numel()) * 8

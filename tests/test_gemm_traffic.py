@@ -7,11 +7,14 @@ the goal is stated against the larger of the two.
 """
 import math
 
+import gemm_helpers
 import pytest
 import torch
 
 from accel.ooc import Engine
 from accel.ooc.plan import make_plan
+
+seeded_global_rng = gemm_helpers.seeded_global_rng  # autouse fixture: torch's global generator seeded per test
 
 SHAPES = [(1024, 1024, 1024), (768, 768, 768), (1024, 256, 768), (256, 1024, 1024), (3000, 1000, 500),
           (600, 300, 900)]

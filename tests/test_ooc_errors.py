@@ -1,12 +1,15 @@
 """Small mistakes get a clear error (or a warning) naming the value (issue 12, item 6)."""
 import warnings
 
+import gemm_helpers
 import pytest
 import torch
 
 import accel
 from accel.nn.ooc_linear import OutOfCoreLinear
 from accel.ooc import Engine
+
+seeded_global_rng = gemm_helpers.seeded_global_rng  # autouse fixture: torch's global generator seeded per test
 
 
 def test_devices_as_a_count_is_refused_with_a_hint():

@@ -1,6 +1,7 @@
 """OutOfCoreLinear against nn.Linear with the same weights: outputs, gradients, optimizer steps."""
 import copy
 
+import gemm_helpers
 import pytest
 import torch
 from torch import nn
@@ -8,13 +9,15 @@ from torch import nn
 from accel.nn.ooc_linear import OutOfCoreLinear
 from accel.ooc import Engine
 
+seeded_global_rng = gemm_helpers.seeded_global_rng  # autouse fixture: torch's global generator seeded per test
+
 ENGINE = dict(devices=["cpu", "cpu"], memory_limit=2 * 40_000)  # small: many blocks and slabs
 
 
 def pair(in_features, out_features, bias, dtype, seed):
     torch.manual_seed(seed)
     linear = nn.Linear(in_features, out_features, bias=bias, dtype=dtype)
-    return linear, OutOfCoreLinear.from_linear(linear, **ENGINE)
+    return linear, OutOfCoreLinear.from_linear(copy.deepcopy(linear), **ENGINE)  # its own parameters
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -46,8 +49,8 @@ def test_optimizer_steps_match(optimizer, seed):
     reference = nn.Sequential(nn.Linear(23, 41), nn.Tanh(), nn.Linear(41, 7)).double()
     model = copy.deepcopy(reference)
     shared = Engine(**ENGINE)  # one engine (one memory budget) for both layers
-    model[0] = OutOfCoreLinear.from_linear(reference[0], engine=shared)
-    model[2] = OutOfCoreLinear.from_linear(reference[2], engine=shared)
+    model[0] = OutOfCoreLinear.from_linear(model[0], engine=shared)  # (from_linear shares the parameters)
+    model[2] = OutOfCoreLinear.from_linear(model[2], engine=shared)
     opt, opt_ref = optimizer(model.parameters()), optimizer(reference.parameters())
     for _ in range(4):
         x, target = torch.randn(16, 23, dtype=torch.float64), torch.randn(16, 7, dtype=torch.float64)
@@ -102,7 +105,7 @@ def test_errors():
 def test_activations_on_gpu(seed):
     torch.manual_seed(seed)
     linear = nn.Linear(300, 200)
-    layer = OutOfCoreLinear.from_linear(linear, devices=["cuda:0"], memory_limit=1 << 20)
+    layer = OutOfCoreLinear.from_linear(copy.deepcopy(linear), devices=["cuda:0"], memory_limit=1 << 20)
     x = torch.randn(64, 300, device="cuda", requires_grad=True)
     y = layer(x)
     assert y.device == x.device and layer.weight.device.type == "cpu"
@@ -129,3 +132,17 @@ def test_inference_mode_then_training(seed):
     torch.testing.assert_close(y_inference, y.detach())
     torch.testing.assert_close(product, x @ layer.weight.detach().t(), rtol=1e-5, atol=1e-5)
     assert layer.weight.grad is not None
+
+
+def test_the_layer_uses_only_the_public_engine_api():
+    """accel/nn/ooc_linear.py imports nothing from accel.ooc but its public names."""
+    import ast
+    import inspect
+
+    import accel.nn.ooc_linear as module
+    import accel.ooc
+
+    for node in ast.walk(ast.parse(inspect.getsource(module))):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("accel.ooc"):
+            assert node.module == "accel.ooc", node.module
+            assert {alias.name for alias in node.names} <= set(accel.ooc.__all__)

@@ -1,9 +1,8 @@
 """A collective writing into OutOfCoreLinear's parameters (torchrun, 2 gloo ranks): no stale tile."""
 import json
 
-import pytest
-
 import procs
+import pytest
 
 pytestmark = pytest.mark.multiprocess
 SCRIPT = procs.REPO_ROOT / "tests" / "scripts" / "ooc_broadcast.py"

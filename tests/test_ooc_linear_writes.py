@@ -4,6 +4,7 @@ import copy
 import io
 import pickle
 
+import gemm_helpers
 import numpy as np
 import pytest
 import torch
@@ -13,13 +14,15 @@ from torch.nn import functional as F
 from accel.nn.ooc_linear import OutOfCoreLinear
 from accel.ooc import Engine
 
+seeded_global_rng = gemm_helpers.seeded_global_rng  # autouse fixture: torch's global generator seeded per test
+
 BIG = dict(devices=["cpu"], memory_limit=8 << 20)  # every tile fits: a stale cache would be used
 
 
 def pair(seed, in_features=24, out_features=17, dtype=torch.float64):
     torch.manual_seed(seed)
     linear = nn.Linear(in_features, out_features, dtype=dtype)
-    return linear, OutOfCoreLinear.from_linear(linear, **BIG)
+    return linear, OutOfCoreLinear.from_linear(copy.deepcopy(linear), **BIG)  # its own parameters
 
 
 def assert_forward_is_current(layer, generator):

@@ -1,12 +1,15 @@
 """The worker registry: a worker type from one file (tests/toy_worker.py) runs the BLAS grid; device
 knowledge (default devices, name checks, out-of-memory reading, compute modes) comes from the classes."""
+import gemm_helpers
 import pytest
 import torch
+from gemm_helpers import SHAPES, check_blas_grid_case
 
 import accel
 from accel.ooc import CPUWorker, Engine, check_device, worker_class
-from accel.ooc.registry import default_devices, register_worker, unregister_worker
-from test_gemm import SHAPES, check_blas_grid_case
+from accel.ooc.workers import default_devices, register_worker, unregister_worker
+
+seeded_global_rng = gemm_helpers.seeded_global_rng  # autouse fixture: torch's global generator seeded per test
 
 
 @pytest.fixture
@@ -43,7 +46,8 @@ def test_device_knowledge_comes_from_the_worker_class(toy):
 
 
 def test_no_import_cycles_in_accel_ooc():
-    """Every import between accel.ooc modules (top level or inside functions) points one way."""
+    """Every import between accel.ooc modules (top level or inside functions) points one way; the worker
+    modules never import the registry (``accel.ooc.workers``), which names them only by module path."""
     import ast
     from pathlib import Path
 
@@ -51,24 +55,28 @@ def test_no_import_cycles_in_accel_ooc():
 
     folder = Path(accel.ooc.__file__).parent
     graph = {}
-    for path in folder.glob("*.py"):
-        if path.stem == "__init__":
+    for path in folder.rglob("*.py"):
+        parts = path.relative_to(folder).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        if not name:  # accel/ooc/__init__.py: the public face, imports everything
             continue
         imported = set()
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("accel.ooc."):
-                imported.add(node.module.split(".")[2])
+                imported.add(node.module[len("accel.ooc."):])
             elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("accel.ooc."):
-                imported.add(node.value.split(":")[0].split(".")[2])  # the registry's lazy module paths
-        graph[path.stem] = imported - {path.stem}
-    lazy = {"registry": {"devices", "cuda"}}  # by name, on first use: allowed as long as neither imports registry
+                imported.add(node.value.split(":")[0][len("accel.ooc."):])  # the registry's lazy module paths
+        graph[name] = imported - {name}
+    assert {"workers", "workers.base", "workers.cpu", "workers.cuda", "engine", "_call", "queue"} <= set(graph)
 
     def reaches(start, goal, seen=()):
         return any(nxt == goal or (nxt not in seen and reaches(nxt, goal, (*seen, nxt))) for nxt in graph.get(start, ()))
 
     for module in graph:
         assert not reaches(module, module), f"{module} imports itself through {graph[module]}"
-    assert not any(reaches(target, "registry") for target in lazy["registry"])
+    workers = [module for module in graph if module.startswith("workers.")]
+    assert not any(reaches(module, "workers") for module in workers), "a worker module imports the registry"
+    assert [module for module in graph if "workers.cuda" in graph[module]] == ["workers"]  # only by name
 
 
 def test_unknown_device_types_are_named():
@@ -91,7 +99,7 @@ def matmul_precision():
 def test_cuda_compute_mode_uses_the_new_api_and_restores_it_exactly(matmul_precision, user_setting):
     from types import SimpleNamespace
 
-    from accel.ooc.cuda import CUDAWorker
+    from accel.ooc.workers.cuda import CUDAWorker
 
     matmul_precision.fp32_precision = user_setting
     for allow_tf32, inside in [(True, "tf32"), (False, "ieee")]:
@@ -107,7 +115,7 @@ def test_cuda_compute_mode_uses_the_new_api_and_restores_it_exactly(matmul_preci
 def test_legacy_precision_setting_survives_a_cuda_call(matmul_precision):
     from types import SimpleNamespace
 
-    from accel.ooc.cuda import CUDAWorker
+    from accel.ooc.workers.cuda import CUDAWorker
 
     before = torch.get_float32_matmul_precision()
     try:

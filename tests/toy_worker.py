@@ -9,9 +9,9 @@ import contextlib
 import torch
 
 from accel.ooc.cache import Tile
-from accel.ooc.devices import Worker, epilogue
 from accel.ooc.plan import DeviceProfile
-from accel.ooc.registry import register_worker
+from accel.ooc.workers import register_worker
+from accel.ooc.workers.base import Worker, epilogue
 
 TOY_DEVICES = 2
 compute_modes_entered = []  # what the compute_mode hook saw, for the test

@@ -1,17 +1,19 @@
 """``OutOfCoreLinear``: a linear layer whose weight (and its gradient) live in host memory.
 
 Forward and backward are out-of-core GEMMs on an :class:`accel.ooc.Engine`, so a weight larger than any
-GPU trains with an ordinary torch optimizer.
+GPU trains with an ordinary torch optimizer. The layer uses only the engine's public methods:
+:meth:`~accel.ooc.Engine.gemm`, :meth:`~accel.ooc.Engine.block_for` and :meth:`~accel.ooc.Engine.cache_scope`.
 
-Tiles and their lifetime: each forward opens a :class:`~accel.ooc.engine.CacheScope` and the matching
-backward closes it. Within it the tiles of the weight, the input and the output gradient are loaded
-once and reused (forward reads ``W^T``, backward ``W``: tiles are keyed in the weight's own coordinates
-and cut on one square grid, so they match). Nothing is reused across an optimizer step or any other
-boundary where the weight may change, so no write path (fused optimizers, ``.data``, NumPy views,
-collectives, ``load_state_dict``) can make a tile stale.
+Tiles and their lifetime: each forward opens a :class:`~accel.ooc.CacheScope` and the matching backward
+closes it. Within it the tiles of the weight, the input and the output gradient are loaded once and reused
+(forward reads ``W^T``, backward ``W``: tiles are keyed in the weight's own coordinates and cut on one
+square grid, :meth:`~accel.ooc.Engine.block_for`, so they match). Nothing is reused across an optimizer
+step or any other boundary where the weight may change, so no write path (fused optimizers, ``.data``,
+NumPy views, collectives, ``load_state_dict``) can make a tile stale.
 """
 from __future__ import annotations
 
+import logging
 import math
 import threading
 
@@ -19,8 +21,8 @@ import torch
 from torch import nn
 
 from accel.ooc import Engine
-from accel.ooc.call import gemm_call
-from accel.ooc.plan import MIN_TILE, working_set_bytes
+
+logger = logging.getLogger(__name__)
 
 #: share of each device's default budget that the layers' shared default engine takes
 DEFAULT_MEMORY_FRACTION = 0.25
@@ -38,40 +40,24 @@ def shared_engine(devices=None) -> Engine:
         return _shared_engines[key]
 
 
-def tile_side(engine: Engine, rows: int, in_features: int, out_features: int, dtype: torch.dtype) -> int:
-    """Side of the square tile grid shared by the layer's three GEMMs (forward ``x W^T``, backward
-    ``g W`` and ``g^T x``): the largest whose working set takes at most half of the smallest worker budget,
-    the other half caching the call's tiles for reuse."""
-    element = torch.empty((), dtype=dtype).element_size()
-    accumulator = max(element, 4)
-    operand = max(worker.storage_size(dtype, torch.float64 if element == 8 else torch.float32)
-                  for worker in engine.workers)
-    budget = min(worker.account.limit for worker in engine.workers) // 2
-    sizes = dict(operand_size=operand, accumulator_size=accumulator, output_size=element)
-    shapes = [(rows, out_features, in_features), (rows, in_features, out_features),
-              (out_features, in_features, rows)]
-
-    def fits(side):
-        return all(working_set_bytes(min(m, side), min(n, side), min(k, side), **sizes) <= budget
-                   for m, n, k in shapes)
-
-    low, high = MIN_TILE, max(rows, in_features, out_features, MIN_TILE)
-    while low < high:
-        middle = (low + high + 1) // 2
-        low, high = (middle, high) if fits(middle) else (low, middle - 1)
-    return low
-
-
 class _OutOfCoreLinearFunction(torch.autograd.Function):
-    """``y = x W^T + b`` on the engine; the backward's GEMMs are differentiable (double backward)."""
+    """``y = x W^T + b`` on the engine (``x W + b`` when the weight is stored transposed); the backward's
+    GEMMs are differentiable (double backward)."""
 
     @staticmethod
-    def forward(ctx, rows, weight, bias, engine, side, backward_follows):
+    def forward(ctx, rows, weight, bias, engine, transposed, backward_follows):
+        # one tile grid for the three GEMMs, so the forward's tiles serve the backward
+        batch, n_in = rows.shape
+        n_out = weight.shape[1] if transposed else weight.shape[0]
+        side = engine.block_for([(batch, n_out, n_in), (batch, n_in, n_out), (n_out, n_in, batch)], rows.dtype)
         scope = engine.cache_scope()
-        out = gemm_call(engine, rows, weight, bias, beta=0.0 if bias is None else 1.0, trans_b=True, block=side,
-                        cache_scope=scope)
-        ctx.save_for_backward(rows, weight)
-        ctx.engine, ctx.side, ctx.scope, ctx.has_bias = engine, side, scope, bias is not None
+        out = engine.gemm(rows, weight, bias, beta=0.0 if bias is None else 1.0, trans_b=not transposed, block=side,
+                          cache_scope=scope)
+        # save only what the backward reads, as torch's linear does (a tensor made under
+        # torch.inference_mode cannot be saved; torch refuses only where it must be)
+        ctx.save_for_backward(rows if ctx.needs_input_grad[1] else None, weight if ctx.needs_input_grad[0] else None)
+        ctx.engine, ctx.side, ctx.scope, ctx.has_bias, ctx.transposed = engine, side, scope, bias is not None, \
+            transposed
         if not backward_follows:  # no graph: nothing will read these tiles again
             scope.close()
         return out
@@ -79,20 +65,32 @@ class _OutOfCoreLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         rows, weight = ctx.saved_tensors
-        engine, scope = ctx.engine, ctx.scope
+        engine, scope, side = ctx.engine, ctx.scope, ctx.side
         scope = None if scope.closed else scope
         grad_rows = grad_weight = grad_bias = None
         try:  # grad_rows first: it reads the weight tiles the forward left in the scope
-            if ctx.needs_input_grad[0]:
-                grad_rows = gemm_call(engine, grad, weight, block=ctx.side, cache_scope=scope)
-            if ctx.needs_input_grad[1]:
-                grad_weight = gemm_call(engine, grad, rows, trans_a=True, block=ctx.side, cache_scope=scope)
+            if ctx.needs_input_grad[0]:  # g W, or g W^T for a transposed weight
+                grad_rows = engine.gemm(grad, weight, trans_b=ctx.transposed, block=side, cache_scope=scope)
+            if ctx.needs_input_grad[1]:  # g^T x, or x^T g for a transposed weight
+                if ctx.transposed:
+                    grad_weight = engine.gemm(rows, grad, trans_a=True, block=side, cache_scope=scope)
+                else:
+                    grad_weight = engine.gemm(grad, rows, trans_a=True, block=side, cache_scope=scope)
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_bias = grad.sum(0)
         finally:  # the weight may change from here on (the optimizer step): its tiles go
             if scope is not None:
                 scope.close()
         return grad_rows, grad_weight, grad_bias, None, None, None
+
+
+def _is_transformers_conv1d(module) -> bool:
+    """Whether ``module`` is transformers' ``Conv1D`` (``transformers.pytorch_utils``): recognised by its
+    class and attributes, so transformers is never imported here (it is not a dependency)."""
+    cls = type(module)
+    return (cls.__name__ == "Conv1D" and cls.__module__.split(".")[0] == "transformers"
+            and isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2
+            and getattr(module, "nf", None) == module.weight.shape[1])
 
 
 class OutOfCoreLinear(nn.Module):
@@ -106,21 +104,31 @@ class OutOfCoreLinear(nn.Module):
         in_features (int): size of each input sample.
         out_features (int): size of each output sample.
         bias (bool): learn an additive bias (default ``True``).
+        device (torch.device or str, optional): where the parameters are made: the host (``"cpu"``), or
+            ``"meta"`` to allocate nothing (then :meth:`~torch.nn.Module.to_empty` and
+            :meth:`reset_parameters`). Default: the meta device under ``with torch.device("meta")``, else the
+            host (whatever torch's default device). The GEMMs' devices are ``devices``.
+        dtype (torch.dtype, optional): parameter dtype (default: torch's default dtype).
         devices (sequence, optional): devices for the GEMMs (see :class:`accel.ooc.Engine`); default
             every visible GPU, else the CPU.
         memory_limit (int, optional): bytes per device for this layer's own engine. Default: the layer
             uses the engine shared by every ``OutOfCoreLinear`` on the same ``devices`` made without a
             limit, which takes a quarter of what :func:`accel.gemm` would (a quarter of 90% of a GPU's
             free memory), one budget for all those layers, leaving the rest to the model.
-        dtype (torch.dtype, optional): parameter dtype (default: torch's default dtype).
         engine (accel.ooc.Engine, optional): use this engine (and its budget); then ``devices`` and
             ``memory_limit`` stay unset.
+        transposed_weight (bool): store the weight as ``(in_features, out_features)`` and compute
+            ``y = x W + b``, as transformers' ``Conv1D`` does (default ``False``: ``nn.Linear``'s layout).
+
+    Attributes:
+        transposed_weight (bool): the weight's layout (see above); ``weight.shape`` follows it.
 
     Tiles live from a forward to the end of its backward (see the module docstring): nothing is cached
     across optimizer steps. Autograd: double backward (``create_graph=True``) works, the backward's
-    GEMMs being differentiable engine GEMMs. Copies (``copy.deepcopy``, ``pickle``, ``torch.save``,
-    ``AveragedModel``) get a new Engine built from the same arguments (see :class:`accel.ooc.Engine`);
-    layers sharing an engine share one new engine in the copy.
+    GEMMs being differentiable engine GEMMs. Under :func:`torch.inference_mode` the layer works as
+    ``nn.Linear`` does, for inputs and for a layer made there. Copies (``copy.deepcopy``, ``pickle``,
+    ``torch.save``, ``AveragedModel``) get a new Engine built from the same arguments (see
+    :class:`accel.ooc.Engine`); layers sharing an engine share one new engine in the copy.
 
     Example::
 
@@ -129,53 +137,94 @@ class OutOfCoreLinear(nn.Module):
         >>> y.sum().backward()      # layer.weight.grad lives in host memory
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, devices=None,
-                 memory_limit: int | None = None, dtype: torch.dtype | None = None, engine: Engine | None = None):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
+                 dtype: torch.dtype | None = None, *, devices=None, memory_limit: int | None = None,
+                 engine: Engine | None = None, transposed_weight: bool = False):
         super().__init__()
         for name, value in (("in_features", in_features), ("out_features", out_features)):
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        self.in_features, self.out_features = in_features, out_features
-        factory = {"device": "cpu", "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_features, **factory))
-        else:
-            self.register_parameter("bias", None)
         if engine is not None and (devices is not None or memory_limit is not None):
             raise ValueError("pass devices and memory_limit to the Engine, not with engine=")
         if engine is not None and not isinstance(engine, Engine):
             raise TypeError(f"engine must be an accel.ooc.Engine, got {engine!r} (to name devices, pass "
                             f"devices=[...])")
+        device = _parameter_device(device)
+        self.in_features, self.out_features = in_features, out_features
+        self.transposed_weight = bool(transposed_weight)
+        factory = {"device": device, "dtype": dtype}
+        shape = (in_features, out_features) if self.transposed_weight else (out_features, in_features)
+        self.weight = nn.Parameter(torch.empty(shape, **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory))
+        else:
+            self.register_parameter("bias", None)
         if engine is None:
             engine = shared_engine(devices) if memory_limit is None else Engine(devices, memory_limit)
         self.engine = engine
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """The initialisation of :class:`torch.nn.Linear` (Kaiming-uniform weight, uniform bias)."""
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        """The initialisation of :class:`torch.nn.Linear` (Kaiming-uniform weight, uniform bias), also for a
+        transposed weight (drawn in ``nn.Linear``'s orientation). Does nothing on the meta device."""
+        weight = self.weight.t() if self.transposed_weight else self.weight
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
         if self.bias is not None:
             bound = 1 / math.sqrt(self.in_features)
             nn.init.uniform_(self.bias, -bound, bound)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, **kwargs) -> "OutOfCoreLinear":
-        """An ``OutOfCoreLinear`` holding a host copy of ``linear``'s weight and bias.
+    def from_linear(cls, linear: nn.Module, **kwargs) -> "OutOfCoreLinear":
+        """An ``OutOfCoreLinear`` computing what ``linear`` computes, from an :class:`torch.nn.Linear` or
+        transformers' ``Conv1D`` (``transformers.pytorch_utils.Conv1D``, whose weight is stored
+        ``(in_features, out_features)``; the new layer keeps that layout, ``transposed_weight=True``).
+
+        The new layer holds ``linear``'s own weight and bias :class:`~torch.nn.Parameter` objects wherever it
+        can: a parameter in host memory (or on the meta device) of the requested dtype is shared, not copied,
+        so a weight tied to another module (GPT-2's ``lm_head`` and its token embedding) stays tied, and an
+        optimizer built on the old parameters keeps training the new layer. A parameter on another device
+        (a GPU) or of another dtype is copied into a new host parameter instead (logged at INFO level): a
+        tie through it is then broken, which model-level transforms must refuse or restore. To keep ``linear``
+        independent of the new layer, pass a copy (``copy.deepcopy(linear)``).
 
         Args:
-            linear (nn.Linear): the layer to copy.
+            linear (nn.Linear or transformers Conv1D): the layer to take over.
             **kwargs: ``devices``, ``memory_limit``, ``dtype``, ``engine`` as in the constructor
                 (``dtype`` defaults to the linear layer's).
+
+        Raises:
+            TypeError: ``linear`` is neither an ``nn.Linear`` nor a transformers ``Conv1D``.
+            ValueError: ``kwargs`` names ``device`` or ``transposed_weight`` (they follow ``linear``).
         """
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
-        kwargs.setdefault("dtype", linear.weight.dtype)
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, **kwargs)
-        with torch.no_grad():
-            layer.weight.copy_(linear.weight)
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
+        if isinstance(linear, nn.Linear):
+            transposed = False
+            in_features, out_features = linear.in_features, linear.out_features
+        elif _is_transformers_conv1d(linear):
+            transposed = True
+            in_features, out_features = linear.weight.shape
+        else:
+            raise TypeError(f"from_linear expects an nn.Linear or a transformers Conv1D, got "
+                            f"{type(linear).__name__}")
+        for name in ("device", "transposed_weight"):
+            if name in kwargs:
+                raise ValueError(f"from_linear takes {name} from the layer; leave {name}= unset")
+        dtype = kwargs.setdefault("dtype", linear.weight.dtype)
+        bias = getattr(linear, "bias", None)
+        layer = cls(in_features, out_features, bias is not None, device="meta", transposed_weight=transposed,
+                    **kwargs)
+        for name, parameter in (("weight", linear.weight), ("bias", bias)):
+            if parameter is None:
+                continue
+            if isinstance(parameter, nn.Parameter) and parameter.device.type in ("cpu", "meta") and \
+                    parameter.dtype == dtype:
+                setattr(layer, name, parameter)
+                continue
+            logger.info("OutOfCoreLinear.from_linear copies %s %s (%s, %s) into host memory as %s: the new "
+                        "layer does not share it with %s", name, tuple(parameter.shape), parameter.device,
+                        parameter.dtype, dtype, type(linear).__name__)
+            with torch.no_grad():
+                copied = parameter.detach().to(device="cpu", dtype=dtype, copy=True)
+            setattr(layer, name, nn.Parameter(copied, requires_grad=parameter.requires_grad))
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -184,18 +233,31 @@ class OutOfCoreLinear(nn.Module):
             raise ValueError(f"expected input with last dimension {self.in_features}, got shape {shape}")
         if x.dtype != self.weight.dtype:
             raise TypeError(f"input dtype {x.dtype} does not match the weight dtype {self.weight.dtype}")
+        if self.weight.device.type == "meta":
+            raise RuntimeError("OutOfCoreLinear was made on the meta device: materialise it first with "
+                               "module.to_empty(device='cpu') and reset_parameters() (or load a state dict)")
         rows = x.reshape(-1, self.in_features).cpu()  # differentiable: gradients flow back to x's device
         parameters = [p for p in (self.weight, self.bias) if p is not None]
         backward_follows = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *parameters))
-        side = tile_side(self.engine, rows.shape[0], self.in_features, self.out_features, x.dtype)
-        out = _OutOfCoreLinearFunction.apply(rows, self.weight, self.bias, self.engine, side, backward_follows)
+        out = _OutOfCoreLinearFunction.apply(rows, self.weight, self.bias, self.engine, self.transposed_weight,
+                                             backward_follows)
         return out.reshape(*x.shape[:-1], self.out_features).to(x.device)
 
     def _apply(self, fn, recurse=True):
         """Parameters stay in host memory whatever ``.to()`` / ``.cuda()`` asks (that is the point of the
-        layer, and it lets ``model.to("cuda")`` move the rest of a model); dtype conversions do apply."""
-        for param in self._parameters.values():
+        layer, and it lets ``model.to("cuda")`` move the rest of a model); dtype conversions do apply, and a
+        layer on the meta device is materialised in host memory (``to_empty(device=...)`` of any device)."""
+        for name, param in self._parameters.items():
             if param is None:
+                continue
+            if param.device.type == "meta":
+                applied = fn(param)
+                if applied.device.type != "meta":  # materialised (to_empty): in host memory, never elsewhere
+                    if applied.device.type != "cpu":
+                        applied = torch.empty(applied.shape, dtype=applied.dtype)
+                    self._parameters[name] = nn.Parameter(applied, requires_grad=param.requires_grad)
+                elif applied.dtype != param.dtype:
+                    self._parameters[name] = nn.Parameter(applied, requires_grad=param.requires_grad)
                 continue
             dtype = fn(torch.empty(0, dtype=param.dtype)).dtype
             if dtype != param.dtype:
@@ -205,5 +267,22 @@ class OutOfCoreLinear(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"devices={self.engine.devices}")
+        layout = ", transposed_weight=True" if self.transposed_weight else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+                f"{layout}, devices={self.engine.devices}")
+
+
+def _parameter_device(device) -> torch.device:
+    """Where the parameters are made: the host, or the meta device (nothing allocated). With no device,
+    torch's default device decides between the two (``with torch.device("meta"):`` makes a meta layer); any
+    other default device still gives host parameters, the layer's point."""
+    if device is None:
+        return torch.device("meta") if torch.get_default_device().type == "meta" else torch.device("cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"unknown device {device!r}") from error
+    if device.type not in ("cpu", "meta"):
+        raise ValueError(f"OutOfCoreLinear keeps its parameters in host memory: device={str(device)!r} is not "
+                         f"supported (use device='cpu' or 'meta'; devices=[{str(device)!r}] runs the GEMMs there)")
+    return device

@@ -11,7 +11,7 @@ counter or a NumPy view), so no key can prove a tile current. Each tile key ther
 
 * ``("call", n)`` -- the default: tiles live for one call and are dropped at its end. Within a call the
   operands cannot change (a concurrent write would be a race in any BLAS).
-* ``("scope", n)`` -- a :class:`~accel.ooc.engine.CacheScope`: the caller declares the operands unchanged
+* ``("scope", n)`` -- a :class:`~accel.ooc.cache.CacheScope`: the caller declares the operands unchanged
   until it closes the scope (``OutOfCoreLinear`` opens one per forward and closes it at the end of the
   matching backward); then its tiles are dropped.
 * ``("persistent",)`` -- an ``Engine(persist_cache=True)``: the caller declares its operands unchanged
@@ -20,6 +20,9 @@ counter or a NumPy view), so no key can prove a tile current. Each tile key ther
 Keys also hold the source's identity and visible state (object id, data pointer, shape, strides, dtype,
 ``_version``) so that a tensor replaced or changed through torch is never confused with its old self,
 and a source's tiles are dropped when it is garbage collected (a recycled ``id`` cannot hit stale data).
+Sources without a version counter (NumPy arrays, tensors made under ``torch.inference_mode``, whose
+in-place writes inside inference mode are not counted) never get persistent tiles: theirs live for one
+call, even on an ``Engine(persist_cache=True)``.
 """
 from __future__ import annotations
 
@@ -78,7 +81,7 @@ class SourceKey:
     shape: tuple
     stride: tuple
     dtype: torch.dtype
-    version: int
+    version: int | None  # None: an inference tensor, which has no version counter
     scope: tuple
 
     @property
@@ -96,15 +99,17 @@ def call_scope() -> tuple:
 
 
 def new_scope() -> tuple:
-    """A fresh :class:`~accel.ooc.engine.CacheScope` key."""
+    """A fresh :class:`~accel.ooc.cache.CacheScope` key."""
     return ("scope", next(_scope_counter))
 
 
 def source_key(tensor: torch.Tensor, scope: tuple | None = None) -> SourceKey:
     """Key for ``tensor``'s tiles in ``scope`` (default: a fresh call scope)."""
     scope = scope if scope is not None else call_scope()
+    # a tensor made under torch.inference_mode has no version counter (its in-place writes are not counted)
+    version = None if tensor.is_inference() else tensor._version
     return SourceKey(id(tensor), tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype,
-                     tensor._version, scope)
+                     version, scope)
 
 
 @dataclass(eq=False)
@@ -264,7 +269,7 @@ class TileCache:
                 del self._current[object_id]
 
     def drop_scope(self, scope: tuple) -> None:
-        """Drop every unreferenced tile of ``scope`` (a closed :class:`~accel.ooc.engine.CacheScope`)."""
+        """Drop every unreferenced tile of ``scope`` (a closed :class:`~accel.ooc.cache.CacheScope`)."""
         with self._lock:
             for key in [key for key, tile in self._tiles.items() if key[0].scope == scope and not tile.references]:
                 self._evict(key)

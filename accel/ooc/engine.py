@@ -1,11 +1,12 @@
 """The engine: plans a GEMM, runs one thread per worker over a shared block queue, collects statistics.
 
-Workers take blocks from a :class:`~accel.ooc.block_queue.BlockQueue`. A failing worker cancels the call: every thread is joined before the error is raised,
+Workers take blocks from a :class:`~accel.ooc.queue.BlockQueue`. A failing worker cancels the call: every thread is joined before the error is raised,
 and a call that ran out of memory is re-planned with half the memory and retried once.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import queue
 import threading
@@ -14,20 +15,23 @@ import weakref
 
 import torch
 
-from accel.ooc.block_queue import BlockQueue
+from accel.ooc._call import SUPPORTED_DTYPES, accumulator_dtype, check_block, gemm_call, resolve_dtypes
 from accel.ooc.cache import CacheScope
-from accel.ooc.call import gemm_call
-from accel.ooc.devices import Cancelled, Problem, Worker
-from accel.ooc.registry import default_devices, make_worker
-from accel.ooc.plan import Plan, compute_kind, make_plan, minimum_memory
+from accel.ooc.plan import MIN_TILE, Plan, compute_kind, make_plan, minimum_memory, working_set_bytes
+from accel.ooc.queue import BlockQueue
 from accel.ooc.stats import EngineTotals, GemmStats
+from accel.ooc.workers import default_devices, make_worker
+from accel.ooc.workers.base import Cancelled, Problem, Worker
+
+logger = logging.getLogger(__name__)
+
 
 class Engine:
     r"""Out-of-core GEMM engine over a set of devices; reusable (threads, staging buffers, statistics).
 
     Args:
         devices (sequence, optional): device names (``"cuda:0"``, ``"cpu"``, :class:`torch.device`) or
-            :class:`~accel.ooc.devices.Worker` objects, one worker each; a device may appear twice
+            :class:`~accel.ooc.workers.base.Worker` objects, one worker each; a device may appear twice
             (two workers share it and its memory). Default: every visible GPU, else ``["cpu"]``.
         memory_limit (int, optional): bytes the engine may hold *per device* (split among the device's
             workers). Default: 90% of a GPU's free memory; a quarter of the available host memory for
@@ -41,6 +45,12 @@ class Engine:
             through a version-bumping op or replaced by another is still detected.
         default_memory_fraction (float): with no ``memory_limit``, take this share of each device's
             default (``accel.nn.OutOfCoreLinear``'s shared engine takes 0.25).
+
+    Public methods: :meth:`gemm` (one product, optionally in a :meth:`cache_scope`), :meth:`plan_for` and
+    :meth:`block_for` (how a call would be cut; one tile grid for several calls), :attr:`memory_per_worker`,
+    :meth:`clear_cache`, :meth:`reset_totals`, :meth:`close`; :attr:`stats` (the last call) and
+    :attr:`totals` (all calls). Inputs made under :func:`torch.inference_mode` work as with ``torch.mm``;
+    like NumPy arrays they carry no version counter, so their tiles never outlive a call.
 
     Copies (``pickle``, ``copy.deepcopy``, ``torch.save``) of an Engine are new Engines made from the same
     constructor arguments, with empty caches and no statistics; objects sharing one Engine share one
@@ -107,11 +117,100 @@ class Engine:
     def devices(self) -> list[str]:
         return [worker.name for worker in self.workers]
 
-    def gemm(self, A, B, C=None, **kwargs):
-        """``accel.gemm(A, B, C, engine=self, **kwargs)``: the same arguments but ``devices``/``memory_limit``."""
-        if "devices" in kwargs or "memory_limit" in kwargs:
+    def gemm(self, A, B, C=None, *, alpha=1.0, beta=0.0, trans_a: bool = False, trans_b: bool = False,
+             block: int | None = None, compute_dtype=None, cache_scope: CacheScope | None = None, **misplaced):
+        r"""``alpha * op(A) @ op(B) + beta * C`` on this engine: :func:`accel.gemm` with ``engine=self``.
+
+        Args:
+            A, B, C, alpha, beta, trans_a, trans_b, block, compute_dtype: as in :func:`accel.gemm`.
+            cache_scope (CacheScope, optional): a scope of this engine from :meth:`cache_scope`. Passing it
+                is the caller's promise that A and B are not written until the scope is closed; their tiles
+                are then kept and reused by later calls in the same scope (e.g. a layer's forward and its
+                backward, which read the weight as ``W^T`` and as ``W``: with the same ``block`` on every
+                call, see :meth:`block_for`, they cut the same tiles).
+
+        Returns:
+            A new ``m x n`` matrix (see :func:`accel.gemm`); :attr:`stats` describes the call.
+
+        Raises:
+            ValueError, TypeError, RuntimeError: as :func:`accel.gemm`; ``ValueError`` also for a closed
+                ``cache_scope`` or one of another engine.
+        """
+        if "devices" in misplaced or "memory_limit" in misplaced:
             raise ValueError("pass devices and memory_limit to the Engine, not to gemm(..., engine=...)")
-        return gemm_call(self, A, B, C, **kwargs)
+        if misplaced:
+            raise TypeError(f"Engine.gemm() got unexpected keyword arguments {sorted(misplaced)}")
+        return gemm_call(self, A, B, C, alpha=alpha, beta=beta, trans_a=trans_a, trans_b=trans_b, block=block,
+                         compute_dtype=compute_dtype, cache_scope=cache_scope)
+
+    @property
+    def memory_per_worker(self) -> dict[str, int]:
+        """Bytes each worker may hold, by worker name (a device listed twice shares its budget)."""
+        return {worker.name: worker.account.limit for worker in self.workers}
+
+    def plan_for(self, m: int, n: int, k: int, *, dtype: torch.dtype = torch.float32, compute_dtype=None,
+                 block: int | None = None) -> Plan:
+        """The plan this engine would use for ``op(A) (m x k) @ op(B) (k x n)`` of ``dtype`` operands.
+
+        Args:
+            m, n, k (int): the product's shape.
+            dtype (torch.dtype): the operands' (and the result's) dtype.
+            compute_dtype: as in :func:`accel.gemm` (default ``dtype``).
+            block (int, optional): force the block side, as in :func:`accel.gemm`.
+
+        Raises:
+            ValueError: a shape that is not a non-negative int, or a memory limit too small for the call.
+            TypeError: an unsupported dtype.
+        """
+        for name, value in (("m", m), ("n", n), ("k", k)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        storage, allow_tf32, accumulator = _call_dtypes(dtype, compute_dtype)
+        check_block(block)
+        return self._plan(m, n, k, storage, accumulator, dtype, allow_tf32,
+                          min(self.memory_per_worker.values()), block)
+
+    def block_for(self, shapes, dtype: torch.dtype, *, memory_fraction: float = 0.5) -> int:
+        """The side of one square tile grid shared by several GEMMs over the same operands.
+
+        Passed as ``block=`` to each of the calls, it cuts every operand on the same grid in all of them, so
+        within one :meth:`cache_scope` a tile loaded by one call is found by the next, whichever orientation
+        each call reads it in. The side is the largest (and at least the plan's smallest tile) for which the
+        working set of every call in ``shapes`` fits in ``memory_fraction`` of the smallest worker budget;
+        the rest of the budget is left to the tiles the calls share.
+
+        Args:
+            shapes (iterable of (m, n, k)): the calls' shapes (``op(A)`` is ``m x k``, ``op(B)`` ``k x n``).
+            dtype (torch.dtype): the operands' dtype.
+            memory_fraction (float): share of the budget one call's working set may take, in (0, 1].
+
+        Example::
+
+            >>> # y = x W^T, then dx = g W and dW = g^T x, for x of shape (rows, n_in), W (n_out, n_in)
+            >>> side = engine.block_for([(rows, n_out, n_in), (rows, n_in, n_out), (n_out, n_in, rows)],
+            ...                         torch.float32)
+        """
+        shapes = [tuple(shape) for shape in shapes]
+        if not shapes or any(len(shape) != 3 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1
+                                                   for v in shape) for shape in shapes):
+            raise ValueError(f"shapes must be a non-empty list of (m, n, k) positive ints, got {shapes!r}")
+        if not (isinstance(memory_fraction, (int, float)) and 0 < memory_fraction <= 1):
+            raise ValueError(f"memory_fraction must be in (0, 1], got {memory_fraction!r}")
+        storage, _, accumulator = _call_dtypes(dtype, None)
+        sizes = dict(operand_size=max(worker.storage_size(storage, accumulator) for worker in self.workers),
+                     accumulator_size=torch.empty((), dtype=accumulator).element_size(),
+                     output_size=torch.empty((), dtype=dtype).element_size())
+        budget = int(min(self.memory_per_worker.values()) * memory_fraction)
+
+        def fits(side):
+            return all(working_set_bytes(min(m, side), min(n, side), min(k, side), **sizes) <= budget
+                       for m, n, k in shapes)
+
+        low, high = MIN_TILE, max(MIN_TILE, *(max(shape) for shape in shapes))
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if fits(middle) else (low, middle - 1)
+        return low
 
     def reset_totals(self) -> None:
         """Start :attr:`totals` again from zero."""
@@ -126,12 +225,17 @@ class Engine:
     def plan(self, problem: Problem, memory_per_worker: int, block: int | None = None) -> Plan:
         """The plan for ``problem`` when each worker may hold ``memory_per_worker`` bytes."""
         m, k = problem.a.shape
-        n = problem.b.shape[1]
-        accumulator = torch.empty((), dtype=problem.accumulator_dtype).element_size()
-        operand = max(w.storage_size(problem.storage_dtype, problem.accumulator_dtype) for w in self.workers)
-        output = problem.out.element_size() if any(w.needs_output_tile for w in self.workers) else 0
-        kind = compute_kind(problem.storage_dtype, problem.allow_tf32)
-        storage = torch.empty((), dtype=problem.storage_dtype).element_size()
+        return self._plan(m, problem.b.shape[1], k, problem.storage_dtype, problem.accumulator_dtype,
+                          problem.out.dtype, problem.allow_tf32, memory_per_worker, block)
+
+    def _plan(self, m, n, k, storage_dtype, accumulator_dtype, out_dtype, allow_tf32, memory_per_worker,
+              block) -> Plan:
+        accumulator = torch.empty((), dtype=accumulator_dtype).element_size()
+        operand = max(w.storage_size(storage_dtype, accumulator_dtype) for w in self.workers)
+        output = torch.empty((), dtype=out_dtype).element_size() if any(w.needs_output_tile for w in self.workers) \
+            else 0
+        kind = compute_kind(storage_dtype, allow_tf32)
+        storage = torch.empty((), dtype=storage_dtype).element_size()
         profiles = [worker.profile for worker in self.workers]
         return make_plan(m, n, k, memory_per_worker=memory_per_worker, operand_size=operand,
                          accumulator_size=accumulator, output_size=output, workers=len(self.workers),
@@ -178,6 +282,8 @@ class Engine:
                                                f"(plan needing {plan.working_set_bytes} bytes, retries: {retries}); "
                                                f"pass a smaller memory_limit or free device memory") from error
                         retries += 1
+                        logger.warning("out of memory on %s (%s); planning again with %d bytes per worker and "
+                                       "retrying once", self.devices, error, smaller)
                         for worker in self.workers:  # this call's workers may hold only the smaller budget
                             worker.account.limit = min(worker.account.limit, smaller)
                         plan = self.plan(problem, smaller, None)
@@ -317,6 +423,15 @@ def _wait_all(events, cancelled: threading.Event) -> None:
         for event in events:
             event.wait()
         raise
+
+
+def _call_dtypes(dtype, compute_dtype):
+    """(storage dtype, TF32 allowed, accumulator dtype) of a call on ``dtype`` operands."""
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"dtype {dtype!r} is not supported: float32, float64, float16, bfloat16")
+    probe = torch.empty((0, 0), dtype=dtype)
+    storage, allow_tf32, out_dtype = resolve_dtypes(probe, probe, None, compute_dtype)
+    return storage, allow_tf32, accumulator_dtype(storage, out_dtype)
 
 
 def device_list(devices) -> list:

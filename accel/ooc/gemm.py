@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import threading
 
-
-from accel.ooc.call import SUPPORTED_DTYPES, gemm_call
-from accel.ooc.engine import Engine, device_list, check_memory_limit
-from accel.ooc.registry import check_device
+from accel.ooc._call import SUPPORTED_DTYPES, gemm_call
+from accel.ooc.engine import Engine, check_memory_limit, device_list
+from accel.ooc.workers import check_device
 
 __all__ = ["gemm", "SUPPORTED_DTYPES"]
 _default_engines: dict = {}

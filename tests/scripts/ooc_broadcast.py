@@ -2,6 +2,7 @@
 rank 0's parameters broadcast into every rank after each step (an in-place write torch's version counter
 does not see). Each rank writes its report to ``$OOC_REPORT_DIR/rank<N>.json`` (printed lines of two ranks can
 interleave on one line of torchrun's merged output)."""
+import copy
 import json
 import os
 from pathlib import Path
@@ -20,10 +21,10 @@ def main():
     seed = int(os.environ.get("OOC_SEED", "0"))
     torch.manual_seed(seed + 1000 * rank)  # the ranks start from different weights
     twin = nn.Linear(20, 13, dtype=torch.float64)
-    layer = OutOfCoreLinear.from_linear(twin, devices=["cpu"], memory_limit=4 << 20)
+    layer = OutOfCoreLinear.from_linear(copy.deepcopy(twin), devices=["cpu"], memory_limit=4 << 20)
     opt, opt_twin = (torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (layer, twin))
     forward_errors, twin_errors = [], []
-    for step in range(3):
+    for _step in range(3):
         x = torch.randn(8, 20, dtype=torch.float64)
         for module, optimizer in ((layer, opt), (twin, opt_twin)):
             optimizer.zero_grad()

@@ -22,10 +22,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from accel.ooc.cache import Tile
-from accel.ooc.cuda_runtime import (MAX_PITCH, StagingRing, StagingSlot, addmm_accumulates_into_float32,
-                                    cublas_workspace_bytes)
-from accel.ooc.devices import Problem, Worker, epilogue
 from accel.ooc.plan import DeviceProfile
+from accel.ooc.workers._cuda_runtime import (
+    MAX_PITCH,
+    StagingRing,
+    StagingSlot,
+    addmm_accumulates_into_float32,
+    cublas_workspace_bytes,
+)
+from accel.ooc.workers.base import Problem, Worker, epilogue
 
 # torch >= 2.8 multiplies half operands into a float32 output in one cuBLAS call (mm/addmm ``out_dtype``)
 _HAS_OUT_DTYPE = "dtype_out" in torch.ops.aten.mm.overloads() and "dtype_out" in torch.ops.aten.addmm.overloads()
@@ -42,7 +47,7 @@ class CUDAWorker(Worker):
 
     kind = "cuda"
 
-    # ==== device knowledge: the class-level Worker hooks (contract in devices.py) ======================
+    # ==== device knowledge: the class-level Worker hooks (contract in base.py) ======================
     # Everything else in accel.ooc is device-agnostic; what knows CUDA as a device type lives here.
     default_priority = 10  # with no devices given: every visible GPU before the CPU
 

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from accel.ooc.cache import call_scope, source_key
-from accel.ooc.devices import Problem
 from accel.ooc.plan import MIN_TILE
+from accel.ooc.workers.base import Problem
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -46,21 +46,27 @@ class _GemmFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, engine, options, A, B, C):
         ctx.engine, ctx.options = engine, options
+        # save only what the backward reads (dA reads B, dB reads A, dC neither), as torch.addmm does: an
+        # operand made under torch.inference_mode cannot be saved, and torch refuses only where it must be
+        needs = {"A": ctx.needs_input_grad[3], "B": ctx.needs_input_grad[2], "C": False}
         ctx.constants = {}
         saved = []
+        ctx.names = []
         for name, x in (("A", A), ("B", B), ("C", C)):
-            if isinstance(x, torch.Tensor):
+            if isinstance(x, torch.Tensor) and needs[name]:
                 saved.append(x)
+                ctx.names.append(name)
             else:
-                ctx.constants[name] = x
-        ctx.names = [name for name in "ABC" if name not in ctx.constants]
+                ctx.constants[name] = x if not isinstance(x, torch.Tensor) else None
+        ctx.c_shape_dtype = (C.shape, C.dtype) if isinstance(C, torch.Tensor) else None
+        ctx.a_dtype, ctx.b_dtype = (x.dtype if isinstance(x, torch.Tensor) else None for x in (A, B))
         ctx.save_for_backward(*saved)
         return _compute(engine, A, B, C, **options)
 
     @staticmethod
     def backward(ctx, grad):
         given = dict(ctx.constants, **dict(zip(ctx.names, ctx.saved_tensors)))
-        A, B, C = given["A"], given["B"], given["C"]
+        A, B = given["A"], given["B"]
         o = ctx.options
         scope = o["cache_scope"] if o["cache_scope"] is not None and not o["cache_scope"].closed else None
         common = dict(block=o["block"], compute_dtype=o["compute_dtype"], cache_scope=scope)
@@ -71,15 +77,16 @@ class _GemmFunction(torch.autograd.Function):
                 grad_a = gemm_call(ctx.engine, grad, B, alpha=alpha, trans_b=not trans_b, **common)
             else:
                 grad_a = gemm_call(ctx.engine, B, grad, alpha=alpha, trans_a=trans_b, trans_b=True, **common)
-            grad_a = grad_a.to(A.dtype)
+            grad_a = grad_a.to(ctx.a_dtype)
         if ctx.needs_input_grad[3]:  # dop(B) = alpha * op(A)^T @ dC
             if not trans_b:
                 grad_b = gemm_call(ctx.engine, A, grad, alpha=alpha, trans_a=not trans_a, **common)
             else:
                 grad_b = gemm_call(ctx.engine, grad, A, alpha=alpha, trans_a=True, trans_b=trans_a, **common)
-            grad_b = grad_b.to(B.dtype)
+            grad_b = grad_b.to(ctx.b_dtype)
         if ctx.needs_input_grad[4]:
-            grad_c = (grad * o["beta"]).sum_to_size(C.shape).to(C.dtype)
+            shape, dtype = ctx.c_shape_dtype
+            grad_c = (grad * o["beta"]).sum_to_size(shape).to(dtype)
         return None, None, grad_a, grad_b, grad_c
 
 
@@ -102,8 +109,8 @@ def _compute(engine, A, B, C, *, alpha, beta, trans_a, trans_b, block, compute_d
         except RuntimeError:
             raise ValueError(f"C of shape {tuple(C.shape)} does not broadcast to the {m}x{n} result of "
                              f"A {tuple(A.shape)} and B {tuple(B.shape)}") from None
-    storage, allow_tf32, out_dtype = _resolve_dtypes(A, B, C, compute_dtype)
-    accumulator = torch.float64 if torch.float64 in (storage, out_dtype) else torch.float32
+    storage, allow_tf32, out_dtype = resolve_dtypes(A, B, C, compute_dtype)
+    accumulator = accumulator_dtype(storage, out_dtype)
     check_block(block)
 
     if m == 0 or n == 0 or k == 0 or alpha == 0:  # no product to compute: BLAS reads neither A nor B
@@ -125,6 +132,11 @@ def _compute(engine, A, B, C, *, alpha, beta, trans_a, trans_b, block, compute_d
                           b_transposed=trans_b, sources=[(A_source, a_key), (B_source, b_key)])
         engine.run(problem, block)
     return out.numpy() if all_numpy else out
+
+
+def accumulator_dtype(storage: torch.dtype, out_dtype: torch.dtype) -> torch.dtype:
+    """Products accumulate in float64 when float64 is computed or returned, else in float32."""
+    return torch.float64 if torch.float64 in (storage, out_dtype) else torch.float32
 
 
 def check_block(block) -> None:
@@ -160,6 +172,8 @@ def _as_host_tensor(x, name: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
         raise TypeError(f"{name} must be a matrix, got shape {tuple(x.shape)}")
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{name} has dtype {x.dtype}; supported: float32, float64, float16, bfloat16")
+    if x.is_inference():  # no version counter either: a write inside inference mode could not be seen
+        persistent = False
     return x, x.detach(), persistent
 
 
@@ -174,7 +188,7 @@ def _finite(value, name: str) -> float:
     return value
 
 
-def _resolve_dtypes(A, B, C, compute_dtype):
+def resolve_dtypes(A, B, C, compute_dtype):
     """(storage dtype of the products, TF32 allowed, result dtype)."""
     given = {"A": A.dtype, "B": B.dtype, **({"C": C.dtype} if C is not None else {})}
     out_dtype = C.dtype if C is not None else torch.promote_types(A.dtype, B.dtype)

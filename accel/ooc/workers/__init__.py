@@ -1,11 +1,11 @@
-"""The worker registry: which :class:`~accel.ooc.devices.Worker` class serves which device type.
+"""Workers and their registry: which :class:`~accel.ooc.workers.base.Worker` class serves which device type.
 
 A worker type is one file: a ``Worker`` subclass with a ``kind`` (the :class:`torch.device` type it
-serves, e.g. ``"cuda"``) and its class-level hooks (see :mod:`accel.ooc.devices`), registered with
+serves, e.g. ``"cuda"``) and its class-level hooks (see :mod:`accel.ooc.workers.base`), registered with
 :func:`register_worker`. The engine and the plan name no device type: they ask this registry.
 
 The built-in types are registered lazily by module path, so ``accel.ooc`` imports no device module
-until a device of that type is asked for (and ``devices.py`` never imports ``cuda.py``).
+until a device of that type is asked for (and ``base.py`` / ``cpu.py`` never import ``cuda.py``).
 """
 from __future__ import annotations
 
@@ -14,14 +14,20 @@ import threading
 
 import torch
 
+from accel.ooc.workers.base import Worker
+from accel.ooc.workers.cpu import CPUWorker
+
+__all__ = ["Worker", "CPUWorker", "register_worker", "unregister_worker", "worker_class", "worker_classes",
+           "check_device", "default_devices", "make_worker"]
+
 #: device type -> "module:Class" of the built-in worker types, imported on first use
-_BUILTIN = {"cpu": "accel.ooc.devices:CPUWorker", "cuda": "accel.ooc.cuda:CUDAWorker"}
+_BUILTIN = {"cpu": "accel.ooc.workers.cpu:CPUWorker", "cuda": "accel.ooc.workers.cuda:CUDAWorker"}
 _registered: dict = {}
 _lock = threading.Lock()
 
 
 def register_worker(cls):
-    """Register ``cls`` (a :class:`~accel.ooc.devices.Worker` subclass) for devices of type ``cls.kind``.
+    """Register ``cls`` (a :class:`~accel.ooc.workers.base.Worker` subclass) for devices of type ``cls.kind``.
 
     Usable as a class decorator. A later registration of the same kind replaces the earlier one.
 
@@ -29,8 +35,6 @@ def register_worker(cls):
         TypeError: ``cls`` is not a Worker subclass.
         ValueError: ``cls.kind`` is not a device type torch knows (``torch.device(kind)`` fails).
     """
-    from accel.ooc.devices import Worker
-
     if not (isinstance(cls, type) and issubclass(cls, Worker)):
         raise TypeError(f"register_worker expects a Worker subclass, got {cls!r}")
     try:
