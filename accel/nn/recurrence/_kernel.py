@@ -39,6 +39,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -65,6 +66,7 @@ _COST = ("BTLSTM's CPU recurrence runs its torch-op step instead, which is slowe
 _library: ctypes.CDLL | None = None
 _steps: dict[torch.dtype, tuple] = {}
 _told = False
+_lock = threading.Lock()  # one build per process, whichever thread comes first
 status = "not built yet"
 # the loaded library's path (None while not in use)
 path: Path | None = None
@@ -194,9 +196,11 @@ class _CheckedStep:
 def _ensure_loaded() -> ctypes.CDLL | None:
     global _library
     if _library is None and status == "not built yet":
-        _library = _load()
-        if _library is None:
-            _tell_once()
+        with _lock:
+            if _library is None and status == "not built yet":
+                _library = _load()
+                if _library is None:
+                    _tell_once()
     return _library
 
 
