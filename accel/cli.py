@@ -82,6 +82,12 @@ def _detection_lines() -> list[str]:
     return lines
 
 
+def _kernel_line() -> str:
+    from accel.nn.recurrence import kernel_status
+    status = kernel_status()
+    return f"cpu lstm kernel: {'in use (' + status.reason + ')' if status.in_use else 'not in use: ' + status.reason}"
+
+
 def run_info(args: argparse.Namespace) -> int:
     """Print versions, devices, available launchers and backends, and what init() would detect."""
     sections = {
@@ -94,6 +100,7 @@ def run_info(args: argparse.Namespace) -> int:
             for name in ("gloo", "nccl", "mpi"))],
         "launchers": [", ".join(f"{name} {shutil.which(name) or 'not found'}" for name in _EXECUTABLES)],
         "this process (accel.distributed.detect)": _detection_lines(),
+        "kernels": [_kernel_line()],
     }
     print(f"host {socket.gethostname()}")
     for title, lines in sections.items():

@@ -199,35 +199,6 @@ def test_non_contiguous_initial_state(seed):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
-@pytest.mark.parametrize("dtype,reverse,lengths,scale", list(itertools.product(
-    [torch.float32, torch.float64], [False, True], ["equal", "unequal"], [1.0, 200.0])))
-def test_lstm_step_kernel_matches_torch_ops(seed, monkeypatch, dtype, reverse, lengths, scale):
-    """accel/nn/recurrence/_csrc/lstm_step.cpp against its twin, the torch-op LSTM step, forward and backward; scale 200
-    saturates the gates (exp overflows) and must still give finite, equal results."""
-    from accel.nn.recurrence import _fused as fused_recurrence
-    from accel.nn.recurrence import _kernel as recurrence_kernel
-    if recurrence_kernel.lstm_step(dtype) is None:
-        pytest.skip(f"the kernel did not build here: {recurrence_kernel.status}")
-    torch.manual_seed(seed)
-    steps, batch, hidden = 6, 4, 5
-    active = [4] * 6 if lengths == "equal" else [4, 4, 3, 2, 2, 1]
-    kw = {"dtype": dtype}
-    x_proj = torch.randn(steps, batch, 4 * hidden, **kw) * scale
-    weight, bias = torch.randn(4 * hidden, hidden, **kw), None
-    h0, c0 = torch.randn(batch, hidden, **kw), torch.randn(batch, hidden, **kw)
-    grad_out, grad_c_n = torch.randn(steps, batch, hidden, **kw), torch.randn(batch, hidden, **kw)
-    results = {}
-    for use_kernel in (True, False):
-        monkeypatch.setattr(fused_recurrence, "use_kernel", use_kernel)
-        out, extra = fused_recurrence.forward("LSTM", x_proj, h0, c0, weight, bias, active, reverse)
-        grads = fused_recurrence.backward("LSTM", grad_out, grad_c_n, h0, c0, weight, out, extra[1:], active, reverse)
-        results[use_kernel] = [out, extra[0], *grads]
-    tolerance = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-12}
-    for a, b in zip(results[True], results[False]):
-        assert torch.isfinite(a).all()
-        torch.testing.assert_close(a, b, **tolerance)
-
-
 def test_lstm_kernel_path_takes_non_contiguous_tensors(seed):
     """The kernel reads its operands by pointer: strided x_proj, h0, c0 give the results of contiguous ones."""
     from accel.nn.recurrence import _fused as fused_recurrence
@@ -280,25 +251,3 @@ def test_lstm_kernel_row_blocks_match_one_block(seed, monkeypatch, threads):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
 
 
-def test_kernel_build_failure_falls_back_with_a_reason(seed, monkeypatch):
-    from accel.nn.recurrence import _fused as fused_recurrence
-    from accel.nn.recurrence import _kernel as recurrence_kernel
-    monkeypatch.setattr(recurrence_kernel, "_library", None)
-    monkeypatch.setattr(recurrence_kernel, "status", "not built yet")
-    monkeypatch.setenv("CXX", "/nonexistent/c++")
-    assert recurrence_kernel.lstm_step(torch.float32) is None
-    assert "no C++ compiler (/nonexistent/c++) found" in recurrence_kernel.status
-    torch.manual_seed(seed)
-    bt = make("lstm")
-    x = torch.randn(4, 2, INPUT, dtype=torch.float64)
-    fallback = bt(x)[0]
-    monkeypatch.setattr(fused_recurrence, "use_kernel", False)
-    torch.testing.assert_close(fallback, bt(x)[0], rtol=0, atol=0)
-
-
-def test_loading_the_kernel_keeps_denormals():
-    """The kernel is built without -ffast-math, whose crtfastmath.o would set flush-to-zero process-wide."""
-    from accel.nn.recurrence import _kernel as recurrence_kernel
-    recurrence_kernel.lstm_step(torch.float32)
-    tiny = torch.tensor([1e-40], dtype=torch.float32)
-    assert (tiny * 1.5).item() > 0

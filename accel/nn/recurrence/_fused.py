@@ -169,8 +169,7 @@ def _lstm_forward(x_proj, h0, c0, w_t, bias_hh, active: list[int], reverse: bool
         g, c_new = gates_all[t if keep_for_backward else 0], cells_all[t if keep_for_backward else k % 2]
         if kernel is not None:  # every row block starts at its tensor's first row: data_ptr is rows(.)'s
             torch.mm(rows(h), w_t, out=rows(scratch))
-            kernel[0](a, hidden, blocks[a], inputs[t].data_ptr(), scratch.data_ptr(), bias.data_ptr(),
-                      g.data_ptr(), c.data_ptr(), c_new.data_ptr(), outs[t].data_ptr())
+            kernel[0](a, hidden, blocks[a], inputs[t], scratch, bias, g, c, c_new, outs[t])
         else:
             torch.addmm(rows(inputs[t]), rows(h), w_t, out=rows(g))
             _lstm_step_torch(rows(g), bias_hh, rows(c), rows(c_new), rows(outs[t]))
@@ -273,9 +272,8 @@ def backward(mode: str, grad_out, grad_c_n, h0, c0, weight_hh, out, saved: list,
             for k, t in enumerate(order):
                 next_grad = start_step(k, t)
                 c_prev = c0 if t == first else cells_all[t + 1 if reverse else t - 1]
-                kernel[1](active[t], hidden, blocks[active[t]], grad_h.data_ptr(), grad_c.data_ptr(),
-                          gates_all[t].data_ptr(), cells_all[t].data_ptr(), c_prev.data_ptr(),
-                          grad_gates_all[t].data_ptr(), grad_bias_steps[t].data_ptr())
+                kernel[1](active[t], hidden, blocks[active[t]], grad_h, grad_c, gates_all[t], cells_all[t], c_prev,
+                          grad_gates_all[t], grad_bias_steps[t])
                 rows = _rows(active[t], batch)
                 carry_back(rows, t, rows(grad_h), next_grad)
             grad_bias = grad_bias_steps.sum((0, 1))

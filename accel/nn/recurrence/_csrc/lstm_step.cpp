@@ -4,7 +4,8 @@
 // The GEMMs stay torch's (mm); what this replaces is the input and bias adds and ~10 small torch ops per
 // forward step and ~6 per backward step, each a pass over the step's rows plus a dispatch. Built at first
 // use by accel/nn/recurrence/_kernel.py (g++ -O3 -march=native, no -ffast-math, see exp_clamped); plain C
-// ABI, called through ctypes with raw pointers: every row block is contiguous, gate rows are 4*H wide.
+// ABI, called through ctypes with raw pointers. The C code trusts them: the Python wrapper checks every
+// tensor first (dtype, CPU, contiguous, at least `rows` rows, gate rows 4*H wide, state rows H wide).
 //
 // The forward keeps only what an LSTM must (the activated gates and the cell states); the backward
 // recomputes tanh(c) and the activation derivatives from them: that costs a few vector ops per element,
