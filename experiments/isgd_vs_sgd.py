@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from accel.optim import ISGD  # noqa: E402
-from accel.optim.spc import make_chart  # noqa: E402
+from accel.optim.charts import make_chart  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -120,7 +120,7 @@ def train_run(name, dataset, data, spec, args, seed, epochs, history=False):
         for index in batches:
             x, y = x_train[index], y_train[index]
 
-            def closure():
+            def closure(x=x, y=y):
                 optimizer.zero_grad()
                 loss = loss_fn(model(x), y)
                 loss.backward()
@@ -159,7 +159,7 @@ def step_overhead(dataset, data, spec, args, blocks, steps_per_block):
             for step in range(steps_per_block):
                 index = batches[step % len(batches)]
 
-                def closure():
+                def closure(model=model, optimizer=optimizer, index=index):
                     optimizer.zero_grad()
                     loss = loss_fn(model(x_train[index]), y_train[index])
                     loss.backward()

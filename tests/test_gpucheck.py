@@ -9,9 +9,9 @@ import sys
 import time
 from pathlib import Path
 
+import procs
 import pytest
 
-import procs
 from accel import cli
 from accel.gpucheck import PARTS
 from accel.gpucheck.record import environment, gpu_slug
@@ -154,7 +154,7 @@ def test_gemm_rows_of_a_gpu_record():
     assert "GPU + CPU workers" in rows[2][0] and rows[2][1].endswith("WRONG RESULT")
     assert rows[3] == ("accel.gemm vs cuBLAS-XT N=16384 fp32 (XT block 8192), 1 GPU", "500 ms", "cuBLAS-XT 1.00 s",
                        "2.00x faster")
-    module = ooc_bench.load_cublasxt()  # experiments/baselines/cublasxt.py, with the fallback search
+    module = ooc_bench.load_cublasxt()  # accel.gpucheck.cublasxt, shipped with the package
     assert callable(module.load_libcublas) and hasattr(module, "CublasXt")
 
 
@@ -228,8 +228,9 @@ def test_dry_run(tmp_path):
         env = record["environment"]
         assert env["dry_run"] is True and env["gpu_name"] is None and env["torch"] and "cuda" in env
         assert 0 < record["elapsed_s"] <= record["budget_s"] + KILL_GRACE_S
-    counts = records["cuda_tests"]["results"]["counts"]
-    assert counts["skipped"] == sum(counts.values()) > 10
+    counts = records["device_checks"]["results"]["counts"]
+    assert counts["failed"] == 0 and counts["passed"] >= 4 and counts["needs a GPU"] >= 1
+    assert "needs a GPU" in output
     gemm_rows = records["gemm"]["rows"]
     assert {(row["setup"], row["precision"]) for row in gemm_rows} >= {
         ("one", "fp32"), ("one", "tf32"), ("one", "bf16"), ("two_on_one_gpu", "bf16"), ("gpu_cpu", "fp32")}
@@ -243,3 +244,46 @@ def test_dry_run(tmp_path):
     assert "| runner self-check | ok |" in table
     for part in PARTS:
         assert f"| {part} | ok |" in table
+
+
+def test_gpucheck_needs_only_the_installed_package(tmp_path):
+    """From another folder, with the repository's tests/ and experiments/ out of reach (only the accel package on
+    the path, as after a pip install), the dry run of the device checks and the gemm part passes, and no record is
+    copied anywhere."""
+    package_only = tmp_path / "site"
+    package_only.mkdir()
+    (package_only / "accel").symlink_to(TESTS.parent / "accel", target_is_directory=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(package_only)}
+    probe = procs.run([sys.executable, "-c", "import importlib.util as u; print(u.find_spec('experiments'), "
+                       "u.find_spec('helpers'), u.find_spec('conftest'))"], timeout=60, cwd=elsewhere, env=env)
+    assert procs.check(probe).split() == ["None", "None", "None"]
+    result = procs.run([sys.executable, "-m", "accel", "gpucheck", "--out", str(tmp_path / "out"), "--dry-run",
+                        "--parts", "device_checks,gemm"], timeout=280, cwd=elsewhere, env=env)
+    output = procs.check(result)
+    assert "| device_checks | ok |" in output and "| gemm | ok |" in output
+    assert "needs a GPU" in output
+    assert not (elsewhere / "experiments").exists()
+
+
+def test_device_check_failure_fails_the_part(monkeypatch, tmp_path):
+    """A wrong result in one check is reported by name and fails the part; the other checks still run."""
+    from accel.gpucheck import device_checks
+    from accel.gpucheck.child import Context
+    from accel.gpucheck.record import Recorder
+
+    def wrong(setting):
+        raise AssertionError("planted wrong result")
+
+    ran = []
+    checks = [device_checks.Check("planted", wrong, ""),
+              device_checks.Check("after", lambda setting: ran.append(setting.device.type) or "fine", ""),
+              device_checks.Check("gpu only", wrong, "needs a GPU tensor")]
+    monkeypatch.setattr(device_checks, "CHECKS", checks)
+    record = Recorder(tmp_path / "r.json", "device_checks", environment(True), 10.0)
+    context = Context("device_checks", True, __import__("torch").device("cpu"), tmp_path, record, time.monotonic() + 60)
+    with pytest.raises(RuntimeError, match="1 of 3 device checks failed: planted"):
+        device_checks.run(context)
+    assert ran == ["cpu"]
+    assert [c["outcome"] for c in record.data["results"]["checks"]] == ["failed", "passed", "needs a GPU"]

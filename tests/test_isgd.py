@@ -5,59 +5,11 @@ import math
 
 import pytest
 import torch
+from isgd_helpers import N_BATCHES, make_closure, mlp, regression_batches, train
 from torch import nn
 
 import accel
-from accel.optim import ISGD, Inconsistent, plot_control_chart
-
-N_BATCHES = 20  # one epoch; a window of 20 lets one persistently hard batch stand out (z up to 19/sqrt(20))
-
-
-def regression_batches(seed, *, epochs=4, n_batches=N_BATCHES, batch=16, dim=5, hard_index=7, hard_noise=3.0):
-    """Fixed-cycle batches (as the paper samples): easy linear targets, and one batch of unfittable noise."""
-    generator = torch.Generator().manual_seed(seed)
-    w_true = torch.randn(dim, 1, generator=generator)
-    xs = torch.randn(n_batches, batch, dim, generator=generator)
-    ys = xs @ w_true + 0.01 * torch.randn(n_batches, batch, 1, generator=generator)
-    if hard_index is not None:
-        ys[hard_index] += hard_noise * torch.randn(batch, 1, generator=generator)
-    return [(xs[i], ys[i]) for _ in range(epochs) for i in range(n_batches)]
-
-
-CHASING = ("isgd", "inconsistent-adamw")
-# the hard batch's noise where a test needs a chase within a few epochs: every seed tried chases under both
-# (3.0 missed ~3% of seeds under Inconsistent(AdamW))
-HARD_NOISE = 5.0
-
-
-def chasing_optimizer(name, params, **settings):
-    """ISGD or Inconsistent(AdamW), set up to chase the hard batch of :func:`regression_batches`."""
-    settings = {"window": N_BATCHES, "max_chase": 3, **settings}
-    if name == "isgd":
-        return ISGD(params, lr=0.05, momentum=0.5, **settings)
-    return Inconsistent(torch.optim.AdamW(params, lr=3e-2), **settings)
-
-
-def mlp(seed, dim=5, hidden=8):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, 1))
-
-
-def make_closure(optimizer, model, x, y, *, sign=1.0, loss_fn=nn.functional.mse_loss):
-    def closure():
-        optimizer.zero_grad()
-        loss = sign * loss_fn(model(x), y)
-        loss.backward()
-        return loss
-    return closure
-
-
-def train(optimizer, model, batches, *, sign=1.0, scheduler=None):
-    for x, y in batches:
-        optimizer.step(make_closure(optimizer, model, x, y, sign=sign))
-        if scheduler is not None:
-            scheduler.step()
-
+from accel.optim import ISGD, Inconsistent, accumulating_closure, micro_batch_size, plot_control_chart
 
 SGD_COMBOS = [dict(momentum=m, dampening=d, weight_decay=wd, nesterov=n, maximize=mx, foreach=fe)
               for m, d, wd, n, mx, fe in itertools.product((0.0, 0.9), (0.0, 0.3), (0.0, 1e-2), (False, True),
@@ -119,7 +71,7 @@ def test_larger_epsilon_moves_w_less(seed):
         w = nn.Parameter(start.clone())
         opt = ISGD([w], lr=lr, window=20, max_chase=passes, epsilon=epsilon, history=True)
         for easy in easy_losses:  # zero gradient: w stays put while the chart warms up
-            def flat(value=easy):
+            def flat(value=easy, opt=opt, w=w):
                 opt.zero_grad()
                 loss = value + 0.0 * w.sum()
                 loss.backward()
@@ -127,7 +79,7 @@ def test_larger_epsilon_moves_w_less(seed):
             opt.step(flat)
         assert torch.equal(w.detach(), start)
 
-        def hard():
+        def hard(opt=opt, w=w):
             opt.zero_grad()
             loss = 100.0 + direction @ w
             loss.backward()
@@ -279,7 +231,7 @@ def test_bf16_autocast(seed):
     model = mlp(seed)
     opt = ISGD(model.parameters(), lr=0.05, window=N_BATCHES, max_chase=3)
     for x, y in batches:
-        def closure():
+        def closure(x=x, y=y):
             opt.zero_grad()
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 loss = nn.functional.mse_loss(model(x).float(), y)
@@ -373,7 +325,7 @@ def test_inconsistent_around_plain_sgd_is_isgd(seed):
 def test_loss_all_reduce_runs_on_the_group_device(monkeypatch):
     """nccl reduces CUDA tensors only: a closure's Python float becomes a tensor on the current CUDA device there,
     and stays on the CPU (or the loss tensor's own device) for gloo and mixed backends."""
-    from accel.optim.chase import reduction_device
+    from accel.optim._chase import reduction_device
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     assert reduction_device("nccl", 0.5) == torch.device("cuda", 3)
     assert reduction_device("nccl", torch.tensor(0.5)) == torch.device("cuda", 3)
@@ -381,3 +333,109 @@ def test_loss_all_reduce_runs_on_the_group_device(monkeypatch):
     assert reduction_device("gloo", torch.tensor(0.5)) == torch.device("cpu")
     assert reduction_device("cpu:gloo,cuda:nccl", 0.5) == torch.device("cpu")
     assert reduction_device("gloo", torch.tensor(0.5, device="meta")) == torch.device("meta")
+
+
+def test_accumulating_closure_weights_unequal_micro_batches_by_size(seed):
+    """48 + 16 samples give, after one step, the parameters of one batch of 64 (each loss weighted by its size)."""
+    generator = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(64, 5, generator=generator), torch.randn(64, 1, generator=generator)
+    whole_model, split_model = mlp(seed), mlp(seed)
+    whole = torch.optim.SGD(whole_model.parameters(), lr=0.5)
+    split = torch.optim.SGD(split_model.parameters(), lr=0.5)
+    whole_loss = whole.step(make_closure(whole, whole_model, x, y))
+    closure = accumulating_closure(split, [(x[:48], y[:48]), (x[48:], y[48:])],
+                                   lambda b: nn.functional.mse_loss(split_model(b[0]), b[1]))
+    split_loss = split.step(closure)
+    torch.testing.assert_close(split_loss, whole_loss.detach(), rtol=1e-6, atol=1e-7)
+    moved = max(float((p - q).detach().abs().max()) for p, q in zip(whole_model.parameters(), mlp(seed).parameters()))
+    assert moved > 1e-3  # the step did something to compare
+    for a, b in zip(whole_model.parameters(), split_model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+
+def test_accumulating_closure_sizes_from_containers_or_size_argument(seed):
+    generator = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(10, 5, generator=generator), torch.randn(10, 1, generator=generator)
+    assert micro_batch_size(x) == 10 and micro_batch_size((x, y)) == 10
+    assert micro_batch_size({"input": x, "target": y, "meta": "text"}) == 10
+    assert micro_batch_size([{"input": x}, (y,)]) == 10
+    for unknown, reason in [((x, y[:3]), "differ"), ("text", "holding no tensor"), (torch.tensor(1.0), "0-dim")]:
+        with pytest.raises(ValueError, match=reason):
+            micro_batch_size(unknown)
+    model = mlp(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="pass size=callable"):
+        accumulating_closure(opt, ["a", "b"], lambda b: torch.zeros(()))
+    with pytest.raises(ValueError, match="positive ints"):
+        accumulating_closure(opt, [(x, y)], lambda b: torch.zeros(()), size=lambda b: 0)
+    # size= overrides: weights 3:1 on two copies of the same batch make the same loss as the batch itself
+    sizes = [3, 1]
+    closure = accumulating_closure(opt, [(x, y), (x, y)], lambda b: nn.functional.mse_loss(model(b[0]), b[1]),
+                                   size=lambda b: sizes.pop(0))
+    torch.testing.assert_close(closure(), nn.functional.mse_loss(model(x), y).detach())
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_isgd_loads_a_plain_sgd_state_dict(seed, momentum):
+    """Switching from torch.optim.SGD to ISGD mid-run: momentum buffers carried over, the chart starts empty, and
+    with the chart still warming up the next steps are exactly SGD's."""
+    batches = regression_batches(seed, epochs=2)
+    sgd_model = mlp(seed)
+    sgd = torch.optim.SGD(sgd_model.parameters(), lr=0.05, momentum=momentum)
+    train(sgd, sgd_model, batches[:N_BATCHES])
+    isgd_model = copy.deepcopy(sgd_model)
+    isgd = ISGD(isgd_model.parameters(), lr=0.05, momentum=momentum, window=N_BATCHES, history=True)
+    train(isgd, isgd_model, batches[:3])  # a chart with values, to see it emptied by the load
+    isgd_model.load_state_dict(sgd_model.state_dict())
+    isgd.load_state_dict(copy.deepcopy(sgd.state_dict()))  # as from a checkpoint: no tensor shared
+    assert len(isgd.chart) == 0 and isgd.stats["batches"] == 0 and isgd.history == []
+    for p_sgd, p_isgd in zip(sgd_model.parameters(), isgd_model.parameters()):
+        if momentum:
+            assert torch.equal(isgd.state[p_isgd]["momentum_buffer"], sgd.state[p_sgd]["momentum_buffer"])
+        else:
+            assert isgd.state[p_isgd].get("momentum_buffer") is None
+    train(sgd, sgd_model, batches[N_BATCHES:N_BATCHES + 10])
+    train(isgd, isgd_model, batches[N_BATCHES:N_BATCHES + 10])
+    assert not isgd.chart.warm and isgd.stats["batches"] == 10
+    for a, b in zip(sgd_model.parameters(), isgd_model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_inconsistent_loads_its_base_optimizers_state_dict(seed):
+    batches = regression_batches(seed, epochs=1)
+    base_model = mlp(seed)
+    base = torch.optim.AdamW(base_model.parameters(), lr=3e-2)
+    train(base, base_model, batches[:10])
+    wrapped_model = copy.deepcopy(base_model)
+    wrapped = Inconsistent(torch.optim.AdamW(wrapped_model.parameters(), lr=3e-2), window=N_BATCHES, history=True)
+    train(wrapped, wrapped_model, batches[:2])
+    wrapped_model.load_state_dict(base_model.state_dict())
+    wrapped.load_state_dict(copy.deepcopy(base.state_dict()))
+    assert len(wrapped.chart) == 0 and wrapped.stats["batches"] == 0 and wrapped.history == []
+    assert wrapped.state is wrapped.optimizer.state and wrapped.param_groups is wrapped.optimizer.param_groups
+    train(base, base_model, batches[10:])
+    train(wrapped, wrapped_model, batches[10:])
+    for a, b in zip(base_model.parameters(), wrapped_model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_regular_update_is_sgd_step_and_step_hooks_run_once(seed):
+    """The regular update runs torch.optim.SGD.step; hooks registered on the ISGD instance run once per step."""
+    batches = regression_batches(seed, epochs=1)
+    model = mlp(seed)
+    opt = ISGD(model.parameters(), lr=0.05, window=N_BATCHES)
+    calls = []
+    opt.register_step_pre_hook(lambda *args: calls.append("pre"))
+    opt.register_step_post_hook(lambda *args: calls.append("post"))
+    sgd_steps = []
+    original = torch.optim.SGD.step
+
+    def counting(self, *args, **kwargs):
+        sgd_steps.append(type(self).__name__)
+        return original(self, *args, **kwargs)
+    torch.optim.SGD.step = counting
+    try:
+        train(opt, model, batches[:3])
+    finally:
+        torch.optim.SGD.step = original
+    assert calls == ["pre", "post"] * 3 and sgd_steps == ["SGD"] * 3

@@ -4,10 +4,10 @@ import statistics
 
 import pytest
 import torch
+from isgd_helpers import CHASING, HARD_NOISE, N_BATCHES, chasing_optimizer, make_closure, mlp, regression_batches
 from torch import nn
 
 from accel.optim import ClosureGradScaler, accumulating_closure
-from test_isgd import CHASING, N_BATCHES, chasing_optimizer, make_closure, mlp, regression_batches, HARD_NOISE
 
 accelerate = pytest.importorskip("accelerate")
 from accelerate.state import AcceleratorState, GradientState  # noqa: E402
@@ -44,7 +44,7 @@ def train(accelerator, model, optimizer, scheduler, batches, *, autocast=False):
     for x, y in batches:
         calls = []
 
-        def closure():
+        def closure(calls=calls, x=x, y=y):
             optimizer.zero_grad()
             with torch.autocast("cpu", dtype=torch.float16, enabled=autocast):
                 loss = nn.functional.mse_loss(model(x).float(), y)
@@ -105,7 +105,7 @@ def test_accelerate_gradient_accumulation_is_refused_at_the_first_step(seed, nam
     with pytest.raises(RuntimeError, match="gradient_accumulation_steps=2.*accumulating_closure"):
         for x, y in regression_batches(seed, epochs=1):
             with accelerator.accumulate(model):
-                def closure():
+                def closure(x=x, y=y):
                     closure_calls.append(1)
                     loss = nn.functional.mse_loss(model(x), y)
                     accelerator.backward(loss)
@@ -159,3 +159,43 @@ def test_accelerate_fp16_loss_scaling(seed, name):
     stock = prepared(name, seed, scaler=torch.amp.GradScaler("cpu"), mixed_precision="fp16")
     with pytest.raises(AssertionError, match="_scale is None"):
         train(*stock, batches[:1], autocast=True)
+
+
+@pytest.mark.parametrize("name", CHASING)
+def test_accumulating_closure_under_gradient_accumulation_steps_equals_one_large_batch(seed, name):
+    """gradient_accumulation_steps=2 with step(accumulating_closure) once per batch, outside accumulate(): accepted
+    (accelerate calls the optimizer on every step), accelerator.backward's division by 2 is undone, and unequal
+    micro-batches (12 + 4) give the run of one batch of 16, chases included."""
+    batches = regression_batches(seed, epochs=EPOCHS, hard_noise=HARD_NOISE)
+    # the reference first: GradientState is process-wide, and under num_steps=2 a plain closure is refused
+    whole_model = mlp(seed)
+    whole = chasing_optimizer(name, whole_model.parameters())
+    whole_scheduler = torch.optim.lr_scheduler.LambdaLR(whole, decay)
+    for x, y in batches:
+        whole.step(make_closure(whole, whole_model, x, y))
+        whole_scheduler.step()
+    accelerator, model, optimizer, scheduler = prepared(name, seed, gradient_accumulation_steps=2)
+    assert accelerator.gradient_state.num_steps == 2
+    for x, y in batches:
+        parts = [(x[:12], y[:12]), (x[12:], y[12:])]
+        closure = accumulating_closure(optimizer, parts, lambda b: nn.functional.mse_loss(model(b[0]), b[1]),
+                                       backward=accelerator.backward, no_sync=lambda: accelerator.no_sync(model))
+        optimizer.step(closure)
+        scheduler.step()
+    stats = optimizer.optimizer.stats
+    assert stats["batches"] == len(batches)
+    assert stats["chased_batches"] == whole.stats["chased_batches"] > 0
+    assert stats["extra_passes"] == whole.stats["extra_passes"]
+    for a, b in zip(whole_model.parameters(), model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_accumulating_closure_built_where_accelerate_skips_the_step_is_refused(seed):
+    """Inside accumulate(), on a micro-batch that does not sync, AcceleratedOptimizer.step would drop the closure."""
+    accelerator, model, optimizer, scheduler = prepared("isgd", seed, gradient_accumulation_steps=2)
+    x, y = regression_batches(seed, epochs=1)[0]
+    with accelerator.accumulate(model):
+        assert not accelerator.gradient_state.sync_gradients
+        with pytest.raises(RuntimeError, match="sync_gradients is False.*accumulating_closure"):
+            accumulating_closure(optimizer, [(x, y)], lambda b: nn.functional.mse_loss(model(b[0]), b[1]),
+                                 backward=accelerator.backward)

@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 import torch.distributed
-
 from helpers import chosen_seed
 from procs import check, torchrun
 

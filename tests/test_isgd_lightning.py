@@ -1,15 +1,15 @@
-"""ISGD and Inconsistent(AdamW) under a real Lightning Trainer (CPU): chases, first-pass loss, schedulers, resume,
-gradient accumulation refused, fp16 loss scaling through ChaseMixedPrecision."""
+"""ISGD and Inconsistent(AdamW) under a real Lightning Trainer (CPU) with accel's precision plugins: chases, first-pass
+loss, schedulers, resume, gradient accumulation refused, fp16 loss scaling through ChaseMixedPrecision; without a
+plugin, refused with the advice; manual optimization with no plugin."""
 import statistics
 
 import pytest
 import torch
+from isgd_helpers import CHASING, HARD_NOISE, N_BATCHES, chasing_optimizer, make_closure, mlp, regression_batches
 from torch import nn
 
-from test_isgd import CHASING, N_BATCHES, chasing_optimizer, make_closure, mlp, regression_batches, HARD_NOISE
-
 pl = pytest.importorskip("lightning.pytorch")
-from accel.optim.lightning import ChaseMixedPrecision  # noqa: E402
+from accel.optim.integrations.lightning import ChaseMixedPrecision, ChasePrecision  # noqa: E402
 
 EPOCHS = 3
 
@@ -48,6 +48,7 @@ class Regression(pl.LightningModule):
 
 
 def fit(module, batches, epochs=EPOCHS, ckpt_path=None, **trainer_kwargs):
+    trainer_kwargs.setdefault("plugins", [ChasePrecision()])
     trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          **trainer_kwargs)
@@ -139,3 +140,61 @@ def test_lightning_stock_16_mixed_says_what_to_use(seed):
     module = Regression("isgd", seed)
     with pytest.raises(RuntimeError, match="ChaseMixedPrecision"):
         fit(module, regression_batches(seed, epochs=1), plugins=[MixedPrecision("16-mixed", "cpu")])
+
+
+@pytest.mark.parametrize("name", CHASING)
+def test_lightning_without_a_chase_plugin_is_refused_before_any_pass_is_reported(seed, name):
+    module = Regression(name, seed)
+    with pytest.raises(RuntimeError, match="ChasePrecision"):
+        fit(module, regression_batches(seed, epochs=1), plugins=[])
+    assert module.calls == []  # refused before the first closure call
+
+
+def test_lightning_bf16_mixed_through_chase_mixed_precision(seed):
+    batches = regression_batches(seed, epochs=1, hard_noise=HARD_NOISE)
+    module = Regression("isgd", seed)
+    trainer = fit(module, batches, plugins=[ChaseMixedPrecision("bf16-mixed", "cpu")])
+    stats = trainer.optimizers[0].stats
+    assert stats["chased_batches"] > 0 and len(module.calls) == stats["batches"] + stats["extra_passes"]
+    assert module.outputs == first_passes(module.calls) == module.logged
+
+
+class ManualRegression(Regression):
+    """Manual optimization: the module steps ISGD with its own closure; no plugin is needed."""
+
+    def __init__(self, name, seed):
+        super().__init__(name, seed)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        optimizer = self.optimizers()
+
+        def closure():
+            optimizer.zero_grad()
+            loss = nn.functional.mse_loss(self.net(x), y)
+            self.calls.append((self.trainer.global_step, float(loss.detach())))
+            self.manual_backward(loss)
+            return loss
+        optimizer.step(closure)
+        self.lr_schedulers().step()
+        loss = optimizer.optimizer.last_loss
+        self.log("train_loss", loss, on_step=True, on_epoch=True)
+        return loss
+
+
+def test_lightning_manual_optimization_needs_no_plugin(seed):
+    batches = regression_batches(seed, epochs=1, hard_noise=HARD_NOISE)
+    module = ManualRegression("isgd", seed)
+    trainer = fit(module, batches, plugins=[])
+    stats = trainer.optimizers[0].stats
+    assert stats["chased_batches"] > 0 and stats["batches"] == EPOCHS * N_BATCHES
+    assert module.logged == first_passes(module.calls)
+    plain_model = mlp(seed)
+    plain = chasing_optimizer("isgd", plain_model.parameters())
+    plain_scheduler = torch.optim.lr_scheduler.LambdaLR(plain, decay)
+    for x, y in batches * EPOCHS:
+        plain.step(make_closure(plain, plain_model, x, y))
+        plain_scheduler.step()
+    for a, b in zip(plain_model.parameters(), module.net.parameters()):
+        assert torch.equal(a, b)

@@ -3,9 +3,9 @@ import itertools
 
 import pytest
 import torch
+from isgd_helpers import N_BATCHES, mlp, regression_batches, train
 
 from accel.optim import ISGD, ReferenceISGD
-from test_isgd import N_BATCHES, mlp, regression_batches, train
 
 IMPLEMENTATIONS = {"for-loop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
 SGD_ARGUMENTS = [dict(impl=impl, tensor_lr=tensor_lr, momentum=momentum, nesterov=nesterov, maximize=maximize)
@@ -50,7 +50,7 @@ def test_differentiable_step_matches_sgd(seed):
         weight = leaf.clone()  # non-leaf: differentiable optimizers update it in place inside the graph
         optimizer = make([weight])
 
-        def closure():
+        def closure(weight=weight):
             loss = ((x @ weight - target) ** 2).mean()
             (weight.grad,) = torch.autograd.grad(loss, weight, create_graph=True)
             return loss

@@ -5,7 +5,7 @@ import statistics
 import pytest
 
 from accel.optim import ControlChart, ResidualChart
-from accel.optim.spc import chart_from_state, make_chart
+from accel.optim.charts import chart_from_state, make_chart
 
 
 def reference(values, sigma):

@@ -1,21 +1,25 @@
-"""``python -m accel gpucheck --out DIR``: one command that measures every GPU path, made for a borrowed GPU.
+"""``python -m accel gpucheck --out DIR``: one command that checks and measures every GPU path, made for a borrowed
+GPU, and needing nothing but the installed package (no checkout: a wheel on the GPU machine is enough).
 
 Parts, each in its own process and its own time budget (a part that fails or overruns is reported and the
 next one runs):
 
-* ``cuda_tests`` -- the test suite's GPU tests (``pytest -m cuda``, plus every test skipped "without a GPU");
+* ``device_checks`` -- correctness of every GPU path against CPU references (:mod:`accel.gpucheck.device_checks`);
 * ``gemm`` -- pinned host<->device bandwidth, then ``accel.gemm`` on host data against in-core ``torch.matmul``
   on device-resident data (N = 16384, 32768, memory a quarter of the problem, fp32 / TF32 / bf16; one worker,
-  two workers on one GPU, GPU + CPU), against cuBLAS-XT (fp32), and its traffic over the lower bound;
+  two workers on one GPU, GPU + CPU), against cuBLAS-XT (fp32, :mod:`accel.gpucheck.cublasxt`), and its traffic
+  over the lower bound;
 * ``bt`` -- BTLinear and BTLSTM against ``nn.Linear`` / ``nn.LSTM`` at the UCF11 setting, every contraction path;
 * ``isgd`` -- ISGD's per-step time against SGD's;
 * ``demo`` -- ``python -m accel demo --device cuda --quick``.
 
 Each part writes ``<part>_<gpu>.json`` under ``--out`` (the machine's GPU, driver, CUDA and torch inside);
-the run adds ``gpucheck_<gpu>.md`` (one markdown table for the README, printed last) and ``gpucheck_<gpu>.log``:
-seven files, within what a borrowed machine sends back. On a GPU run the JSON files are also copied to
-``experiments/results/``. Without a GPU the same command is a dry run: small CPU stand-ins of every part, plus
-a check that a failing part and a part over its budget are stopped and reported; nothing is measured.
+the run adds ``gpucheck_<gpu>.md`` (one markdown table, printed last) and ``gpucheck_<gpu>.log``: seven files,
+within what a borrowed machine sends back. A GPU run also copies the JSON files to ``--results`` (default:
+``experiments/results`` when the current folder is a checkout). ``--dry-run`` (automatic without a GPU) runs
+everything it can on the CPU quickly -- small CPU stand-ins of every part, the device checks with the CPU standing
+in for the GPU, each check that needs a GPU named as such -- plus a check that a failing part and a part over its
+budget are stopped and reported; nothing is measured.
 """
 from __future__ import annotations
 
@@ -47,7 +51,7 @@ class Part(NamedTuple):
 # GPU budgets sum to 420 s: the whole run stays under 8 minutes on an H100/H200 with process start-ups.
 # Dry-run budgets are only ceilings, wide enough for a 2-core machine that other jobs load heavily.
 PARTS: dict[str, Part] = {
-    "cuda_tests": Part("accel.gpucheck.cuda_tests:run", 75, 150),
+    "device_checks": Part("accel.gpucheck.device_checks:run", 75, 150),
     "gemm": Part("accel.gpucheck.ooc_bench:run", 205, 90),
     "bt": Part("accel.gpucheck.bt_bench:run", 60, 90),
     "isgd": Part("accel.gpucheck.isgd_bench:run", 25, 60),
@@ -59,7 +63,12 @@ SELF_CHECKS: dict[str, Part] = {
     "planted_failure": Part("accel.gpucheck.selfcheck:fail", 30, 30),
     "planted_overrun": Part("accel.gpucheck.selfcheck:overrun", 4, 4),
 }
-REPO = Path(__file__).resolve().parents[2]
+
+
+def _default_results() -> Path | None:
+    """``experiments/results`` when the current folder is a checkout of the repository, else nowhere."""
+    folder = Path("experiments")
+    return folder / "results" if folder.is_dir() else None
 
 
 def _seconds(text: str, what: str) -> float:
@@ -97,9 +106,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"seconds for the whole run; a part gets at most what is left (default "
                              f"{TOTAL_BUDGET_S:.0f}, {DRY_TOTAL_BUDGET_S:.0f} on a dry run)")
     parser.add_argument("--dry-run", action="store_true",
-                        help="run the CPU stand-ins even where a GPU is visible (automatic without one)")
-    parser.add_argument("--results", type=Path, default=REPO / "experiments" / "results",
-                        help="where a GPU run copies its JSON records (default: experiments/results)")
+                        help="run what can run on the CPU, quickly, and name what needs a GPU, even where a GPU is "
+                             "visible (automatic without one)")
+    parser.add_argument("--results", type=Path, default=_default_results(),
+                        help="where a GPU run copies its JSON records (default: experiments/results when run from "
+                             "a checkout, else no copy)")
 
 
 def _self_check(scratch: Path, log, env: dict) -> tuple[bool, str]:

@@ -4,7 +4,7 @@
 2. For N = 16384 and 32768 (square, random operands): in-core ``torch.matmul`` on device-resident data,
    then ``accel.gemm`` (through :class:`accel.ooc.Engine`, for its statistics) on pinned host data with the
    memory limited to a quarter of the problem, in fp32, TF32 and bf16, with one worker; then two workers
-   sharing the GPU; then cuBLAS-XT (fp32, experiments/baselines/cublasxt.py) on the same host data; last GPU + CPU
+   sharing the GPU; then cuBLAS-XT (fp32, accel/gpucheck/cublasxt.py) on the same host data; last GPU + CPU
    workers (fp32, smallest N). Every result is checked against the exact fp32 product (on 1024 rows spread over every
    block row), and the traffic is reported as a multiple of the lower bound ``2mnk/sqrt(M)``.
 
@@ -14,10 +14,7 @@ cuBLAS-XT is only imported.
 """
 from __future__ import annotations
 
-import ctypes
-import importlib.util
 import math
-from pathlib import Path
 
 import torch
 
@@ -25,7 +22,6 @@ from accel.gpucheck.record import float32_precision, median_seconds
 from accel.gpucheck.table import seconds_text, speed_text
 from accel.ooc import Engine
 
-REPO = Path(__file__).resolve().parents[2]
 SIZES, DRY_SIZES = (16384, 32768), (256, 384)
 PRECISIONS = (("fp32", torch.float32, torch.float32), ("tf32", torch.float32, "tf32"),
               ("bf16", torch.bfloat16, None))
@@ -156,38 +152,10 @@ def out_of_core(context, operands: Operands, precision: str, setup: str, bandwid
     return row
 
 
-def _torch_libcublas() -> str | None:
-    """The libcublas this process already loaded (torch's), read from /proc/self/maps."""
-    try:
-        for line in Path("/proc/self/maps").read_text().splitlines():
-            path = line.split()[-1]
-            if "/libcublas.so" in path:
-                return path
-    except OSError:
-        pass
-    return None
-
-
 def load_cublasxt():
-    """experiments/baselines/cublasxt.py as a module; where its own search finds no libcublas (the CUDA 13
-    wheels keep it in nvidia/cu13/lib as libcublas.so.13), the one torch loaded is used."""
-    path = REPO / "experiments" / "baselines" / "cublasxt.py"
-    spec = importlib.util.spec_from_file_location("gpucheck_cublasxt", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    search = module.load_libcublas
-
-    def load():
-        try:
-            return search()
-        except OSError:
-            found = _torch_libcublas()
-            if found is None:
-                raise
-            return ctypes.CDLL(found)
-
-    module.load_libcublas = load
-    return module
+    """The cuBLAS-XT wrapper module (:mod:`accel.gpucheck.cublasxt`)."""
+    from accel.gpucheck import cublasxt
+    return cublasxt
 
 
 def cublasxt(context, operands: Operands, module, failures: list) -> dict | None:
@@ -236,7 +204,7 @@ def run(context) -> None:
         context.record.set(f"in_core_seconds_{n}", operands.in_core)
         for precision, *_ in PRECISIONS:
             out_of_core(context, operands, precision, "one", bandwidths, failures)
-    for n, operands in problems.items():
+    for operands in problems.values():
         for precision, *_ in PRECISIONS:
             out_of_core(context, operands, precision, "two_on_one_gpu", bandwidths, failures)
     for n, operands in problems.items():  # a crash inside cuBLAS-XT (ctypes) ends this process: rows above are kept

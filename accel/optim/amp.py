@@ -29,7 +29,8 @@ def unscale_and_check(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optim
     """Unscale ``optimizer``'s grads (unless the closure already called ``scaler.unscale_``); True when all finite.
 
     The inf/NaN record is the one ``unscale_`` leaves for ``scaler.update()`` (GradScaler's per-optimizer state,
-    unchanged since torch 1.6), so the scale backs off exactly when a pass overflowed.
+    read here because GradScaler has no public accessor for it), so the scale backs off exactly when a pass
+    overflowed.
     """
     if getattr(scaler, "_scale", None) is None:
         raise RuntimeError("a grad_scaler was given but the closure never scaled its loss: call "

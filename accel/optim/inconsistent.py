@@ -6,7 +6,7 @@ from typing import Any, Callable
 import torch
 from torch.optim import Optimizer
 
-from accel.optim.chase import CLOSURE_REQUIRED, ChaseEngine
+from accel.optim._chase import CLOSURE_REQUIRED, ChaseEngine
 
 __all__ = ["Inconsistent"]
 
@@ -112,14 +112,21 @@ class Inconsistent(Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a state from :meth:`state_dict`."""
+        """Restore a state from :meth:`state_dict`.
+
+        The base optimizer's own state dict (no ``"chase"`` entry) is accepted too, to switch from the plain optimizer
+        mid-run: the base optimizer's state is restored, and the chart starts empty (as do the counters and the
+        history) with this wrapper's chart settings.
+        """
         state_dict = dict(state_dict)
-        if "chase" not in state_dict:
-            raise KeyError("Inconsistent state_dict lacks 'chase' (the control chart)")
-        self._chase.load_state_dict(state_dict.pop("chase"))
+        chase = state_dict.pop("chase", None)
         self.optimizer.load_state_dict(state_dict)
         self.param_groups = self.optimizer.param_groups
         self.state = self.optimizer.state
+        if chase is None:
+            self._chase.reset()
+        else:
+            self._chase.load_state_dict(chase)
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim.Optimizer pickles only defaults, state and param_groups: keep the base and the chart too

@@ -6,9 +6,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 from torch.optim import SGD
-from torch.optim.sgd import sgd
 
-from accel.optim.chase import CLOSURE_REQUIRED, ChaseEngine, group_sign, use_foreach
+from accel.optim._chase import CLOSURE_REQUIRED, ChaseEngine, group_sign, use_foreach
 
 __all__ = ["ISGD"]
 
@@ -17,8 +16,8 @@ class ISGD(SGD):
     r"""Stochastic gradient descent that spends extra passes on the batches it under-trains.
 
     Every :meth:`step` makes the regular update of :class:`torch.optim.SGD` (it is a subclass taking the same
-    arguments, a Tensor ``lr``, ``fused`` and ``differentiable`` included, and its regular update is SGD's step body:
-    same ``torch.optim.sgd.sgd`` kernel, same state). A control chart then judges the batch loss against the recent ones; a
+    arguments, a Tensor ``lr``, ``fused`` and ``differentiable`` included, and its regular update is
+    :meth:`torch.optim.SGD.step` itself, run on the same param groups and state). A control chart then judges the batch loss against the recent ones; a
     batch whose loss lies above ``limit = mean + sigma * std`` is *under-trained* and ISGD *chases* it: up to
     ``max_chase`` more closure calls on the same batch, each followed by a step on the gradient of
 
@@ -43,8 +42,8 @@ class ISGD(SGD):
     * **Anchor.** ``w_anchor`` is the weights at the start of the chase (after the regular update): the
       proximal term keeps one batch from dragging the model far from where consistent training left it.
     * **Stability** (``s``). The factor ``loss - limit`` is unbounded: under a squared loss an outlier batch
-      has ``loss - limit ~ e^2`` and ``grad ~ e``, and the plain step grows like ``e^3`` (loss 36 -> 4e5 in
-      two chase steps on a small MLP). ISGD caps the step at the Polyak step length,
+      has ``loss - limit ~ e^2`` and ``grad ~ e``, and the plain step grows like ``e^3`` and a few chase
+      steps can blow the loss up by orders of magnitude. ISGD caps the step at the Polyak step length,
       ``s = min(1, 1 / sum_groups(lr * ||grad||^2))``: the first-order model of the loss then lands on the
       limit, never beyond it, and the capped step grows like ``e`` (a Gauss-Newton step). ``s = 1``, the
       paper's step, whenever ``lr * ||grad||^2 <= 1``, which is the usual regime.
@@ -65,11 +64,15 @@ class ISGD(SGD):
     ``scaler.update()``; every pass is unscaled and checked, a pass with inf/NaN grads makes no update (an
     overflowed regular pass skips the whole step, chase included), and the scale is updated between passes.
     :class:`~accel.optim.ClosureGradScaler` offers the same as ``scaler.step(opt, closure)`` (and so serves
-    accelerate); Lightning's "16-mixed" needs :class:`accel.optim.lightning.ChaseMixedPrecision`.
+    accelerate). Under Lightning's automatic optimization use the plugins of
+    :mod:`accel.optim.integrations.lightning` (``ChasePrecision``, ``ChaseMixedPrecision`` for "16-mixed" and
+    "bf16-mixed").
 
     Gradient accumulation: the closure must cover every micro-batch of the step (a chase re-runs them all), see
-    :func:`~accel.optim.accumulating_closure`. Lightning's ``accumulate_grad_batches > 1`` and accelerate's
-    ``gradient_accumulation_steps > 1`` cannot be chased correctly and raise at the first step.
+    :func:`~accel.optim.accumulating_closure`, which also works under accelerate's ``gradient_accumulation_steps > 1``
+    when the step is called once per batch outside ``accelerator.accumulate()``. Lightning's
+    ``accumulate_grad_batches > 1`` and any other closure under ``gradient_accumulation_steps > 1`` cannot be chased
+    correctly and raise at the first step (see :mod:`accel.optim.integrations`).
 
     ``differentiable=True``: the regular update is differentiable as SGD's is; chase updates are too (same grad
     mode), but the subproblem gradient is built from ``p.grad`` values, not differentiated through.
@@ -178,27 +181,20 @@ class ISGD(SGD):
         return self._chase.step(closure, self, self._regular_update, self._chase_update, grad_scaler)
 
     def _regular_update(self) -> None:
-        if self.defaults["differentiable"]:  # step() runs under no_grad; SGD's differentiable step does not
-            with torch.enable_grad():
-                self._sgd_step()
-        else:
-            self._sgd_step()
-
-    def _sgd_step(self) -> None:
-        # torch.optim.SGD.step's body (torch 2.x): same _init_group, same functional kernel, same state layout
-        for group in self.param_groups:
-            params: list[Tensor] = []
-            grads: list[Tensor] = []
-            momentum_buffer_list: list[Tensor | None] = []
-            has_sparse_grad = self._init_group(group, params, grads, momentum_buffer_list)
-            sgd(params, grads, momentum_buffer_list, weight_decay=group["weight_decay"],
-                momentum=group["momentum"], lr=group["lr"], dampening=group["dampening"],
-                nesterov=group["nesterov"], maximize=group["maximize"], has_sparse_grad=has_sparse_grad,
-                foreach=group["foreach"], fused=group["fused"], grad_scale=getattr(self, "grad_scale", None),
-                found_inf=getattr(self, "found_inf", None))
-            if group["momentum"] != 0:
-                for p, momentum_buffer in zip(params, momentum_buffer_list):
-                    self.state[p]["momentum_buffer"] = momentum_buffer
+        # torch.optim.SGD.step on a companion SGD that shares this optimizer's groups and state: SGD's own update
+        # (kernels, differentiable mode, fused grad_scale / found_inf), while the hooks registered on this
+        # optimizer run once, around ISGD.step
+        companion = self.__dict__.get("_companion")
+        if companion is None:
+            companion = SGD([{"params": []}], lr=0.0)
+            self.__dict__["_companion"] = companion
+        companion.param_groups, companion.state, companion.defaults = self.param_groups, self.state, self.defaults
+        for name in ("grad_scale", "found_inf"):
+            if hasattr(self, name):
+                setattr(companion, name, getattr(self, name))
+            elif hasattr(companion, name):
+                delattr(companion, name)
+        companion.step()
 
     def _chase_update(self) -> None:
         # p.grad holds the subproblem gradient with the group's sign folded in (see ChaseEngine)
@@ -224,12 +220,19 @@ class ISGD(SGD):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a state from :meth:`state_dict`; the run then continues bit-identically."""
+        """Restore a state from :meth:`state_dict`; the run then continues bit-identically.
+
+        A plain :class:`torch.optim.SGD` state dict (no ``"chase"`` entry) is accepted too, to switch optimizers
+        mid-run: momentum buffers and param groups are SGD's, and the chart starts empty (as do the counters and the
+        history) with this optimizer's chart settings.
+        """
         state_dict = dict(state_dict)
-        if "chase" not in state_dict:
-            raise KeyError("ISGD state_dict lacks 'chase' (the control chart): was it saved from torch.optim.SGD?")
-        self._chase.load_state_dict(state_dict.pop("chase"))
+        chase = state_dict.pop("chase", None)
         super().load_state_dict(state_dict)
+        if chase is None:
+            self._chase.reset()
+        else:
+            self._chase.load_state_dict(chase)
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim.Optimizer pickles only defaults, state and param_groups: keep the chart too

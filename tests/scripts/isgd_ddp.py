@@ -43,7 +43,7 @@ def train(model, optimizer, batches, poison=lambda step, call: False, as_float=F
     for step, (x, y) in enumerate(batches):
         calls = [0]
 
-        def closure():
+        def closure(calls=calls, step=step, x=x, y=y):
             optimizer.zero_grad()
             loss = nn.functional.mse_loss(model(x), y)
             if poison(step, calls[0]):

@@ -18,10 +18,11 @@ import torch
 from torch import Tensor
 
 from accel.optim.amp import scaling_enabled, unscale_and_check
-from accel.optim.spc import chart_from_state, make_chart
-from accel.optim.stacks import TrainingStack
+from accel.optim.charts import chart_from_state, make_chart
+from accel.optim.integrations import refuse_unsupported
 
-__all__ = ["ChaseEngine", "NONFINITE_POLICIES", "CHASE_STEPS", "reduction_device"]
+__all__ = ["ChaseEngine", "NONFINITE_POLICIES", "CHASE_STEPS", "CLOSURE_REQUIRED", "group_sign", "use_foreach",
+           "reduction_device"]
 
 NONFINITE_POLICIES = ("skip", "step", "raise")
 CHASE_STEPS = ("gradient", "polyak")
@@ -29,7 +30,7 @@ CLOSURE_REQUIRED = (
     "{name}.step() needs the closure: opt.step(closure), where closure() zeroes the grads, computes the loss, calls "
     "loss.backward() and returns the loss (a chase re-evaluates the batch). With fp16 loss scaling use "
     "opt.step(closure, grad_scaler=scaler) or accel.optim.ClosureGradScaler; under Lightning's 16-mixed, "
-    "Trainer(plugins=[accel.optim.lightning.ChaseMixedPrecision('16-mixed', device)])")
+    "Trainer(plugins=[accel.optim.integrations.lightning.ChaseMixedPrecision('16-mixed', device)])")
 
 
 def use_foreach(group: dict[str, Any], params: list[Tensor]) -> bool:
@@ -149,13 +150,11 @@ class ChaseEngine:
         if closure is None:
             raise RuntimeError(CLOSURE_REQUIRED.format(name=type(optimizer).__name__))
         param_groups = optimizer.param_groups
-        stack = TrainingStack.around(closure, type(optimizer).__name__)
-        stack.refuse_unsupported()
+        refuse_unsupported(closure, type(optimizer).__name__)
         scaler = grad_scaler if scaling_enabled(grad_scaler) else None
         sign = group_sign(param_groups)
         loss = self._evaluate(closure)
         finite_grads = unscale_and_check(scaler, optimizer) if scaler is not None else True
-        stack.after_regular_pass()
         self.last_loss = loss.detach() if isinstance(loss, Tensor) else loss  # never keep the graph alive
         value = sign * self.global_loss(loss)  # what the chart watches: always "lower is better"
         self.counters["batches"] += 1
@@ -177,8 +176,7 @@ class ChaseEngine:
         passes, final = 0, value
         if chased:
             self.counters["chased_batches"] += 1
-            with stack.chase_passes():
-                passes, final = self._chase(closure, optimizer, limit, chase_update, sign, scaler)
+            passes, final = self._chase(closure, optimizer, limit, chase_update, sign, scaler)
         # the chart records the batch's loss as first seen, so chasing never biases the statistics downwards
         self.chart.observe(value)
         self._record(value, center, limit, warm, chased=chased, passes=passes, final=final)
@@ -260,7 +258,7 @@ class ChaseEngine:
     def _record(self, value: float, center: float, limit: float, warm: bool, *, chased: bool, passes: int,
                 final: float) -> None:
         # center line and limit as the batch was judged against them (before it entered the window);
-        # "mean" is kept as the center line's old name
+        # "mean" repeats the center line under the key plot_control_chart and saved histories also read
         if self.history is None:
             return
         self.history.append({"step": self.counters["batches"] - 1, "loss": value, "center": center, "mean": center,
@@ -281,6 +279,15 @@ class ChaseEngine:
                 "chase_step": self.chase_step,
                 "epsilon": self.epsilon, "nonfinite": self.nonfinite,
                 "history": None if self.history is None else [dict(h) for h in self.history]}
+
+    def reset(self) -> None:
+        """An empty chart of the same kind and settings, zero counters, an empty history (if one is kept)."""
+        self.chart = make_chart(self.chart.kind, window=self.chart.window, sigma=self.chart.sigma,
+                                warmup=self.chart.warmup)
+        self.counters = dict.fromkeys(self.counters, 0)
+        self.last_loss = None
+        if self.history is not None:
+            self.history = []
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.chart = chart_from_state(state_dict["chart"])

@@ -334,7 +334,7 @@ def make_chart(kind: str, window: int, sigma: float, warmup: int | None):
 
 
 def chart_from_state(state_dict: dict[str, Any]):
-    """Rebuild whichever chart wrote ``state_dict`` (checkpoints from before ``kind`` existed are Shewhart charts)."""
+    """Rebuild whichever chart wrote ``state_dict`` (a state without ``kind`` is a Shewhart chart's)."""
     kind = state_dict.get("kind", "shewhart")
     chart = make_chart(kind, state_dict["window"], state_dict["sigma"], state_dict["warmup"])
     chart.load_state_dict(state_dict)
