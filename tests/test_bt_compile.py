@@ -13,7 +13,7 @@ def model_reaching_every_path():
     """BTLinears whose contraction="auto" picks the GEMM chain (a wide input) and the rebuilt weight (full
     ranks), and one forced onto the low-rank path."""
     chain = BTLinear(4096, 64, in_shape=(16, 16, 16), out_shape=(4, 4, 4), ranks=2)
-    dense = BTLinear(64, 32, in_shape=(4, 4, 2), out_shape=(4, 4, 2), ranks=16, num_blocks=1)
+    dense = BTLinear(64, 32, in_shape=(4, 4, 4), out_shape=(4, 4, 2), ranks=(16, 16, 8), num_blocks=1)
     lowrank = BTLinear(32, 64, in_shape=(4, 8), out_shape=(16, 4), ranks=2, contraction="lowrank")
     # float64: compiled and eager may contract in another order (a dynamic batch's plan, pieces)
     return nn.Sequential(chain, nn.Tanh(), dense, nn.Tanh(), lowrank).double()

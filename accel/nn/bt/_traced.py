@@ -47,7 +47,7 @@ def plan_rows(batch) -> int:
     example size (torch.export), else ``SYMBOLIC_BATCH_PLAN_ROWS``. Never adds a guard on the batch."""
     if isinstance(batch, torch.Tensor):  # torch.jit.trace records sizes as tensors
         return int(batch)
-    if isinstance(batch, int) or has_static_value(batch):
+    if has_static_value(batch):
         return int(batch)
     if torch.compiler.is_exporting():
         return optimization_hint(batch, fallback=SYMBOLIC_BATCH_PLAN_ROWS)
