@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from accel.nn import BTLinear, BTLSTM  # noqa: E402
+from accel.nn import BTLSTM, BTLinear  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SETTINGS = {
@@ -77,7 +77,7 @@ class Classifier(nn.Module):
         _, (h, _) = self.rnn(x)
         return self.head(h[-1])
 # "baseline": the torch module the BT layer replaces (nn.Linear / nn.LSTM), compiled the same way
-PATHS = ("auto", "gemm", "einsum", "dense", "lowrank", "baseline")
+PATHS = ("auto", "gemm", "dense", "lowrank", "baseline")
 
 
 def build(setting: str, contraction: str):

@@ -1,11 +1,12 @@
 """Forward+backward time of BTLinear vs dense nn.Linear vs tednet's BTTLinear.
 
-BTLinear runs as configured by default (``contraction="auto"``: the GEMM chain where it is within
-1.15x of opt_einsum's flops) and, as ``bt_einsum``, forced onto the opt_einsum path (the previous
-default), so that both ratios come from the same run.
+BTLinear runs as configured by default (``contraction="auto"``) and forced onto each strategy
+(``bt_gemm``, ``bt_dense``, ``bt_lowrank``) in the same run: a strategy is kept in the library only where a row
+shows it at least 10% faster than every other kept one (``strategy/best`` is printed per row).
 
-Settings: the paper's UCF11 input layer (57600 -> 4x256 gates, R=4, N=2, batch 16 x 6 frames) and
-two more. All layers of a setting are timed in one run with interleaved repetitions; the median of
+Settings: the paper's UCF11 input layer (57600 -> 4x256 gates, R=4, N=2, batch 16 x 6 frames), two more input
+layers, and the two BTLSTM projections the README reports (64 -> 4x256 over T=100 x B=32 rows; the
+moving-digits 1,600 -> 16x4x2x2 at R=2 over 256 rows). All layers of a setting are timed in one run with interleaved repetitions; the median of
 each is reported, with the ratios dense/BT and tednet/BT. The input does not require grad (as for an
 RNN's input layer): backward computes the weight gradients only. Wall time and this process's CPU
 time are both recorded: the development machine is shared, and CPU time is less disturbed by other
@@ -47,7 +48,10 @@ SETTINGS = [
     ("UCF11 input layer", (8, 20, 20, 18), (16, 4, 4, 4), 4, 2, 16 * 6),
     ("Hollywood2 input layer", (10, 18, 13, 30), (16, 4, 4, 4), 4, 2, 16 * 6),
     ("64x64x3 frames, N=4", (16, 12, 8, 8), (16, 4, 4, 4), 4, 4, 128),
+    ("BTLSTM 64 -> 256 projection", (4, 4, 2, 2), (16, 4, 4, 4), 4, 2, 100 * 32),
+    ("moving digits 1600 -> 4x64", (8, 8, 5, 5), (16, 4, 2, 2), 2, 2, 256),
 ]
+STRATEGIES = ("gemm", "dense", "lowrank")
 
 
 def make_tednet(in_shape, out_shape, ranks, num_blocks):
@@ -123,14 +127,15 @@ def replay_alone(calls, device, repetitions=30):
         args = [_random_strided(a, device) for a in layout]
         kwargs = {k: _random_strided(v, device) for k, v in kwargs.items()}
         if name.endswith(".out"):
-            run = lambda: func(*args, **kwargs)  # noqa: E731
+            run = lambda func=func, args=args, kwargs=kwargs: func(*args, **kwargs)  # noqa: E731
         elif name in GEMMS:
             out = func(*args, **kwargs)
-            run = lambda: func.overloadpacket.out(*args, **kwargs, out=out)  # noqa: E731
+            run = lambda func=func, args=args, kwargs=kwargs, out=out: func.overloadpacket.out(  # noqa: E731
+                *args, **kwargs, out=out)
         else:  # a clone or copy_: the copy into a contiguous buffer of the source's shape
             src = args[1] if name == "aten.copy_.default" else args[0]
             out = torch.empty(src.shape, dtype=src.dtype, device=device)
-            run = lambda: out.copy_(src)  # noqa: E731
+            run = lambda out=out, src=src: out.copy_(src)  # noqa: E731
         times = []
         for _ in range(repetitions + 3):
             if device.type == "cuda":
@@ -151,8 +156,8 @@ def run_setting(setting, device, repetitions, warmup=2):
     layers = {
         "bt": BTLinear(in_features, out_features, in_shape=in_shape, out_shape=out_shape, ranks=ranks,
                        num_blocks=num_blocks),
-        "bt_einsum": BTLinear(in_features, out_features, in_shape=in_shape, out_shape=out_shape, ranks=ranks,
-                              num_blocks=num_blocks, contraction="einsum"),
+        **{f"bt_{s}": BTLinear(in_features, out_features, in_shape=in_shape, out_shape=out_shape, ranks=ranks,
+                               num_blocks=num_blocks, contraction=s) for s in STRATEGIES},
         "dense": torch.nn.Linear(in_features, out_features),
     }
     tednet = make_tednet(in_shape, out_shape, ranks, num_blocks)
@@ -177,9 +182,10 @@ def run_setting(setting, device, repetitions, warmup=2):
         "num_blocks": num_blocks, "batch": batch, "bt_parameters": bt.num_weight_parameters,
         "dense_parameters": in_features * out_features, "compression_ratio": bt.compression_ratio,
         "bt_path": bt.method(batch) if bt.method(batch) in ("dense", "lowrank") else
-                   f"factorized ({bt.method(batch)}), pieces of {bt.chunk_size(batch, x)} rows",
-        "flops_ratio_dense_over_bt": bt.cost(batch)["matmul"] / bt.cost(batch)[
-            "lowrank" if bt.method(batch) == "lowrank" else "factorized"],
+                   f"gemm chain, pieces of {bt.chunk_size(batch, x)} rows",
+        "flops_ratio_dense_over_bt": bt.cost(batch)["matmul"] / {
+            "gemm": bt.cost(batch)["gemm"], "lowrank": bt.cost(batch)["lowrank"],
+            "dense": bt.cost(batch)["rebuild"] + bt.cost(batch)["matmul"]}[bt.method(batch)],
         "median_wall_s": {k: statistics.median(v) for k, v in walls.items()},
         "median_cpu_s": {k: statistics.median(v) for k, v in cpus.items()},
         "repetitions": repetitions,
@@ -191,7 +197,7 @@ def run_setting(setting, device, repetitions, warmup=2):
     gemm_s, copy_s = replay_alone(recorder.calls, device)
     row["bt_ops_alone_hot_ms"] = {"gemm": gemm_s * 1e3, "copy": copy_s * 1e3}
     row["dense_over_bt_bound"] = row["median_wall_s"]["dense"] / (gemm_s + copy_s)
-    if row["bt_path"].startswith("factorized (gemm)"):
+    if row["bt_path"].startswith("gemm chain"):
         # fwd + weight gradient for dense (the input needs no grad); fwd + bwd of the chain likewise
         dense_flops = 4 * batch * in_features * out_features
         bt_flops = gemm_chain_training_flops(bt.in_shape, bt.out_shape, bt.ranks, num_blocks, batch)
@@ -202,7 +208,8 @@ def run_setting(setting, device, repetitions, warmup=2):
     for clock in ("wall", "cpu"):
         times = row[f"median_{clock}_s"]
         row[f"dense_over_bt_{clock}"] = times["dense"] / times["bt"]
-        row[f"dense_over_bt_einsum_{clock}"] = times["dense"] / times["bt_einsum"]
+        best = min(times[f"bt_{s}"] for s in STRATEGIES)
+        row[f"strategy_over_best_{clock}"] = {s: times[f"bt_{s}"] / best for s in STRATEGIES}
         if "tednet" in times:
             row[f"tednet_over_bt_{clock}"] = times["tednet"] / times["bt"]
     return row
@@ -214,11 +221,11 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4))
-    keys = ["dense", "tednet", "bt_einsum", "bt"]
-    width = 0.2
+    keys = ["dense", "tednet", *[f"bt_{s}" for s in STRATEGIES], "bt"]
+    width = 0.8 / len(keys)
     for i, key in enumerate(keys):
         values = [r["median_wall_s"].get(key, float("nan")) * 1e3 for r in rows]
-        ax.bar([j + (i - 1.5) * width for j in range(len(rows))], values, width, label=key)
+        ax.bar([j + (i - (len(keys) - 1) / 2) * width for j in range(len(rows))], values, width, label=key)
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels([f"{r['setting']}\n[{r['device']}, {r['threads']} thr]" for r in rows], fontsize=8)
     ax.set_yscale("log")
@@ -247,10 +254,12 @@ def main():
             row["load_average_1min"] = os.getloadavg()[0]
             rows.append(row)
             print(f"[cpu, {threads} thr] {row['setting']:24s} dense/BT wall {row['dense_over_bt_wall']:5.2f}x "
-                  f"cpu {row['dense_over_bt_cpu']:5.2f}x (einsum path {row['dense_over_bt_einsum_wall']:5.2f}x)"
+                  f"cpu {row['dense_over_bt_cpu']:5.2f}x"
                   f" | tednet/BT wall {row.get('tednet_over_bt_wall', 0):5.2f}x "
                   f"cpu {row.get('tednet_over_bt_cpu', 0):5.2f}x | flop ratio {row['flops_ratio_dense_over_bt']:.1f}x"
                   f" | BT {row['median_wall_s']['bt'] * 1e3:.1f} ms ({row['bt_path']})", flush=True)
+            print("    strategy/best (CPU time): " + ", ".join(
+                f"{s} {v:.2f}x" for s, v in row["strategy_over_best_cpu"].items()), flush=True)
             hot = row["bt_ops_alone_hot_ms"]
             print(f"    BT's ops alone and hot: GEMMs {hot['gemm']:.1f} ms + copies {hot['copy']:.1f} ms "
                   f"-> bound dense/BT {row['dense_over_bt_bound']:.2f}x", flush=True)

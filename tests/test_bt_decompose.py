@@ -70,35 +70,37 @@ def test_contractions_match_tensorly(seed):
 
     from accel.nn.bt.decompose import _Blocks, _contract, _leading_subspace, _sweep_projections
 
-    rng = np.random.default_rng(seed)
-    for shape in [(7,), (5, 6), (4, 6, 5), (3, 5, 4, 6), (3, 4, 2, 5, 3)]:
-        d = len(shape)
-        tensor = rng.standard_normal(shape)
-        for mode in range(d):
-            matrix = rng.standard_normal((shape[mode], 3))
-            np.testing.assert_allclose(_contract(tensor, matrix, mode), tl.tenalg.mode_dot(tensor, matrix.T, mode),
-                                       rtol=1e-12, atol=1e-12)
-        ranks = [min(2, s) for s in shape]
-        blocks_factors = [[np.linalg.qr(rng.standard_normal((s, r)))[0] for s, r in zip(shape, ranks)]
-                          for _ in range(3)]
-        for k, projections in _sweep_projections(tensor, blocks_factors):
-            modes = [m for m in range(d) if m != k]
-            for factors, projection in zip(blocks_factors, projections):
-                expected = tl.tenalg.multi_mode_dot(tensor, [factors[m] for m in modes], modes=modes, transpose=True)
-                np.testing.assert_allclose(projection, expected, rtol=1e-12, atol=1e-12)
-        blocks = _Blocks([rng.standard_normal(ranks) for _ in blocks_factors], blocks_factors)
-        dense = sum(tl.tucker_to_tensor((c, f)) for c, f in zip(blocks.cores, blocks.factors))
-        np.testing.assert_allclose(blocks.dense(), dense, rtol=1e-12, atol=1e-12)
-        # the Gram-formula error equals the explicit residual norm
-        projections = [tl.tenalg.multi_mode_dot(tensor, f, transpose=True) for f in blocks_factors]
-        explicit = np.linalg.norm(tensor - dense)
-        assert abs(blocks.error(tensor, np.vdot(tensor, tensor), projections) - explicit) < 1e-9 * explicit
-        if d == 1:
-            continue  # a vector's unfolding has rank 1: its second singular direction is arbitrary
-        # the Gram-eigenvector subspace is the SVD's
-        basis = _leading_subspace(tensor, d - 1, ranks[-1])
-        u = np.linalg.svd(tl.unfold(tensor, d - 1))[0][:, :ranks[-1]]
-        np.testing.assert_allclose(basis @ basis.T, u @ u.T, atol=1e-8)
+    # tltorch switches tensorly to its pytorch backend when imported (another test may have): numpy here
+    with tl.backend_context("numpy"):
+        rng = np.random.default_rng(seed)
+        for shape in [(7,), (5, 6), (4, 6, 5), (3, 5, 4, 6), (3, 4, 2, 5, 3)]:
+            d = len(shape)
+            tensor = rng.standard_normal(shape)
+            for mode in range(d):
+                matrix = rng.standard_normal((shape[mode], 3))
+                np.testing.assert_allclose(_contract(tensor, matrix, mode), tl.tenalg.mode_dot(tensor, matrix.T, mode),
+                                           rtol=1e-12, atol=1e-12)
+            ranks = [min(2, s) for s in shape]
+            blocks_factors = [[np.linalg.qr(rng.standard_normal((s, r)))[0] for s, r in zip(shape, ranks)]
+                              for _ in range(3)]
+            for k, projections in _sweep_projections(tensor, blocks_factors):
+                modes = [m for m in range(d) if m != k]
+                for factors, projection in zip(blocks_factors, projections):
+                    expected = tl.tenalg.multi_mode_dot(tensor, [factors[m] for m in modes], modes=modes, transpose=True)
+                    np.testing.assert_allclose(projection, expected, rtol=1e-12, atol=1e-12)
+            blocks = _Blocks([rng.standard_normal(ranks) for _ in blocks_factors], blocks_factors)
+            dense = sum(tl.tucker_to_tensor((c, f)) for c, f in zip(blocks.cores, blocks.factors))
+            np.testing.assert_allclose(blocks.dense(), dense, rtol=1e-12, atol=1e-12)
+            # the Gram-formula error equals the explicit residual norm
+            projections = [tl.tenalg.multi_mode_dot(tensor, f, transpose=True) for f in blocks_factors]
+            explicit = np.linalg.norm(tensor - dense)
+            assert abs(blocks.error(tensor, np.vdot(tensor, tensor), projections) - explicit) < 1e-9 * explicit
+            if d == 1:
+                continue  # a vector's unfolding has rank 1: its second singular direction is arbitrary
+            # the Gram-eigenvector subspace is the SVD's
+            basis = _leading_subspace(tensor, d - 1, ranks[-1])
+            u = np.linalg.svd(tl.unfold(tensor, d - 1))[0][:, :ranks[-1]]
+            np.testing.assert_allclose(basis @ basis.T, u @ u.T, atol=1e-8)
 
 
 def test_moderately_large_block_term_weight_is_recovered(seed):

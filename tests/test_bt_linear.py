@@ -7,9 +7,7 @@ import torch
 from torch import nn
 
 from accel.nn import BTLinear
-from accel.nn.bt.linear import ELEMENT_FLOPS, FACTORIZED_FLOP_PENALTY, REBUILD_FLOP_PENALTY, balanced_factors
-from accel.nn.bt._lowrank import lowrank_costs
-from accel.nn.bt._paths import GROUPED_CHAIN_FLOP_PENALTY, LOWRANK_GEMM_FLOP_PENALTY, LOWRANK_STEP_FLOPS, chain_plan
+from accel.nn.bt.linear import balanced_factors
 
 SHAPES = {  # d -> (in_shape, out_shape)
     2: ((6, 5), (4, 3)),
@@ -21,7 +19,7 @@ SHAPES = {  # d -> (in_shape, out_shape)
 
 @pytest.mark.parametrize("d", sorted(SHAPES))
 @pytest.mark.parametrize("num_blocks,ranks", [(1, 2), (2, 3), (3, 1)])
-@pytest.mark.parametrize("contraction", ["factorized", "gemm", "einsum", "dense", "lowrank", "auto"])
+@pytest.mark.parametrize("contraction", ["gemm", "dense", "lowrank", "auto"])
 def test_contraction_equals_dense_weight(seed, d, num_blocks, ranks, contraction):
     torch.manual_seed(seed)
     in_shape, out_shape = SHAPES[d]
@@ -39,7 +37,7 @@ def test_contraction_equals_dense_weight(seed, d, num_blocks, ranks, contraction
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-11)
 
 
-@pytest.mark.parametrize("contraction", ["gemm", "einsum", "dense", "lowrank"])
+@pytest.mark.parametrize("contraction", ["gemm", "dense", "lowrank"])
 def test_gradcheck(seed, contraction):
     torch.manual_seed(seed)
     layer = BTLinear(24, 12, in_shape=(2, 3, 4), out_shape=(3, 2, 2), ranks=2, num_blocks=2,
@@ -53,37 +51,68 @@ def test_gradcheck(seed, contraction):
     assert torch.autograd.gradcheck(f, (x, *params))
 
 
-def test_auto_picks_dense_when_cheaper_and_factorized_at_ucf11():
+def test_auto_clear_cut_cases():
+    """Cases where the right strategy is not in doubt: one row through a huge weight never rebuilds it; a tiny weight
+    of full rank under a huge batch always does; a layer of one mode has no chain."""
     big = BTLinear(57600, 1024, in_shape=(8, 20, 20, 18), out_shape=(16, 4, 4, 4), ranks=4, num_blocks=2)
-    assert not big.uses_dense(96)
-    cost = big.cost(96)
-    assert cost["rebuild"] + cost["matmul"] > 10 * cost["factorized"]
-    # nearly full ranks on a tiny layer: rebuilding W once beats contracting factors for a big batch
+    assert big.method(1) != "dense" and not big.uses_dense(1)
     small = BTLinear(16, 16, in_shape=(4, 4), out_shape=(4, 4), ranks=16, num_blocks=3)
-    assert small.uses_dense(4096) and not big.uses_dense(1)
-    cost = small.cost(4096)
-    assert cost["rebuild"] + cost["matmul"] <= cost["factorized"]
-    # measured fastest (forward+backward, 1 thread): the low-rank path at 16x12x8x8 -> 16x4x4x4, N=4, batch 128
-    # (52 ms against the rebuilt W's 75 and the chain's 211) and at the moving-digits BTLSTM's 1,600 -> 16x4x2x2
-    # over 256 rows (R=4: 3.7 against 6.4 and 12.4 ms); the rebuild at UCF11 -> 256 outputs, batch 96
+    assert small.method(2 ** 20) == "dense" and small.uses_dense(2 ** 20)
+    one_mode = BTLinear(6, 4, in_shape=(6,), out_shape=(4,))
+    assert one_mode.cost(8)["gemm"] is None and one_mode.method(8) in ("dense", "lowrank")
+    assert one_mode(torch.randn(8, 6)).shape == (8, 4)
+    # the grid rows of experiments/bt_speed.py: "auto" takes the strategy measured fastest there
+    assert big.method(96) == "gemm"
+    assert BTLinear(70200, 1024, in_shape=(10, 18, 13, 30), out_shape=(16, 4, 4, 4)).method(96) == "gemm"
     assert BTLinear(12288, 1024, in_shape=(16, 12, 8, 8), out_shape=(16, 4, 4, 4), num_blocks=4).method(128) == "lowrank"
-    assert BTLinear(1600, 256, in_shape=(8, 8, 5, 5), out_shape=(16, 4, 2, 2), ranks=4).method(256) == "lowrank"
-    assert BTLinear(57600, 256, ranks=4).method(96) == "dense"
-    for layer in (big, small, BTLinear(4096, 1024, ranks=2, num_blocks=2), BTLinear(1600, 256, ranks=2)):
-        for batch in (1, 64, 4096):  # the documented rule
-            cost = layer.cost(batch)
-            dense = REBUILD_FLOP_PENALTY * cost["rebuild"] + cost["matmul"] + ELEMENT_FLOPS * layer.in_features * \
-                layer.out_features
-            factorized = FACTORIZED_FLOP_PENALTY * cost["factorized"] + ELEMENT_FLOPS * cost["factorized_elements"]
-            if layer.factorized_method(batch) == "gemm" and chain_plan(*layer._key(), batch)[0] is not None:
-                factorized = GROUPED_CHAIN_FLOP_PENALTY * cost["factorized"] + ELEMENT_FLOPS * cost["factorized_elements"]
-            gemm, small_ops, elements = lowrank_costs(*layer._key(), batch)
-            lowrank = (LOWRANK_GEMM_FLOP_PENALTY * gemm + FACTORIZED_FLOP_PENALTY * small_ops + ELEMENT_FLOPS * elements
-                       + LOWRANK_STEP_FLOPS * (len(layer.in_shape) - 1))
-            assert (cost["auto_dense"], cost["auto_lowrank"], cost["auto_factorized"]) == (dense, lowrank, factorized)
-            expected = min((dense, 0, "dense"), (lowrank, 1, "lowrank"), (factorized, 2, layer.factorized_method(batch)))
-            assert layer.method(batch) == expected[2]
-            assert layer.uses_dense(batch) == (expected[2] == "dense")
+    assert BTLinear(64, 1024, in_shape=(4, 4, 2, 2), out_shape=(16, 4, 4, 4)).method(3200) == "dense"
+    assert BTLinear(1600, 256, in_shape=(8, 8, 5, 5), out_shape=(16, 4, 2, 2), ranks=2).method(256) == "lowrank"
+
+
+def test_cost_profile_is_the_models_data():
+    """The profile changes the decision the way its fields say, and is checked."""
+    from accel.nn.bt import CostProfile
+
+    layer = BTLinear(64, 1024, in_shape=(4, 4, 2, 2), out_shape=(16, 4, 4, 4))
+    assert layer.method(3200) == "dense"
+    layer.cost_profile = CostProfile(rebuild_flop_weight=1e6)  # rebuilding W made prohibitive
+    assert layer.method(3200) != "dense"
+    default = layer.cost(3200)
+    cheap_memory = BTLinear(64, 1024, in_shape=(4, 4, 2, 2), out_shape=(16, 4, 4, 4),
+                            cost_profile=CostProfile(element_flops=0.0)).cost(3200)
+    assert cheap_memory["auto_dense"] == default["matmul"] + 2 * default["rebuild"]
+    with pytest.raises(ValueError, match="CostProfile.element_flops"):
+        CostProfile(element_flops=-1.0)
+    with pytest.raises(TypeError, match="cost_profile must be"):
+        BTLinear(64, 32, cost_profile={"element_flops": 1.0})
+
+
+@pytest.mark.parametrize("contraction", ["gemm", "dense", "lowrank"])
+def test_model_flops_equal_counted_flops(seed, contraction):
+    """Each strategy's forward flops in the cost model against torch's own count (FlopCounterMode), exactly."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(seed)
+    for in_shape, out_shape, num_blocks, batch in (((4, 3, 5), (2, 3, 2), 3, 37), ((3, 2, 4, 2), (2, 2, 3, 2), 2, 64),
+                                                   ((8, 8, 5, 5), (16, 4, 2, 2), 2, 256)):
+        layer = BTLinear(math.prod(in_shape), math.prod(out_shape), in_shape=in_shape, out_shape=out_shape, ranks=2,
+                         num_blocks=num_blocks, bias=False, contraction=contraction)
+        layer.max_intermediate_bytes = 2 ** 40  # one piece: the model counts the whole batch
+        x = torch.randn(batch, layer.in_features)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            layer(x)
+        cost = layer.cost(batch)
+        modelled = {"gemm": cost["gemm"], "dense": cost["rebuild"] + cost["matmul"], "lowrank": cost["lowrank"]}
+        assert counter.get_total_flops() == modelled[contraction], (in_shape, contraction)
+
+
+def test_removed_contractions_name_the_replacement():
+    for name in ("einsum", "factorized"):
+        with pytest.raises(ValueError, match=f"contraction='{name}' is no longer offered: use 'gemm'"):
+            BTLinear(24, 12, contraction=name)
+    layer = BTLinear(24, 12)
+    with pytest.raises(ValueError, match="contraction must be one of"):
+        layer.contraction = "fast"
 
 
 def test_ucf11_parameter_count():
@@ -172,7 +201,7 @@ def test_errors_name_the_numbers():
         assert set(BTLinear(256, 160, ranks=np.int64(3)).ranks) == {3}
 
 
-@pytest.mark.parametrize("contraction", ["gemm", "einsum"])
+@pytest.mark.parametrize("contraction", ["gemm"])
 def test_cpu_pieces_match_one_piece(seed, contraction):
     """The batch is split on CPU to bound intermediates; the result must not depend on the split."""
     torch.manual_seed(seed)
@@ -204,46 +233,14 @@ def test_gemm_chain_gradcheck_every_order(seed, d):
     assert torch.autograd.gradcheck(f, (x, layer.core, *layer.factors))
 
 
-@pytest.mark.parametrize("d", sorted(SHAPES))
-def test_gemm_chain_matches_einsum_twin(seed, d):
-    """The GEMM chain against the opt_einsum path on the same weights: outputs and all gradients."""
-    torch.manual_seed(seed)
-    in_shape, out_shape = SHAPES[d]
-    gemm = BTLinear(math.prod(in_shape), math.prod(out_shape), in_shape=in_shape, out_shape=out_shape, ranks=(2,) * d,
-                    num_blocks=3, contraction="gemm", dtype=torch.float64)
-    einsum = BTLinear(gemm.in_features, gemm.out_features, in_shape=in_shape, out_shape=out_shape, ranks=(2,) * d,
-                      num_blocks=3, contraction="einsum", dtype=torch.float64)
-    einsum.load_state_dict(gemm.state_dict())
-    x = torch.randn(5, 2, gemm.in_features, dtype=torch.float64, requires_grad=True)
-    grad_out = torch.randn(5, 2, gemm.out_features, dtype=torch.float64)
-    results = []
-    for layer in (gemm, einsum):
-        y = layer(x)
-        results.append((y, *torch.autograd.grad(y, [x, layer.core, *layer.factors, layer.bias], grad_out)))
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-
-
-def test_factorized_method_rule():
-    ucf11 = BTLinear(57600, 1024, in_shape=(8, 20, 20, 18), out_shape=(16, 4, 4, 4), ranks=4, num_blocks=2)
-    assert ucf11.factorized_method(96) == "gemm" and not ucf11.uses_dense(96)
-    cost = ucf11.cost(96)
-    assert cost["factorized"] == cost["gemm"] <= 1.15 * cost["einsum"]
-    # the last mode (8) grows to N J R = 64 columns: the chain costs 1.4x the flops and is not used
-    frames = BTLinear(12288, 1024, in_shape=(16, 12, 8, 8), out_shape=(16, 4, 4, 4), ranks=4, num_blocks=4)
-    cost = frames.cost(128)
-    assert frames.factorized_method(128) == "einsum"
-    assert cost["gemm"] > 1.15 * cost["einsum"] == 1.15 * cost["factorized"]
-    one_mode = BTLinear(6, 4, in_shape=(6,), out_shape=(4,), contraction="factorized")
-    assert one_mode.factorized_method(8) == "einsum" and one_mode.cost(8)["gemm"] is None
-    assert one_mode(torch.randn(8, 6)).shape == (8, 4)
+def test_one_mode_layer_refuses_the_chain():
     with pytest.raises(ValueError, match=r"needs at least 2 modes, got in_shape=\(6,\)"):
         BTLinear(6, 4, in_shape=(6,), out_shape=(4,), contraction="gemm")
 
 
 def test_empty_batch_every_contraction(seed):
     torch.manual_seed(seed)
-    for contraction in ("auto", "gemm", "einsum", "dense", "lowrank"):
+    for contraction in ("auto", "gemm", "dense", "lowrank"):
         layer = BTLinear(24, 12, in_shape=(2, 3, 4), out_shape=(3, 2, 2), contraction=contraction)
         assert layer(torch.randn(0, 24)).shape == (0, 12)
 
@@ -251,12 +248,11 @@ def test_empty_batch_every_contraction(seed):
 @pytest.mark.parametrize("d", sorted(SHAPES))
 @pytest.mark.parametrize("input_grad", [False, True])
 def test_gemm_chain_training_flops_match_counted(seed, d, input_grad):
-    """The chain's flop model against torch's FlopCounterMode over a real forward+backward; the only
-    difference allowed is the (tiny) weight preparation outside the chain."""
+    """The chain's flop model against torch's FlopCounterMode over a real forward+backward, exactly: the chain's
+    GEMMs plus the weight preparation (the core merged into factor 1, forward and backward)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from accel.nn.bt._contract import gemm_chain_training_flops, grouped_shapes
-    from accel.nn.bt._paths import chain_plan
+    from accel.nn.bt._contract import gemm_chain_training_flops
 
     torch.manual_seed(seed)
     in_shape, out_shape = SHAPES[d]
@@ -265,14 +261,10 @@ def test_gemm_chain_training_flops_match_counted(seed, d, input_grad):
     x = torch.randn(256, layer.in_features, requires_grad=input_grad)
     with FlopCounterMode(display=False) as counter:
         layer(x).sum().backward()
-    split = chain_plan(*layer._key(), 256)[0]  # the chain over all modes, or over two merged ones
-    shapes = layer._key()[:3] if split is None else grouped_shapes(*layer._key()[:3], split)
-    modelled = gemm_chain_training_flops(*shapes, 3, 256, input_grad)
-    counted = counter.get_total_flops()
-    # the weight preparation: the core merged with factor 1 (of the merged modes too: no longer tiny), forward
-    # and backward (the Kronecker products of merged factors are elementwise products, which count no flops)
-    preparation = 6 * 3 * math.prod(shapes[2]) * shapes[0][1] * shapes[1][1]
-    assert modelled <= counted <= modelled * 1.01 + (preparation if split is not None else 0)
+    layer.max_intermediate_bytes = 2 ** 40  # one piece
+    modelled = gemm_chain_training_flops(*layer._key(), 256, input_grad)
+    preparation = 6 * 3 * math.prod(layer.ranks) * in_shape[1] * out_shape[1]
+    assert counter.get_total_flops() == modelled + preparation
 
 
 def test_dense_path_workspace_shared_between_forwards(seed):
@@ -321,7 +313,7 @@ def test_dense_path_layouts_match_dense_weight(seed, batch):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("contraction", ["gemm", "einsum", "dense", "lowrank"])
+@pytest.mark.parametrize("contraction", ["gemm", "dense", "lowrank"])
 def test_autocast_bfloat16(seed, contraction):
     """Under CPU autocast the products run in bfloat16 (the weight-side ops come out in mixed dtypes,
     which every path must reconcile) and match float32 to bfloat16 precision, gradients included."""
@@ -368,11 +360,13 @@ def test_float_ranks_are_a_fraction_of_dense_parameters(seed, fraction):
 
 
 def test_bad_float_and_other_ranks_are_named():
-    for bad in (2.5, 1.0, 0.0, -0.5, float("nan")):
-        with pytest.raises(ValueError, match=rf"ranks={bad!r}: a float rank is a fraction .* must be in \(0, 1\)"):
+    for bad in (2.5, 1.5, 0.0, -0.5, float("nan")):
+        with pytest.raises(ValueError, match=rf"ranks={bad!r}: a float rank is a fraction .* must be in \(0, 1\]"):
             BTLinear(20, 6, in_shape=(4, 5), out_shape=(2, 3), ranks=bad)
-    with pytest.raises(TypeError, match="ranks must be an int, a float in \\(0, 1\\) or 2 ints"):
+    with pytest.raises(ValueError, match="ranks='4': the only string is 'same'"):
         BTLinear(20, 6, in_shape=(4, 5), out_shape=(2, 3), ranks="4")
+    with pytest.raises(TypeError, match="ranks must be an int, a float in \\(0, 1\\], 'same' or 2 ints"):
+        BTLinear(20, 6, in_shape=(4, 5), out_shape=(2, 3), ranks=b"4")
     with pytest.raises(ValueError, match=r"ranks=1e-05 allows 0 weight parameters, but rank 1"):
         BTLinear(20, 6, in_shape=(4, 5), out_shape=(2, 3), ranks=1e-5)
 
@@ -419,10 +413,99 @@ def test_inference_mode_then_training(seed, contraction):
     assert all(p.grad is not None for p in layer.parameters())
 
 
-@pytest.mark.parametrize("contraction", ["auto", "factorized", "dense", "lowrank"])
+@pytest.mark.parametrize("contraction", ["auto", "gemm", "dense", "lowrank"])
 def test_product_is_forward_without_the_bias(seed, contraction):
     torch.manual_seed(seed)
     layer = BTLinear(24, 12, in_shape=(2, 3, 4), out_shape=(3, 2, 2), ranks=2, contraction=contraction)
     x = torch.randn(2, 5, 24)
     torch.testing.assert_close(layer.product(x) + layer.bias, layer(x))
     assert layer.product(x).shape == (2, 5, 12)
+
+
+def test_rank_same_is_the_dense_parameter_count_as_in_tltorch():
+    """tensorly-torch's spellings: "same" is the fraction 1.0, the largest common rank within the dense size."""
+    same = BTLinear(256, 64, in_shape=(4, 4, 16), out_shape=(4, 4, 4), ranks="same")
+    assert same.ranks == BTLinear(256, 64, in_shape=(4, 4, 16), out_shape=(4, 4, 4), ranks=1.0).ranks
+    assert same.num_weight_parameters <= 256 * 64
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the next rank is capped at some modes' sizes, and larger than dense
+        bigger = BTLinear(256, 64, in_shape=(4, 4, 16), out_shape=(4, 4, 4), ranks=max(same.ranks) + 1)
+    assert bigger.num_weight_parameters > 256 * 64
+    half = BTLinear(256, 64, in_shape=(4, 4, 16), out_shape=(4, 4, 4), ranks=0.5)
+    assert half.num_weight_parameters <= 0.5 * 256 * 64
+
+
+def test_meta_device_then_to_empty_and_reset_parameters(seed):
+    """Built on the meta device (no memory), moved with to_empty, initialised with reset_parameters: trains."""
+    torch.manual_seed(seed)
+    layer = BTLinear(64, 32, in_shape=(4, 4, 4), out_shape=(2, 4, 4), ranks=2, device="meta")
+    assert all(p.is_meta for p in layer.parameters())
+    layer = layer.to_empty(device="cpu")
+    layer.reset_parameters()
+    assert all(torch.isfinite(p).all() for p in layer.parameters())
+    for contraction in ("gemm", "dense", "lowrank"):
+        layer.contraction = contraction
+        x = torch.randn(8, 64)
+        layer(x).square().sum().backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters())
+        torch.testing.assert_close(layer(x), x @ layer.to_dense().t() + layer.bias, rtol=1e-5, atol=1e-5)
+        layer.zero_grad()
+    typed = BTLinear(64, 32, dtype=torch.float64, device="cpu")
+    assert all(p.dtype == torch.float64 for p in typed.parameters())
+
+
+def test_from_linear_takes_transformers_conv1d(seed):
+    pytest.importorskip("transformers", reason="transformers is not installed: Conv1D cannot be built")
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(seed)
+    conv = Conv1D(24, 36)  # nf=24 outputs, nx=36 inputs: weight (36, 24), y = x @ weight + bias
+    with torch.no_grad():
+        conv.bias.normal_()
+    layer = BTLinear.from_linear(conv, in_shape=(3, 3, 4), out_shape=(2, 3, 4), ranks=(6, 9, 16), num_blocks=1)
+    x = torch.randn(5, 36)
+    torch.testing.assert_close(layer(x), conv(x), rtol=1e-4, atol=1e-4)
+    with pytest.raises(TypeError, match="nn.Linear or transformers' Conv1D, got Conv1d"):
+        BTLinear.from_linear(nn.Conv1d(3, 3, 1))
+
+
+@pytest.mark.parametrize("factorization", ["tucker", "cp"])
+def test_tltorch_round_trip(seed, factorization):
+    """tensorly-torch's FactorizedLinear (Tucker or CP) -> BTLinear -> FactorizedLinear (Tucker): the same layer."""
+    tltorch = pytest.importorskip("tltorch", reason="tensorly-torch is not installed")
+    torch.manual_seed(seed)
+    source = tltorch.FactorizedLinear((4, 3, 2), (2, 3, 4), factorization=factorization,
+                                      rank=(2, 2, 3, 2, 2, 1) if factorization == "tucker" else 3)
+    with torch.no_grad():
+        source.bias.normal_()
+    x = torch.randn(7, 24)
+    bt = BTLinear.from_tltorch(source)
+    assert bt.in_shape == (4, 3, 2) and bt.out_shape == (2, 3, 4)
+    assert bt.num_blocks == (1 if factorization == "tucker" else 3)
+    torch.testing.assert_close(bt(x), source(x), rtol=1e-4, atol=1e-5)
+    back = bt.to_tltorch()
+    assert type(back.weight).__name__ == "TuckerTensorized"
+    torch.testing.assert_close(back(x), bt(x), rtol=1e-4, atol=1e-5)
+
+
+def test_tltorch_formats_that_are_not_block_terms_are_refused():
+    tltorch = pytest.importorskip("tltorch", reason="tensorly-torch is not installed")
+    tt = tltorch.FactorizedLinear((4, 3), (2, 3), factorization="blocktt", rank=2)
+    with pytest.raises(ValueError, match="converts Tucker and CP weights .* is not: use BTLinear.from_dense"):
+        BTLinear.from_tltorch(tt)
+    with pytest.raises(TypeError, match="from_tltorch expects tltorch.FactorizedLinear, got Linear"):
+        BTLinear.from_tltorch(nn.Linear(4, 4))
+
+
+def test_importing_accel_nn_leaves_the_compile_cache_tag_alone():
+    """The library touches no process-wide compile setting: torch.compiler.config.cache_key_tag is the user's."""
+    import subprocess
+    import sys
+
+    code = ("import torch; torch.compiler.config.cache_key_tag = 'users-own'\n"
+            "import accel.nn, accel.nn.bt.linear\n"
+            "from accel.nn import BTLinear; BTLinear(24, 12)(torch.randn(3, 24))\n"
+            "print(torch.compiler.config.cache_key_tag)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "users-own"

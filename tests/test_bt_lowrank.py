@@ -10,7 +10,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from accel.nn import BTLinear
-from accel.nn.bt._dense import einsum_cached
+from accel.nn.bt._common import einsum_cached
 from accel.nn.bt._lowrank import lowrank_costs
 
 SHAPES = [((6,), (5,)), ((4, 8), (16, 4)), ((2, 3, 4), (3, 2, 2)), ((8, 2, 5, 5), (4, 4, 2, 2)),

@@ -15,6 +15,11 @@ Order, for ``x`` of shape ``(B, I_0, .., I_{d-1})``, ``N`` blocks and ``d >= 2``
 3. a small permute and one GEMM with factor 0 that also sums over the blocks.
 
 The small weight reshapes (``C``, the factor matrices) are done by ordinary autograd outside.
+
+Eagerly on CPU the batch is split into pieces whose largest intermediate fits ``max_intermediate_bytes``
+(:func:`chain_product`): these contractions are memory-bound, pieces that stay in the last-level cache run faster,
+and large fresh allocations page-fault on every call. Traced (compile, export) the whole batch is one piece, as the
+piece count depends on the batch size; the arithmetic is the same ``autograd.Function``.
 """
 from __future__ import annotations
 
@@ -22,10 +27,10 @@ import math
 
 import torch
 
-from accel.nn.bt._dense import matmul_dtype
+from accel.nn.bt._common import matmul_dtype
 
-__all__ = ["gemm_chain_contract", "gemm_chain_elements", "gemm_chain_flops", "gemm_chain_training_flops",
-           "gemm_chain_largest", "grouped_shapes", "group_modes"]
+__all__ = ["chain_product", "chunk_rows", "gemm_chain_contract", "gemm_chain_elements", "gemm_chain_flops",
+           "gemm_chain_training_flops", "gemm_chain_largest"]
 
 
 def _mode_matrices(core, factors):
@@ -49,7 +54,7 @@ class _GemmChain(torch.autograd.Function):
     The batch stays the outermost dimension of the mode steps: with the new modes prepended per
     sample, each GEMM writes rows of a few hundred or thousand contiguous elements (one
     ``(N J R) x (rest)`` matrix per sample). Prepending to the whole batch at once writes rows of
-    millions of elements, which MKL ran 2-5x slower on the development CPU.
+    millions of elements, which MKL runs several times slower.
     """
 
     @staticmethod
@@ -133,32 +138,7 @@ class _GemmChain(torch.autograd.Function):
         return (grad_x, None, grad_merged, grad_first, *grad_mode)
 
 
-def grouped_shapes(in_shape, out_shape, ranks, split: int):
-    """The two-mode shapes of a block term whose modes ``0..split-1`` and ``split..d-1`` are merged (products)."""
-    if not 1 <= split < len(in_shape):
-        raise ValueError(f"split must be in [1, {len(in_shape) - 1}] for in_shape={tuple(in_shape)}, got {split}")
-    return tuple(tuple(math.prod(sizes[a:b]) for a, b in ((0, split), (split, len(sizes))))
-                 for sizes in (in_shape, out_shape, ranks))
-
-
-def group_modes(core, factors, split: int):
-    """The same block term with two modes: modes ``0..split-1`` and ``split..d-1`` merged. Each merged factor is
-    the Kronecker product of its modes' factors (per block), the core is reshaped: ``(N, R_A, R_B)``.
-
-    Why: the chain over all ``d`` modes runs one small GEMM per mode and sample; on two merged modes it runs
-    two larger GEMMs instead, for some more flops (measured faster at 1,600 -> 16x4x2x2 with R <= 2)."""
-    def merge(group):
-        merged = group[0]
-        for factor in group[1:]:  # (N, I, J, R) x (N, i, j, r) -> (N, I i, J j, R r)
-            n, i, j, r = merged.shape
-            merged = torch.einsum("nIJR,nijr->nIiJjRr", merged, factor).reshape(
-                n, i * factor.shape[1], j * factor.shape[2], r * factor.shape[3])
-        return merged
-    first, second = merge(list(factors[:split])), merge(list(factors[split:]))
-    return core.reshape(core.shape[0], first.shape[3], second.shape[3]), [first, second]
-
-
-def gemm_chain_contract(x, core, factors, in_shape, out_shape, ranks, split: int | None = None):
+def gemm_chain_contract(x, core, factors, in_shape, out_shape, ranks):
     """``y[b, j] = sum_i x[b, i] W[i, j]`` for the block-term weight given by ``core`` and ``factors``.
 
     Args:
@@ -166,8 +146,6 @@ def gemm_chain_contract(x, core, factors, in_shape, out_shape, ranks, split: int
         core (Tensor): ``(N, R_0, .., R_{d-1})``.
         factors (sequence of Tensor): ``d`` tensors, the k-th ``(N, I_k, J_k, R_k)``; ``d >= 2``.
         in_shape, out_shape, ranks (tuple of int): the mode sizes.
-        split (int, optional): run the chain on two merged modes, ``0..split-1`` and ``split..d-1``
-            (:func:`group_modes`); ``None``: on all ``d`` modes.
 
     Returns:
         Tensor: ``(B, prod(out_shape))``.
@@ -176,9 +154,6 @@ def gemm_chain_contract(x, core, factors, in_shape, out_shape, ranks, split: int
         raise ValueError(f"the GEMM chain needs d >= 2 modes, got in_shape={tuple(in_shape)}")
     dtype = matmul_dtype(x, core)  # under autocast the weight-side ops come out in mixed dtypes
     core, factors = core.to(dtype), [f.to(dtype) for f in factors]
-    if split is not None:
-        in_shape, out_shape, ranks = grouped_shapes(in_shape, out_shape, ranks, split)
-        core, factors = group_modes(core, factors, split)
     mode, merged, first = _mode_matrices(core, factors)
     shapes = (tuple(in_shape), tuple(out_shape), tuple(ranks), core.shape[0])
     x = x.reshape(x.shape[0], *in_shape).to(dtype).contiguous()
@@ -206,8 +181,9 @@ def _steps(in_shape, out_shape, ranks, num_blocks, batch):
 
 
 def gemm_chain_flops(in_shape, out_shape, ranks, num_blocks, batch) -> int:
-    """Forward flops (2 per multiply-add) of the GEMM chain, the weight preparation excluded (tiny)."""
-    return 2 * sum(m for m, _ in _steps(in_shape, out_shape, ranks, num_blocks, batch))
+    """Forward flops (2 per multiply-add) of the GEMM chain: its GEMMs and merging the core into factor 1."""
+    merge = 2 * num_blocks * math.prod(ranks) * in_shape[1] * out_shape[1]
+    return merge + 2 * sum(m for m, _ in _steps(in_shape, out_shape, ranks, num_blocks, batch))
 
 
 def gemm_chain_training_flops(in_shape, out_shape, ranks, num_blocks, batch, input_grad: bool = False) -> int:
@@ -233,3 +209,27 @@ def gemm_chain_elements(in_shape, out_shape, ranks, num_blocks, batch) -> int:
     copies = (steps[-3][1] if len(in_shape) > 2 else 0) + steps[-2][1] + steps[-1][1]
     copies += sum(batch * num_blocks * in_shape[k] * out_shape[k] * ranks[k] for k in range(2, len(in_shape) - 1))
     return batch * math.prod(in_shape) + sum(s for _, s in steps) + copies
+
+
+def chunk_rows(key: tuple, batch: int, element_size: int, max_intermediate_bytes: int,
+               device_type: str = "cpu") -> int:
+    """Rows per piece of the eager chain over ``batch`` rows (``key``: in_shape, out_shape, ranks, num_blocks):
+    equal pieces whose largest intermediate fits ``max_intermediate_bytes``. GPU inputs are not split."""
+    if batch <= 1 or device_type != "cpu":
+        return max(batch, 1)
+    per_row = gemm_chain_largest(*key, batch) * element_size / batch
+    rows = max(1, int(max_intermediate_bytes // max(per_row, 1)))
+    pieces = math.ceil(batch / rows)
+    return math.ceil(batch / pieces)
+
+
+def chain_product(x: torch.Tensor, core: torch.Tensor, factors, key: tuple,
+                  max_intermediate_bytes: int) -> torch.Tensor:
+    """``x @ W`` over the whole batch in cache-sized pieces (the eager form), differentiable (each piece's own
+    backward)."""
+    in_shape, out_shape, ranks, _ = key
+    rows = chunk_rows(key, x.shape[0], x.element_size(), max_intermediate_bytes, x.device.type)
+    pieces = x.split(rows)
+    if len(pieces) == 1:
+        return gemm_chain_contract(x, core, factors, in_shape, out_shape, ranks)
+    return torch.cat([gemm_chain_contract(piece, core, factors, in_shape, out_shape, ranks) for piece in pieces])

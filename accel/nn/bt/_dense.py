@@ -1,68 +1,45 @@
 """The dense path of :class:`~accel.nn.BTLinear`: rebuild ``W`` with one GEMM, then multiply the input with it.
 
-Used where the input's batch is large enough that ``x W`` through the rebuilt weight costs less than
-contracting the input through the factors. Two things make the plain version
-(``F.linear(x, layer.to_dense())``) slow on CPU, both measured on the development VM at
-16x12x8x8 -> 16x4x4x4, N=4, batch 128: the rebuild runs as opt_einsum's pairwise steps with their
-autograd copies (84 ms forward, 156 ms with backward), and the full-size ``W`` and its gradient are
-fresh allocations above glibc's mmap threshold that page-fault on every call (~0.9 ms per MiB).
+Used where the batch is large enough that ``x W`` through the rebuilt weight costs less than contracting the
+input through the factors. The plain version (``F.linear(x, layer.to_dense())``) is slow on CPU for two reasons:
+the rebuild runs as many small pairwise contractions with their autograd copies, and the full-size ``W`` and its
+gradient are fresh allocations large enough to page-fault on every call.
 
 Here the weight is built in the layout ``(J_0, I_0, I_1.., J_1..)``, where it is the product of two thin
 matrices (factor 0 as ``(J_0 I_0, N R_0)`` and the rest of the block-term contracted into
 ``(N R_0, I_1.. J_1..)``). Then either ``y[:, j_0, :] = x @ W[j_0]`` is one batched GEMM over ``j_0``
-(``J' = J_1 .. J_{d-1}`` columns each), or, where those GEMMs are narrow and the batch large, or the batch
-at least the input width (:func:`weight_rows_first`), ``W`` is copied once into the ``(I, J)`` layout and
-``y = x @ W + bias`` and ``grad W = x^T @ grad y`` are each one plain GEMM. ``W`` and its gradient share two
-buffers of a workspace reused across calls: the backward needs neither the forward's ``W`` (the input gradient rebuilds it), so a
-second forward before the first backward is safe.
+(``J' = J_1 .. J_{d-1}`` columns each), or, where those GEMMs are narrow or the batch at least the input width
+(:func:`weight_rows_first`), ``W`` is copied once into the ``(I, J)`` layout and ``y = x @ W + bias`` and
+``grad W = x^T @ grad y`` are each one plain GEMM. ``W`` and its gradient share two buffers of a workspace kept by
+the layer: the backward needs neither the forward's ``W`` (the input gradient rebuilds it), so a second forward
+before the first backward is safe. The output and every gradient are fresh tensors: nothing a caller receives
+lives in the workspace.
+
+:func:`rebuild_matmul` is the traced form (compile, export): the same arithmetic with ordinary differentiable
+ops, no workspace and no ``out=``.
 """
 from __future__ import annotations
 
-import functools
-import itertools
 import math
-import weakref
 
-import opt_einsum
 import torch
 from torch.autograd.function import once_differentiable
 
-from accel.nn import _step_buffers as step_buffers
+from accel.nn.bt._common import einsum_cached, einsum_flops, matmul_dtype, rest_equation, rest_shapes
 
-__all__ = ["RebuildWorkspace", "column_sums", "contract_steps", "einsum_cached", "matmul_dtype", "rebuild_backward",
-           "rebuild_forward", "rebuild_linear", "rebuild_operands", "rest_equation", "weight_rows_first"]
-
-
-def matmul_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """The dtype the products of ``tensors`` should run in: autocast's where it is on for their device
-    (small weight-side ops then come out in mixed dtypes, which ``mm`` refuses), else the promoted one."""
-    device = tensors[0].device.type
-    if hasattr(torch, "get_autocast_dtype") and torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    dtype = tensors[0].dtype
-    for t in tensors[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
-
-
-_workspace_keys = itertools.count()
-_WORKSPACES: "weakref.WeakValueDictionary[int, RebuildWorkspace]" = weakref.WeakValueDictionary()
-
-
-def workspace_by_key(key: int) -> "RebuildWorkspace":
-    return _WORKSPACES[key]
+__all__ = ["RebuildWorkspace", "dense_costs", "rebuild_linear", "rebuild_matmul", "rebuild_operands",
+           "weight_rows_first"]
 
 
 class RebuildWorkspace:
-    """Reusable full-size buffers for the dense path, one per (role, shape, dtype, device).
+    """Reusable full-size buffers for the dense path, one per (role, shape, dtype, device). Only the layer's
+    own kernels read or write them; nothing returned to a caller aliases them.
 
     Not shared between threads: a module used from several threads at once on one device needs one each.
     """
 
     def __init__(self):
         self._buffers = {}
-        self.key = next(_workspace_keys)  # how a compiled graph names it (bt_trace.py)
-        _WORKSPACES[self.key] = self
 
     def get(self, role: str, shape, like: torch.Tensor) -> torch.Tensor:
         key = (role, tuple(shape), like.dtype, like.device)
@@ -77,7 +54,7 @@ class RebuildWorkspace:
     def clear(self) -> None:
         self._buffers.clear()
 
-    def __getstate__(self):  # copies and pickles start empty, under a key of their own
+    def __getstate__(self):  # copies and pickles start empty
         return {}
 
     def __setstate__(self, state):
@@ -86,44 +63,6 @@ class RebuildWorkspace:
     def __repr__(self) -> str:
         mib = sum(b.numel() * b.element_size() for b in self._buffers.values()) / 2 ** 20
         return f"RebuildWorkspace({len(self._buffers)} buffers, {mib:.1f} MiB)"
-
-
-def contract_steps(steps, operands) -> torch.Tensor:
-    """Run ``opt_einsum``'s pairwise contraction list with ``torch.einsum`` (as ``opt_einsum`` does:
-    each step pops its operands by position and appends the result)."""
-    operands = list(operands)
-    for positions, equation in steps:
-        picked = [operands.pop(p) for p in positions]
-        operands.append(torch.einsum(equation, *picked))
-    return operands[0]
-
-
-@functools.lru_cache(maxsize=256)
-def _searched_steps(equation: str, shapes: tuple) -> tuple:
-    _, info = opt_einsum.contract_path(equation, *shapes, shapes=True)
-    return tuple((tuple(step[0]), step[2]) for step in info.contraction_list)
-
-
-@torch.compiler.assume_constant_result  # a constant for Dynamo: the search is not traced (nor its lru_cache)
-def _pairwise_steps(equation: str, shapes: tuple) -> tuple:
-    return _searched_steps(equation, shapes)
-
-
-def einsum_cached(equation: str, *operands: torch.Tensor) -> torch.Tensor:
-    """``torch.einsum(equation, *operands)`` along a pairwise order searched once per shapes: given three or
-    more operands, torch.einsum asks opt_einsum for the order on every call (0.2 ms of the weight-side
-    ops' 0.4 ms at 1,600 -> 16x4x2x2, R=1)."""
-    return contract_steps(_pairwise_steps(equation, tuple(tuple(t.shape) for t in operands)), operands)
-
-
-def rest_equation(d: int, inputs_first: bool = False) -> str:
-    """The einsum of ``core, factor_1..factor_{d-1}`` into the rest of the block term (all but factor 0):
-    ``(N, R_0, I_1.., J_1..)``, or with ``inputs_first`` ``(I_1.., N, R_0, J_1..)`` (the low-rank path's)."""
-    ranks = "abcdefghij"[:d]
-    ins, outs = "klmnopqrst"[:d], "uvwxyzABCD"[:d]
-    terms = [f"Z{ranks}"] + [f"Z{ins[k]}{outs[k]}{ranks[k]}" for k in range(1, d)]
-    output = f"{ins[1:]}Z{ranks[0]}{outs[1:]}" if inputs_first else f"Z{ranks[0]}{ins[1:]}{outs[1:]}"
-    return ",".join(terms) + "->" + output
 
 
 def rebuild_operands(core: torch.Tensor, factors) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,18 +77,23 @@ def rebuild_operands(core: torch.Tensor, factors) -> tuple[torch.Tensor, torch.T
     return left, right
 
 
+def dense_costs(in_shape, out_shape, ranks, num_blocks, batch) -> tuple[int, int, int]:
+    """``(rebuild_flops, matmul_flops, elements)`` of a forward pass: building ``W`` (the rest of the block term,
+    then ``left @ right``), multiplying the input with it, and the weight's elements written."""
+    key = (in_shape, out_shape, ranks, num_blocks)
+    weight = math.prod(in_shape) * math.prod(out_shape)
+    rest = einsum_flops(rest_equation(len(in_shape)), rest_shapes(*key))
+    return rest + 2 * weight * num_blocks * ranks[0], 2 * batch * weight, weight
+
+
 def weight_rows_first(batch: int, in_features: int, out_features: int, out0: int) -> bool:
     """Whether the dense path multiplies with ``W`` copied into the ``(I, J)`` layout (one GEMM, the bias
     fused) rather than in its built layout (one batched GEMM over ``j_0``, ``J' = out_features / J_0`` columns
     each, whose output and output gradient need a copy each).
 
-    Measured (forward+backward, 1 thread, development CPU): the copy pays on a wide input with a batch large
-    enough to amortise copying ``W`` and its gradient, where the batched GEMMs are narrow (``J' < 32``):
-    1,600 -> 16x4x2x2 at batch 256, 6.4 against 8.3 ms, at batch 1,024 20.0 against 22.4 ms; 12,288 -> 16x4x2x2
-    at batch 128, 20.5 against 25.1 ms; or where the batch is at least the input width (then the output copies
-    outweigh ``W``'s): 64 -> 1024 over 3,200 rows, 14 against 22 ms. It does not at ``J' = 64`` with a large
-    ``W`` and a smaller batch (12,288 -> 16x4x4x4, batch 128: 98.5 against 77.4 ms), at batch 32 (4.2 against
-    3.5 ms), nor for an 8-feature input.
+    The copy pays on a wide input with a batch large enough to amortise copying ``W`` and its gradient, where
+    the batched GEMMs are narrow (``J' < 32``), or where the batch is at least the input width (then the output
+    copies outweigh ``W``'s); not for a narrow input or a small batch.
     """
     return in_features >= 64 and batch >= 64 and (out_features // out0 < 32 or batch >= in_features)
 
@@ -175,14 +119,13 @@ def _weight_rows_first(left, right, out0: int, in_features: int, workspace: Rebu
     return weight
 
 
-def rebuild_forward(x, left, right, out0: int, workspace: RebuildWorkspace, bias=None) -> torch.Tensor:
+def _forward(x, left, right, out0: int, workspace: RebuildWorkspace, bias=None) -> torch.Tensor:
     """``y = x @ (left @ right) (+ bias)`` with the weight written into ``workspace`` (see the module
-    docstring)."""
+    docstring); ``y`` is a fresh tensor."""
     batch, in_features = x.shape
     if weight_rows_first(batch, in_features, left.shape[0] * right.shape[1] // in_features, out0):
         weight = _weight_rows_first(left, right, out0, in_features, workspace)
-        y = step_buffers.empty((batch, weight.shape[1]), x)  # a large y: memory kept from the last step
-        return torch.mm(x, weight, out=y) if bias is None else torch.addmm(bias, x, weight, out=y)
+        return torch.mm(x, weight) if bias is None else torch.addmm(bias, x, weight)
     weight = _built_weight(left, right, workspace)
     rest = weight.numel() // (out0 * in_features)  # J_1 * .. * J_{d-1}
     y = torch.bmm(x.expand(out0, -1, -1), weight.view(out0, in_features, rest))  # (J_0, B, J')
@@ -190,8 +133,8 @@ def rebuild_forward(x, left, right, out0: int, workspace: RebuildWorkspace, bias
     return y if bias is None else y.add_(bias)  # y is a fresh tensor (the copy or the bmm's output)
 
 
-def rebuild_backward(grad_y, x, left, right, out0: int, workspace: RebuildWorkspace, needs=(True, True, True)):
-    """The gradients ``(x, left, right)`` of :func:`rebuild_forward` (``None`` where ``needs`` says so)."""
+def _backward(grad_y, x, left, right, out0: int, workspace: RebuildWorkspace, needs=(True, True, True)):
+    """The gradients ``(x, left, right)`` of :func:`_forward` (``None`` where ``needs`` says so)."""
     batch, in_features = x.shape
     if weight_rows_first(batch, in_features, grad_y.shape[1], out0):
         return _rows_first_backward(grad_y, x, left, right, out0, workspace, needs)
@@ -229,9 +172,9 @@ def _rows_first_backward(grad_y, x, left, right, out0: int, workspace: RebuildWo
     return grad_x, grad_left, grad_right
 
 
-def column_sums(grad_y: torch.Tensor) -> torch.Tensor:
-    """The bias gradient ``grad_y.sum(0)`` as a GEMV against ones: 0.6-1.0 ms against ~1.5 ms for ``sum(0)``
-    over 3,200 x 1,024 (a BTLSTM projection, 1 thread)."""
+def _column_sums(grad_y: torch.Tensor) -> torch.Tensor:
+    """The bias gradient ``grad_y.sum(0)`` as a GEMV against ones (a BLAS call, faster than the reduction on a
+    tall gradient)."""
     return torch.mv(grad_y.t(), grad_y.new_ones(grad_y.shape[0]))
 
 
@@ -240,26 +183,33 @@ class _RebuildLinear(torch.autograd.Function):
     def forward(ctx, x, left, right, bias, out0, workspace):
         ctx.save_for_backward(x, left, right)
         ctx.out0, ctx.workspace = out0, workspace
-        return rebuild_forward(x, left, right, out0, workspace, bias)
+        return _forward(x, left, right, out0, workspace, bias)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y):
         x, left, right = ctx.saved_tensors
-        grads = rebuild_backward(grad_y, x, left, right, ctx.out0, ctx.workspace, ctx.needs_input_grad[:3])
-        grad_bias = column_sums(grad_y) if ctx.needs_input_grad[3] else None
+        grads = _backward(grad_y, x, left, right, ctx.out0, ctx.workspace, ctx.needs_input_grad[:3])
+        grad_bias = _column_sums(grad_y) if ctx.needs_input_grad[3] else None
         return (*grads, grad_bias, None, None)
 
 
 def rebuild_linear(x: torch.Tensor, core: torch.Tensor, factors, workspace: RebuildWorkspace,
                    bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W (+ bias)`` for the block-term weight given by ``core`` ``(N, R_0..)`` and ``factors`` (the k-th
-    ``(N, I_k, J_k, R_k)``); ``x`` is ``(B, prod I_k)``, the result ``(B, prod J_k)``."""
-    in_features = math.prod(f.shape[1] for f in factors)
-    if x.shape[1] != in_features:
-        raise ValueError(f"expected {in_features} input features, got {x.shape[1]}")
+    ``(N, I_k, J_k, R_k)``); ``x`` is ``(B, prod I_k)``, the result ``(B, prod J_k)``. The eager form."""
     left, right = rebuild_operands(core, list(factors))
-    out0 = factors[0].shape[2]
     dtype = matmul_dtype(x, left, right)
     bias = None if bias is None else bias.to(dtype)  # autocast: the product's dtype
-    return _RebuildLinear.apply(x.to(dtype).contiguous(), left.to(dtype), right.to(dtype), bias, out0, workspace)
+    return _RebuildLinear.apply(x.to(dtype).contiguous(), left.to(dtype), right.to(dtype), bias,
+                                factors[0].shape[2], workspace)
+
+
+def rebuild_matmul(x: torch.Tensor, core: torch.Tensor, factors, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The traced form of :func:`rebuild_linear`: the same product with ordinary differentiable ops."""
+    left, right = rebuild_operands(core, list(factors))
+    out0, in_features = factors[0].shape[2], x.shape[1]
+    dtype = matmul_dtype(x, left, right)
+    weight = torch.mm(left.to(dtype), right.to(dtype)).view(out0, in_features, -1)  # (J_0, I, J')
+    y = torch.mm(x.to(dtype), weight.transpose(0, 1).reshape(in_features, -1))  # W as (I, J), as eager
+    return y if bias is None else y + bias.to(dtype)

@@ -11,10 +11,8 @@ factors 1.. as ``right`` ``(I', K J')``, with ``K = N R_0`` and ``I' = I_1..``, 
 Forward flops ``2 B I K J' (1 + J_0 / I')`` against the dense product's ``2 B I J``: fewer wherever
 ``K (1 / J_0 + 1 / I') < 1``, i.e. a small ``N R_0`` beside a wide first output mode and a wide rest of the
 input. The backward (input without grad) is the same two GEMMs again, and the weight-side work is only
-``right``, ``N R_0`` times ``W / (I_0 J_0)`` elements. At 1,600 = 8x8x5x5 -> 16x4x2x2, N=2, R=4, batch 256 (the
-moving-digits BTLSTM of experiments/bt_lstm.py) this is 235 M flops for forward+backward against the rebuilt
-W's 446 M: 3.7 against 6.4 ms (1 thread, development CPU, a random output gradient). Which path a batch takes
-is the cost model's choice (:mod:`accel.nn.bt._paths`).
+``right``, ``N R_0`` times ``W / (I_0 J_0)`` elements. Which path a batch takes is the cost model's choice
+(:mod:`accel.nn.bt._paths`).
 
 Ordinary differentiable ops only, so the same function is its own traced twin (compile, export, ONNX).
 """
@@ -23,10 +21,9 @@ from __future__ import annotations
 import functools
 import math
 
-import opt_einsum
 import torch
 
-from accel.nn.bt._dense import einsum_cached, matmul_dtype, rest_equation
+from accel.nn.bt._common import einsum_cached, einsum_flops, matmul_dtype, rest_equation, rest_shapes
 
 __all__ = ["lowrank_costs", "lowrank_linear", "lowrank_operands"]
 
@@ -66,9 +63,7 @@ def lowrank_costs(in_shape, out_shape, ranks, num_blocks, batch) -> tuple[int, i
     in_rest, out_rest, k = math.prod(in_shape[1:]), math.prod(out_shape[1:]), num_blocks * rank0
     gemm = 2 * batch * in0 * in_rest * k * out_rest
     per_row = 2 * batch * out0 * in0 * k * out_rest
-    d = len(in_shape)
-    shapes = [(num_blocks, *ranks)] + [(num_blocks, i, j, r) for i, j, r in zip(in_shape[1:], out_shape[1:], ranks[1:])]
-    equation = rest_equation(d, inputs_first=True)
-    right_flops = 0 if d == 1 else int(opt_einsum.contract_path(equation, *shapes, shapes=True)[1].opt_cost)
+    right_flops = einsum_flops(rest_equation(len(in_shape), inputs_first=True),
+                               rest_shapes(in_shape, out_shape, ranks, num_blocks))
     elements = in_rest * k * out_rest + batch * in0 * k * out_rest + batch * out0 * out_rest
     return gemm, per_row + right_flops, elements

@@ -26,9 +26,8 @@ one half of the modes once per half-sweep, with all blocks' factors stacked into
 error is ``||T||^2 - 2 sum <T, X_n> + sum <X_n, X_m>``, evaluated on ``R^d`` cores; it is recomputed
 explicitly once it is small enough for that difference to lose digits. On cores above 65,536 entries
 the starts are screened after 10 sweeps and only the best is refined on. BLAS runs single-threaded
-inside (threadpoolctl, when installed): its threads made these small GEMMs 10-60x slower on a busy
-2-core machine. Computed in float64 NumPy. A 1024 x 4096 weight at R=8, N=4 takes ~2-6 s on 2 cores
-(experiments/bt_decompose_speed.py), against 27-84 s before these changes.
+inside (threadpoolctl, when installed): threads only add synchronisation to GEMMs this small, and
+oversubscribe a busy machine. Computed in float64 NumPy; ``experiments/bt_decompose_speed.py`` times it.
 """
 from __future__ import annotations
 
@@ -47,8 +46,8 @@ except ImportError:  # optional: without it BLAS keeps its own thread count
 
 __all__ = ["block_term_decomposition", "matrix_to_bt_tensor"]
 
-# The sweeps are thousands of small and batched GEMMs: multithreaded OpenBLAS ran them 10-60x slower than one
-# thread on a busy 2-core machine (and the large GEMMs were no faster), so BLAS is held to this many threads.
+# The sweeps are thousands of small and batched GEMMs, which multithreaded BLAS runs slower than one thread (its
+# synchronisation outweighs the work, worse on a busy machine), so BLAS is held to this many threads.
 _BLAS_THREADS = 1
 
 # Cores with more entries than this get fewer random starts, screened after _SCREEN_SWEEPS sweeps.

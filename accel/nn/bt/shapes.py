@@ -1,5 +1,6 @@
 """Shapes and ranks of a :class:`~accel.nn.BTLinear`: balanced factorisations of the feature sizes, and the
-Tucker ranks resolved from an int, a fraction of the dense parameters, or one int per mode."""
+Tucker ranks resolved from an int, one int per mode, or tensorly-torch's spellings: a fraction of the dense
+parameters, or ``"same"`` (as many as the dense weight)."""
 from __future__ import annotations
 
 import functools
@@ -67,8 +68,15 @@ def weight_parameters(in_shape, out_shape, ranks, num_blocks) -> int:
 
 def resolve_ranks(ranks, in_shape, out_shape, num_blocks) -> tuple[int, ...]:
     """``R_1..R_d`` from ``ranks`` as :class:`~accel.nn.BTLinear` takes it (an int, capped per mode with a
-    warning; a float in (0, 1), a fraction of the dense parameters; or one int per mode)."""
+    warning; a float in (0, 1], a fraction of the dense parameters; ``"same"``, the fraction 1; or one int per
+    mode). Errors name the argument ``ranks``."""
     sizes = [i * j for i, j in zip(in_shape, out_shape)]
+    if isinstance(ranks, str):
+        if ranks != "same":
+            raise ValueError(f"ranks={ranks!r}: the only string is 'same' (a weight with at most the dense "
+                             f"weight's parameters); otherwise give an int, a float in (0, 1] or "
+                             f"{len(sizes)} ints (one per mode)")
+        ranks = 1.0
     if isinstance(ranks, float):
         return _ranks_for_fraction(ranks, in_shape, out_shape, num_blocks)
     if isinstance(ranks, numbers.Integral) and not isinstance(ranks, bool):
@@ -81,7 +89,7 @@ def resolve_ranks(ranks, in_shape, out_shape, num_blocks) -> tuple[int, ...]:
                           f"capped to ranks={capped}", stacklevel=3)
         return capped
     if isinstance(ranks, (str, bytes)) or not isinstance(ranks, Sequence):
-        raise TypeError(f"ranks must be an int, a float in (0, 1) or {len(sizes)} ints (one per mode), "
+        raise TypeError(f"ranks must be an int, a float in (0, 1], 'same' or {len(sizes)} ints (one per mode), "
                         f"got {ranks!r}")
     ranks = tuple(ranks)
     if len(ranks) != len(sizes) or any(isinstance(r, bool) or not isinstance(r, numbers.Integral) for r in ranks):
@@ -96,9 +104,9 @@ def resolve_ranks(ranks, in_shape, out_shape, num_blocks) -> tuple[int, ...]:
 
 def _ranks_for_fraction(fraction: float, in_shape, out_shape, num_blocks) -> tuple[int, ...]:
     """The largest common rank (capped per mode) whose weight has at most ``fraction`` of the dense parameters."""
-    if not 0.0 < fraction < 1.0:
+    if not 0.0 < fraction <= 1.0:
         raise ValueError(f"ranks={fraction!r}: a float rank is a fraction of the dense weight's parameters and "
-                         f"must be in (0, 1); give an int (or one int per mode) for a rank")
+                         f"must be in (0, 1] ('same' is 1.0); give an int (or one int per mode) for a rank")
     sizes = [i * j for i, j in zip(in_shape, out_shape)]
     budget = fraction * math.prod(in_shape) * math.prod(out_shape)
 
