@@ -392,7 +392,7 @@ class BTLinear(nn.Module):
         """
         from accel._optional import require
 
-        tltorch = require("tltorch", extra="experiments", feature="BTLinear.to_tltorch")
+        tltorch = require("tltorch", extra="tltorch", feature="BTLinear.to_tltorch")
         d, n = self.num_modes, self.num_blocks
         with torch.no_grad():
             bases_in, bases_out, projected = [], [], []
