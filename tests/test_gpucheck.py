@@ -235,8 +235,7 @@ def test_dry_run(tmp_path):
     assert {(row["setup"], row["precision"]) for row in gemm_rows} >= {
         ("one", "fp32"), ("one", "tf32"), ("one", "bf16"), ("two_on_one_gpu", "bf16"), ("gpu_cpu", "fp32")}
     assert all(row["correct"] and row["traffic_ratio"] >= 1 for row in gemm_rows)
-    assert {row["path"] for row in records["bt"]["rows"]} == {"auto", "factorized", "gemm", "einsum", "dense",
-                                                              "lowrank"}
+    assert {row["path"] for row in records["bt"]["rows"]} == {"auto", "gemm", "dense", "lowrank"}
     assert {row["kind"] for row in records["bt"]["rows"]} == {"BTLinear", "BTLSTM"}
     assert records["isgd"]["rows"] and records["demo"]["results"]["report"]["device"] == "cpu"
     table = (out / "gpucheck_dryrun.md").read_text()
