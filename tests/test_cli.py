@@ -1,12 +1,12 @@
 """`python -m accel info | check | demo`, in this process (launchers are tested in test_launch_*.py)."""
 import sys
 
+import procs
 import pytest
 import torch.distributed as dist
+from dist_helpers import SRUN_TWO_NODES_TASK_3, clean_env_fixture  # noqa: F401  (the clean_env fixture)
 
-import procs
 from accel import cli, distributed
-from test_distributed import SRUN_TWO_NODES_TASK_3, clean_env  # noqa: F401  (fixture)
 
 
 def test_info_reports_versions_devices_launchers_and_detection(clean_env, capsys):

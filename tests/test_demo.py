@@ -167,11 +167,11 @@ def test_digits_are_read_without_scikit_learn_and_equal_load_digits():
     import numpy as np
     from sklearn.datasets import load_digits
 
-    from accel.datasets import _digits
+    from accel.demo.datasets import load_digit_images
 
-    images, labels = _digits()
+    images, labels = load_digit_images()
     reference = load_digits()
     assert images.dtype == reference.images.dtype and labels.dtype == reference.target.dtype
     assert np.array_equal(images, reference.images) and np.array_equal(labels, reference.target)
-    code = "import sys, accel.datasets as d; d.moving_digits(sequences_per_image=1); print('sklearn' in sys.modules)"
+    code = "import sys, accel.demo.datasets as d; d.moving_digits(sequences_per_image=1); print('sklearn' in sys.modules)"
     assert procs.check(procs.run([sys.executable, "-c", code], timeout=120)).strip() == "False"

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 import procs
-from accel import checkpoint
-from accel.demo_train import EXIT_STOPPED, FAULT_VARIABLE
-from accel.watchdog import EXIT_STALLED
+from accel.distributed import checkpoint
+from accel.demo import EXIT_STOPPED, FAULT_VARIABLE
+from accel.distributed.watchdog import EXIT_STALLED
 
 pytestmark = pytest.mark.slow
 DEMO = [sys.executable, "-m", "accel", "demo", "--quick", "--epochs", "1", "--checkpoint-every", "5"]
