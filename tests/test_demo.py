@@ -166,7 +166,7 @@ def test_the_training_device_is_the_one_init_bound(monkeypatch, tmp_path):
         calls["init"] = (backend, device)
         return bound
 
-    def fake_train(args, info, device):
+    def fake_train(args, info, device, watchdog=None):
         calls["device"] = device
         raise RuntimeError("stop here")
 

@@ -76,7 +76,8 @@ def test_a_truncated_latest_checkpoint_is_skipped_for_the_one_before(reference, 
     latest = checkpoint.list_checkpoints(out / "checkpoints")[-1]
     latest.write_bytes(latest.read_bytes()[:latest.stat().st_size // 3])  # as a crash of the disk would
     resumed = procs.check(procs.run(DEMO + ["--out", str(out)], timeout=180))
-    assert f"skipping checkpoint {latest.name}" in resumed and "truncated or corrupt" in resumed
+    assert f"checkpoint {latest.name} does not verify" in resumed and "truncated or corrupt" in resumed
+    assert f"moved aside to {latest.name}.corrupt" in resumed
     assert "s000000010.pt (epoch 1, step 10)" in resumed
     report = _report(out)
     _same_run(report, reference)

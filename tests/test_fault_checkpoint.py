@@ -3,8 +3,10 @@ replaced by corrupt ones; a peer whose heartbeat stops ends the process, a rank 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
+from datetime import timedelta
 
 import procs
 import pytest
@@ -186,6 +188,36 @@ def test_watchdog_ends_the_process_with_its_status_and_one_line():
     assert "while waiting in step 3: the gradient all-reduce" in result.stdout and "not reached" not in result.stdout
     assert "Traceback" not in result.stdout
     del server
+
+
+_STORE_SERVER = ("import sys, time, torch.distributed as d; "
+                 "server = d.TCPStore('127.0.0.1', int(sys.argv[1]), is_master=True, wait_for_workers=False); "
+                 "print('up', flush=True); time.sleep(300)")
+
+
+def test_watchdog_reports_a_store_that_stopped_answering():
+    """Under srun and mpirun rank 0's process serves the store: stopped, every rank's heartbeat blocks."""
+    port = procs.free_port()
+    server = procs.spawn([sys.executable, "-c", _STORE_SERVER, str(port)])
+    try:
+        assert server.stdout.readline().strip() == "up"
+
+        def client():
+            return torch.distributed.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=60))
+
+        stalls = []
+        with _watchdog(client(), 0, stalls, timeout=1.0), _watchdog(client(), 1, stalls, timeout=1.0):
+            time.sleep(1.5)  # both beat through the store
+            assert stalls == []
+            os.kill(server.pid, signal.SIGSTOP)
+            deadline = time.monotonic() + 60
+            while len(stalls) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            procs.kill_tree(server.pid)  # the blocked requests fail now, and the threads end
+        assert len(stalls) == 2 and all("the store the ranks share has not answered" in line for line in stalls)
+    finally:
+        procs.kill_tree(server.pid)
+        server.wait(timeout=30)
 
 
 def test_watchdog_arguments_are_checked():
