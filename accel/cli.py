@@ -1,4 +1,4 @@
-"""``python -m accel <command>``: ``info``, ``check`` and ``demo`` (the training job in :mod:`accel.demo`).
+"""``python -m accel <command>``: ``info``, ``check``, ``demo`` (the training job in :mod:`accel.demo`) and ``gpucheck``.
 
 Each command is a :class:`Command`: a help line, a function that adds its arguments to an
 ``argparse`` parser, and a function that runs it and returns the exit status.
@@ -19,8 +19,8 @@ from typing import Callable, NamedTuple
 import torch
 import torch.distributed as dist
 
-from accel import __version__
-from accel import demo, distributed, gpucheck
+from accel import __version__, demo, distributed, gpucheck
+from accel._optional import MissingDependency
 
 
 class Command(NamedTuple):
@@ -228,4 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), run the command, return its exit status."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except MissingDependency as error:  # one line naming the extra to install, no traceback
+        print(f"accel {args.command}: {error}", file=sys.stderr, flush=True)
+        return 2

@@ -5,7 +5,7 @@ Tensor-Train (TT) one, and measures the training speed of both.
 
 Tasks (all data built offline, fixed across seeds):
 
-1. ``moving``: :func:`accel.datasets.moving_digits` with the demo's arguments (seed 0, 2 clips per image):
+1. ``moving``: :func:`accel.demo.datasets.moving_digits` with the demo's arguments (seed 0, 2 clips per image):
    8 frames of 40x40 = 1,600 inputs. Its training clips are split 85/15 by source image into train and
    validation; the test clips show images never seen in training (2,444 / 432 / 718 clips).
 2. ``rows``: sklearn's 8x8 digits read one row per step (8 steps x 8 inputs), split 60/15/25 at random
@@ -65,7 +65,7 @@ DATA: dict = {}  # task -> {"train": (x, y), "val": ..., "test": ...}; built bef
 
 
 def moving_task():
-    from accel.datasets import moving_digits
+    from accel.demo.datasets import moving_digits
 
     train, test = moving_digits(sequences_per_image=2, seed=0)  # the demo's data
     images = train.sources.unique()

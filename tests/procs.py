@@ -33,7 +33,7 @@ def child_env(**overrides: str) -> dict[str, str]:
     return env
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
     """Every live process below ``pid`` (torchrun puts its workers in sessions of their own, so the
     process group alone does not reach them)."""
     parents: dict[int, list[int]] = {}
@@ -55,7 +55,7 @@ def _descendants(pid: int) -> list[int]:
 
 def _kill_tree(pid: int) -> None:
     """SIGKILL ``pid``'s process group and every descendant: only what this test started."""
-    victims = _descendants(pid)
+    victims = descendants(pid)
     try:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
@@ -63,6 +63,40 @@ def _kill_tree(pid: int) -> None:
     for victim in victims:
         try:
             os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def start_time(pid: int) -> int | None:
+    """The kernel's start time of ``pid`` (clock ticks since boot), or ``None`` once it is gone or a zombie:
+    with the PID it names one process, even if the PID is later reused."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] in ("Z", "X") else int(fields[19])
+
+
+def snapshot(pid: int) -> dict[int, int]:
+    """``pid`` and every live process below it, as ``{pid: start time}`` (see :func:`survivors`)."""
+    found = {}
+    for member in [pid, *descendants(pid)]:
+        started = start_time(member)
+        if started is not None:
+            found[member] = started
+    return found
+
+
+def survivors(processes: dict[int, int]) -> list[int]:
+    """The processes of a :func:`snapshot` still running (not zombies, and their PID not reused)."""
+    return [pid for pid, started in processes.items() if start_time(pid) == started]
+
+
+def kill_processes(processes: dict[int, int]) -> None:
+    """SIGKILL the survivors of a :func:`snapshot`: what the test started, even once orphaned."""
+    for pid in survivors(processes):
+        try:
+            os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
 
@@ -102,7 +136,7 @@ def run(cmd: list[str], *, timeout: float, env: dict[str, str] | None = None,
             out, _ = proc.communicate(timeout=10)
         except subprocess.TimeoutExpired:  # a grandchild we could not see still holds the pipe
             out = "(output unavailable: the pipe is still held open)"
-        raise AssertionError(f"{' '.join(map(str, cmd))} did not finish in {timeout}s; output:\n{out}")
+        raise AssertionError(f"{' '.join(map(str, cmd))} did not finish in {timeout}s; output:\n{out}") from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, None)
 
 

@@ -16,9 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 import procs
+import pytest
 
 CLUSTER_SCRIPT = procs.REPO_ROOT / "slurm" / "local_cluster.sh"
 FINAL_FAILURES = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",

@@ -1,12 +1,13 @@
 """`python -m accel info | check | demo`, in this process (launchers are tested in test_launch_*.py)."""
+import os
 import sys
 
+import procs
 import pytest
 import torch.distributed as dist
+from dist_helpers import SRUN_TWO_NODES_TASK_3, clean_env_fixture  # noqa: F401  (the clean_env fixture)
 
-import procs
 from accel import cli, distributed
-from test_distributed import SRUN_TWO_NODES_TASK_3, clean_env  # noqa: F401  (fixture)
 
 
 def test_info_reports_versions_devices_launchers_and_detection(clean_env, capsys):
@@ -41,3 +42,16 @@ def test_version_and_usage_errors(capsys):
     # `python -m accel` reaches the same parser
     result = procs.run([sys.executable, "-m", "accel", "no-such-command"], timeout=60)
     assert result.returncode == 2 and "invalid choice: 'no-such-command'" in result.stdout
+
+
+def test_an_mpi_launch_without_mpi4py_is_one_line_naming_the_extra(tmp_path):
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "mpi4py.py").write_text("raise ImportError('not installed (test)', name='mpi4py')\n")
+    env = procs.child_env(PMI_RANK="0", PMI_SIZE="2")
+    env["PYTHONPATH"] = os.pathsep.join([str(blocked), env["PYTHONPATH"]])
+    result = procs.run([sys.executable, "-m", "accel", "check"], timeout=120, env=env)
+    assert result.returncode == 2, result.stdout
+    assert result.stdout.strip().splitlines() == [result.stdout.strip()] and "Traceback" not in result.stdout
+    assert result.stdout.startswith("accel check: an MPI launch (PMI_RANK=0 PMI_SIZE=2")
+    assert "needs mpi4py, which is not installed: pip install 'accel-train[mpi]'" in result.stdout

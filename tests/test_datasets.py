@@ -1,8 +1,8 @@
-"""accel.datasets.moving_digits: reproducible clips, split by source image, sources reported."""
+"""accel.demo.datasets.moving_digits: reproducible clips, split by source image, sources reported."""
 import torch
 from sklearn.datasets import load_digits
 
-from accel.datasets import moving_digits
+from accel.demo.datasets import moving_digits
 
 
 def test_moving_digits_reports_sources_and_keeps_images_apart(seed):

@@ -4,9 +4,8 @@ The tests ask for gloo on the CPU explicitly (arguments, or ACCEL_BACKEND / ACCE
 same on a machine with one GPU, where the default would be nccl with both ranks on that GPU."""
 import sys
 
-import pytest
-
 import procs
+import pytest
 from scripts.dist_report import read_reports
 
 pytestmark = pytest.mark.multiprocess

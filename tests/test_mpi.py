@@ -9,9 +9,8 @@ import shutil
 import sys
 from pathlib import Path
 
-import pytest
-
 import procs
+import pytest
 from scripts.dist_report import read_reports
 
 pytestmark = [pytest.mark.mpi, pytest.mark.multiprocess]

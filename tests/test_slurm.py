@@ -10,11 +10,11 @@ import socket
 import sys
 import time
 
-import pytest
-
 import procs
-from accel.distributed import slurm_port
+import pytest
 from scripts.dist_report import read_reports
+
+from accel.distributed import slurm_port
 
 pytestmark = [pytest.mark.slurm, pytest.mark.multiprocess]
 REPORT = "tests/scripts/dist_report.py"

@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from accel import checkpoint
-from accel.watchdog import CollectiveWatchdog
+from accel.distributed import checkpoint
+from accel.distributed.watchdog import CollectiveWatchdog
 
 NUM_CLASSES = 10
 EXIT_STOPPED = 75  # stopped on SIGUSR1 after a checkpoint: run again to resume (EX_TEMPFAIL)
@@ -29,6 +29,7 @@ EXIT_STOPPED = 75  # stopped on SIGUSR1 after a checkpoint: run again to resume 
 # (srun's own status may be another rank's, killed by --kill-on-bad-exit after rank 0 exited 75)
 STOP_MARKER = "stopped-on-sigusr1"
 FAULT_VARIABLE = "ACCEL_DEMO_FAULT"  # test hook: "SIGNAL@STEP[:RANK]", e.g. "KILL@12:1"
+SLOW_VARIABLE = "ACCEL_DEMO_SLOW"  # test hook: "SECONDS@FIRST[-LAST][:RANK],...": steps that compute longer
 _RESUME_MUST_MATCH = ("epochs", "batch_size", "lr", "hidden_size", "sigma", "seed", "quick", "world_size")
 
 
@@ -74,7 +75,27 @@ def parse_fault(text: str | None) -> tuple[signal.Signals, int, int | None] | No
         step, _, rank = rest.partition(":")
         return signal.Signals["SIG" + name.upper().removeprefix("SIG")], int(step), int(rank) if rank else None
     except (KeyError, ValueError):
-        raise SystemExit(f"accel demo: {FAULT_VARIABLE}={text!r}: expected SIGNAL@STEP[:RANK], e.g. KILL@12:1")
+        raise SystemExit(f"accel demo: {FAULT_VARIABLE}={text!r}: expected SIGNAL@STEP[:RANK], e.g. KILL@12:1") from None
+
+
+def parse_slow(text: str | None) -> list[tuple[float, int, int, int | None]]:
+    """``"3@2-4:1,5@9"`` -> ``[(3.0, 2, 4, 1), (5.0, 9, 9, None)]``: rank 1 spends 3 s more in each of steps
+    2 to 4, and every rank 5 s more in step 9."""
+    specs = []
+    for part in filter(None, (text or "").split(",")):
+        try:
+            seconds, _, rest = part.partition("@")
+            steps, _, rank = rest.partition(":")
+            first, _, last = steps.partition("-")
+            specs.append((float(seconds), int(first), int(last or first), int(rank) if rank else None))
+        except ValueError:
+            raise SystemExit(f"accel demo: {SLOW_VARIABLE}={text!r}: expected SECONDS@FIRST[-LAST][:RANK],... e.g. "
+                             "3@2-4:1,5@9") from None
+    return specs
+
+
+def _extra_seconds(slow: list[tuple[float, int, int, int | None]], step: int, rank: int) -> float:
+    return sum(seconds for seconds, first, last, who in slow if first <= step <= last and who in (None, rank))
 
 
 class StopRequest:
@@ -94,6 +115,10 @@ class StopRequest:
     @classmethod
     def _handle(cls, signum, frame) -> None:
         cls.signalled = True
+
+
+def _say(line: str) -> None:
+    print(f"accel demo: {line}", flush=True)
 
 
 def _shard(count: int, info) -> torch.Tensor:
@@ -134,7 +159,7 @@ class _Run:
     """One attempt at the run: the model, optimizer and data, and where in the run it stands."""
 
     def __init__(self, args: argparse.Namespace, info, device: torch.device):
-        from accel.datasets import moving_digits
+        from accel.demo.datasets import moving_digits
         from accel.optim import ISGD
 
         self.args, self.info, self.device = args, info, device
@@ -183,7 +208,7 @@ class _Run:
                      "generator": self.epoch_generator_state, "model": self.model.state_dict(),
                      "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
             checkpoint.save(self.directory, state, epoch=self.epoch, step=self.global_step,
-                            keep=self.args.keep_checkpoints)
+                            keep=self.args.keep_checkpoints, say=_say)
         if self.info.world_size > 1:
             dist.barrier()  # nobody exits (on SIGUSR1) while rank 0 is still writing
         self.saved += 1
@@ -192,7 +217,7 @@ class _Run:
         """Rank 0 finds the newest valid checkpoint and broadcasts it; every rank restores it."""
         found = None
         if self.info.rank == 0:
-            found = checkpoint.load_latest(self.directory, say=lambda line: print(f"accel demo: {line}", flush=True))
+            found = checkpoint.recover(self.directory, say=_say)
             found = None if found is None else (found[0].name, found[1])
         if self.info.world_size > 1:
             box = [found]
@@ -227,8 +252,11 @@ class _Run:
                   flush=True)
 
 
-def train(args: argparse.Namespace, info, device: torch.device) -> tuple[dict, _Run]:
+def train(args: argparse.Namespace, info, device: torch.device,
+          watchdog: CollectiveWatchdog | None = None) -> tuple[dict, _Run]:
     """Train (resuming when a checkpoint is there and ``--no-resume`` is not given); the report and the run.
+
+    ``watchdog`` (running around the call) is told which collective each phase waits in, for its message.
 
     Raises SystemExit(:data:`EXIT_STOPPED`) after a checkpoint when SIGUSR1 asked to stop.
     """
@@ -255,69 +283,69 @@ def train(args: argparse.Namespace, info, device: torch.device) -> tuple[dict, _
     fault = parse_fault(os.environ.get(FAULT_VARIABLE)) if not run.resumed_from and restarts == 0 else None
     StopRequest.install()
     loss_fn = nn.CrossEntropyLoss()
-    watchdog = (CollectiveWatchdog(args.timeout, rank=info.rank, world_size=info.world_size)
-                if info.world_size > 1 else None)
     waiting = watchdog.waiting if watchdog is not None else (lambda description: nullcontext())
+    slow = parse_slow(os.environ.get(SLOW_VARIABLE))
     start = time.perf_counter()
 
-    with watchdog or nullcontext():
-        while run.epoch <= run.epochs:
-            epoch = run.epoch
-            run.generator.set_state(run.epoch_generator_state)
-            order = run.train_indices[torch.randperm(len(run.train_indices), generator=run.generator)]
-            bar = tqdm(range(run.batch, run.batches_per_epoch), desc=f"epoch {epoch}/{run.epochs}",
-                       disable=info.rank != 0, file=sys.stdout, dynamic_ncols=True,
-                       initial=run.batch, total=run.batches_per_epoch,
-                       mininterval=0.1 if sys.stdout.isatty() else 5.0)
-            for b in bar:
-                idx = order[b * run.per_rank_batch:(b + 1) * run.per_rank_batch]
-                clips, labels = run.train.inputs[idx].to(device), run.train.labels[idx].to(device)
+    while run.epoch <= run.epochs:
+        epoch = run.epoch
+        run.generator.set_state(run.epoch_generator_state)
+        order = run.train_indices[torch.randperm(len(run.train_indices), generator=run.generator)]
+        bar = tqdm(range(run.batch, run.batches_per_epoch), desc=f"epoch {epoch}/{run.epochs}",
+                   disable=info.rank != 0, file=sys.stdout, dynamic_ncols=True,
+                   initial=run.batch, total=run.batches_per_epoch,
+                   mininterval=0.1 if sys.stdout.isatty() else 5.0)
+        for b in bar:
+            idx = order[b * run.per_rank_batch:(b + 1) * run.per_rank_batch]
+            clips, labels = run.train.inputs[idx].to(device), run.train.labels[idx].to(device)
 
-                def closure():
-                    run.optimizer.zero_grad()
-                    with waiting(f"step {run.global_step + 1}: forward/backward with DDP's gradient all-reduce"):
-                        _, (hidden, _) = encoder(clips)
-                        loss = loss_fn(model.head(hidden[-1]), labels)
-                        loss.backward()
-                    if head_group is not None:
-                        with waiting(f"step {run.global_step + 1}: the head's gradient all-reduce"):
-                            _average_gradients(model.head.parameters(), head_group)
-                    return loss
+            def closure(clips=clips, labels=labels):
+                run.optimizer.zero_grad()
+                with waiting(f"step {run.global_step + 1}: forward/backward with DDP's gradient all-reduce"):
+                    if slow:
+                        time.sleep(_extra_seconds(slow, run.global_step + 1, info.rank))  # test hook
+                    _, (hidden, _) = encoder(clips)
+                    loss = loss_fn(model.head(hidden[-1]), labels)
+                    loss.backward()
+                if head_group is not None:
+                    with waiting(f"step {run.global_step + 1}: the head's gradient all-reduce"):
+                        _average_gradients(model.head.parameters(), head_group)
+                return loss
 
-                with waiting(f"step {run.global_step + 1}: ISGD's loss all-reduce"):
-                    loss = run.optimizer.step(closure)
-                    run.losses.append(loss.item())
-                run.batch = b + 1
-                bar.set_postfix(loss=f"{run.losses[-1]:.3f}", chased=run.optimizer.stats["chased_batches"],
-                                refresh=False)
-                if fault is not None and fault[1] == run.global_step and fault[2] in (None, info.rank):
-                    os.kill(os.getpid(), fault[0])
-                with waiting(f"step {run.global_step}: the stop-request all-reduce"):
-                    stopping = _agree(StopRequest.signalled, info, device)
-                if stopping or (args.checkpoint_every and run.global_step % args.checkpoint_every == 0
-                                and run.batch < run.batches_per_epoch):
-                    with waiting(f"the checkpoint after step {run.global_step}"):
-                        run.save(run.elapsed_before + time.perf_counter() - start)
-                if stopping:
-                    if info.rank == 0:
-                        (run.directory / STOP_MARKER).write_text(f"step {run.global_step}\n")
-                        print(f"\naccel demo: stopped on SIGUSR1 after step {run.global_step}; checkpoint saved in "
-                              f"{run.directory}. Run the same command again to resume.", flush=True)
-                    raise SystemExit(EXIT_STOPPED)
-            bar.close()
-            run.scheduler.step()
-            with waiting(f"the evaluation all-reduce of epoch {epoch}"):
-                accuracy = _accuracy(model, run.test, _shard(len(run.test), info), device, 256, info)
-            run.history.append({"epoch": epoch, "train_loss": sum(run.losses) / len(run.losses),
-                                "test_accuracy": accuracy,
-                                "seconds": run.elapsed_before + time.perf_counter() - start})
-            if info.rank == 0:
-                print(f"epoch {epoch}: train loss {run.history[-1]['train_loss']:.3f}, "
-                      f"test accuracy {100 * accuracy:.1f}%", flush=True)
-            run.epoch, run.batch, run.losses = epoch + 1, 0, []
-            run.epoch_generator_state = run.generator.get_state()
-            with waiting(f"the checkpoint after epoch {epoch}"):
-                run.save(run.elapsed_before + time.perf_counter() - start)
+            with waiting(f"step {run.global_step + 1}: ISGD's loss all-reduce"):
+                loss = run.optimizer.step(closure)
+                run.losses.append(loss.item())
+            run.batch = b + 1
+            bar.set_postfix(loss=f"{run.losses[-1]:.3f}", chased=run.optimizer.stats["chased_batches"],
+                            refresh=False)
+            if fault is not None and fault[1] == run.global_step and fault[2] in (None, info.rank):
+                os.kill(os.getpid(), fault[0])
+            with waiting(f"step {run.global_step}: the stop-request all-reduce"):
+                stopping = _agree(StopRequest.signalled, info, device)
+            if stopping or (args.checkpoint_every and run.global_step % args.checkpoint_every == 0
+                            and run.batch < run.batches_per_epoch):
+                with waiting(f"the checkpoint after step {run.global_step}"):
+                    run.save(run.elapsed_before + time.perf_counter() - start)
+            if stopping:
+                if info.rank == 0:
+                    (run.directory / STOP_MARKER).write_text(f"step {run.global_step}\n")
+                    print(f"\naccel demo: stopped on SIGUSR1 after step {run.global_step}; checkpoint saved in "
+                          f"{run.directory}. Run the same command again to resume.", flush=True)
+                raise SystemExit(EXIT_STOPPED)
+        bar.close()
+        run.scheduler.step()
+        with waiting(f"the evaluation all-reduce of epoch {epoch}"):
+            accuracy = _accuracy(model, run.test, _shard(len(run.test), info), device, 256, info)
+        run.history.append({"epoch": epoch, "train_loss": sum(run.losses) / len(run.losses),
+                            "test_accuracy": accuracy,
+                            "seconds": run.elapsed_before + time.perf_counter() - start})
+        if info.rank == 0:
+            print(f"epoch {epoch}: train loss {run.history[-1]['train_loss']:.3f}, "
+                  f"test accuracy {100 * accuracy:.1f}%", flush=True)
+        run.epoch, run.batch, run.losses = epoch + 1, 0, []
+        run.epoch_generator_state = run.generator.get_state()
+        with waiting(f"the checkpoint after epoch {epoch}"):
+            run.save(run.elapsed_before + time.perf_counter() - start)
     return _report(run, device, time.perf_counter() - start, restarts), run
 
 

@@ -1,6 +1,6 @@
 """``python -m accel demo``: one model trained with all three techniques under whatever launcher ran it.
 
-A sequence classifier on :func:`accel.datasets.moving_digits` (1,600 inputs per frame):
+A sequence classifier on :func:`accel.demo.datasets.moving_digits` (1,600 inputs per frame):
 
 * a :class:`accel.nn.BTLSTM` encoder, whose input-to-hidden weight is a Block-Term tensor;
 * an :class:`accel.nn.OutOfCoreLinear` head, whose weight lives in host memory and whose matmuls run
@@ -11,28 +11,46 @@ A sequence classifier on :func:`accel.datasets.moving_digits` (1,600 inputs per 
 
 It checkpoints every epoch and every ``--checkpoint-every`` steps under ``<out>/checkpoints/`` and,
 started again with the same ``--out``, resumes from the newest valid checkpoint (the training loop is
-:mod:`accel.demo_train`). SIGUSR1 (SLURM's warning before a time limit) makes it checkpoint and exit
+in ``accel/demo/_train.py``). SIGUSR1 (SLURM's warning before a time limit) makes it checkpoint and exit
 with status 75. It writes ``report.json``, ``control_chart.png`` and ``accuracy.png`` to ``--out``.
+
+With ``--nproc N`` the process you started is a launcher: SIGTERM, SIGINT or SIGHUP sent to it is passed
+on to torchrun, which stops the workers; and if the launcher dies without passing it on (SIGKILL), the
+kernel signals torchrun (and torchrun's death the workers), so no process of the run outlives it.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import math
 import os
+import signal
+import subprocess
 import sys
 import tempfile
+from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 
 from accel import distributed
-from accel.demo_train import NUM_CLASSES, StopRequest, train
+from accel._optional import require
+from accel.demo._train import EXIT_STOPPED, FAULT_VARIABLE, NUM_CLASSES, SLOW_VARIABLE, STOP_MARKER, StopRequest, train
+from accel.demo.datasets import require_digits
+from accel.distributed.watchdog import EXIT_STALLED, CollectiveWatchdog
+
+__all__ = ["add_arguments", "run", "EXIT_STOPPED", "EXIT_STALLED", "FAULT_VARIABLE", "SLOW_VARIABLE", "STOP_MARKER"]
 
 DEFAULT_TIMEOUT_SECONDS = 60.0
-# the process group's own timeout is longer, so the watchdog's message (naming the collective) comes first
-_GROUP_TIMEOUT_MARGIN_SECONDS = 30.0
+# The process group's own timeout: the backstop for a peer that is alive (its heartbeat goes on) but never
+# reaches a collective. Generous, since a live peer may legitimately compute or write for long.
+_GROUP_TIMEOUT = timedelta(minutes=10)
+# Set by the --nproc launcher for its workers: the launcher's PID (see _die_with_parent).
+_LAUNCHER_VARIABLE = "ACCEL_DEMO_LAUNCHER_PID"
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_FORWARDED_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,8 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --nproc N: torchrun restarts the whole group up to K times after a worker "
                              "fails, and it resumes from the last checkpoint (default: 0)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_SECONDS, metavar="SECONDS",
-                        help="a rank that waits this long on a peer that stopped responding exits, naming the "
-                             f"collective (default: {DEFAULT_TIMEOUT_SECONDS:g})")
+                        help="with several processes: a rank whose peer sends no heartbeat for this long (a process "
+                             "stopped, hung or lost with its node) exits, naming the collective it waits in; how "
+                             f"long a step computes never counts (default: {DEFAULT_TIMEOUT_SECONDS:g})")
 
 
 def _validate(args: argparse.Namespace) -> None:
@@ -92,6 +111,8 @@ def _validate(args: argparse.Namespace) -> None:
     for ok, message in checks:
         if not ok:
             fail(message)
+    require("matplotlib", extra="demo", feature="accel demo (its plots)")
+    require_digits()
     if args.device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda asked for, but torch sees no CUDA GPU")
     try:
@@ -117,10 +138,46 @@ def _check_writable(out: Path, fail) -> None:
         fail(f"--out {out}: cannot write there ({error.strerror or error})")
 
 
-def _relaunch_through_torchrun(args: argparse.Namespace) -> int:
-    """Start ``args.nproc`` copies of this demo under torchrun and wait for them."""
-    import subprocess
+def _prctl_pdeathsig():
+    """libc's ``prctl`` set up for ``PR_SET_PDEATHSIG``, or ``None`` off Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    return prctl
 
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return int(stat.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _die_with_parent() -> None:
+    """In a worker the --nproc launcher started through torchrun: end with torchrun.
+
+    torchrun starts each worker in a session of its own, so a signal to the launcher's process group never
+    reaches them, and if torchrun is killed outright it cannot stop them. The kernel's parent-death signal
+    does; and a worker whose torchrun (or launcher) is already gone by now exits at once.
+    """
+    launcher = os.environ.get(_LAUNCHER_VARIABLE)
+    prctl = _prctl_pdeathsig()
+    if launcher is None or prctl is None:
+        return
+    if prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        return  # not fatal: the launcher's forwarding still stops the run
+    if _parent_of(os.getppid()) != int(launcher):
+        raise SystemExit("accel demo: the launcher of this worker is gone; exiting")
+
+
+def _relaunch_through_torchrun(args: argparse.Namespace) -> int:
+    """Start ``args.nproc`` copies of this demo under torchrun and wait for them.
+
+    torchrun runs in a process group of its own (a terminal's Ctrl-C reaches it once, through this
+    process) with the parent-death signal set, so it stops its workers even when this process is killed.
+    """
     forwarded = ["--out", str(args.out), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
                  "--hidden-size", str(args.hidden_size), "--sigma", str(args.sigma), "--seed", str(args.seed),
                  "--checkpoint-every", str(args.checkpoint_every), "--keep-checkpoints", str(args.keep_checkpoints),
@@ -132,7 +189,33 @@ def _relaunch_through_torchrun(args: argparse.Namespace) -> int:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
                f"--max-restarts={args.max_restarts}", "-m", "accel", "demo", *forwarded]
     print("launching:", " ".join(command), flush=True)
-    return subprocess.call(command)
+    prctl = _prctl_pdeathsig()
+
+    def in_child() -> None:  # between fork and exec: only async-signal-safe work (prctl was looked up before)
+        if prctl is not None:
+            prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+    torchrun = subprocess.Popen(command, env={**os.environ, _LAUNCHER_VARIABLE: str(os.getpid())},
+                                process_group=0, preexec_fn=in_child)
+    received: list[int] = []
+
+    def forward(signum, frame) -> None:
+        received.append(signum)
+        if torchrun.poll() is None:
+            torchrun.send_signal(signum)
+
+    handled = [getattr(signal, name) for name in _FORWARDED_SIGNALS if hasattr(signal, name)]
+    previous = {number: signal.signal(number, forward) for number in handled}
+    try:
+        status = torchrun.wait()
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    if received:
+        print(f"accel demo: {signal.Signals(received[0]).name} passed on to torchrun, which stopped the workers",
+              file=sys.stderr, flush=True)
+        return 128 + received[0]
+    return status
 
 
 def _plot_accuracy(epochs: list[dict], path: Path) -> None:
@@ -188,9 +271,10 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc > 1 and distributed.detect().launcher == "single":
         return _relaunch_through_torchrun(args)
     StopRequest.install()  # early: SIGUSR1's default action would end the process
+    _die_with_parent()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     # --device cpu on a GPU machine: gloo and no GPU bound, since nccl cannot reduce host tensors
-    timeout = timedelta(seconds=args.timeout + _GROUP_TIMEOUT_MARGIN_SECONDS)
+    timeout = max(_GROUP_TIMEOUT, timedelta(seconds=2 * args.timeout))
     try:
         info = distributed.init(backend="gloo" if args.device == "cpu" else None, timeout=timeout,
                                 device=args.device)
@@ -200,7 +284,12 @@ def run(args: argparse.Namespace) -> int:
         if info.rank == 0:
             print(f"accel demo: rank 0 of {info.world_size} ({info.launcher}, {info.backend or 'no process group'})",
                   flush=True)
-        report, state = train(args, info, info.device)  # init() bound this rank's GPU, or the CPU asked for
+        # started right after the group: every rank beats from the same moment, before data and model
+        watchdog = (CollectiveWatchdog(args.timeout, rank=info.rank, world_size=info.world_size, store=info.store)
+                    if info.world_size > 1 and info.store is not None else None)
+        with watchdog or nullcontext():
+            # init() bound this rank's GPU, or the CPU asked for
+            report, state = train(args, info, info.device, watchdog)
         if info.rank == 0:
             from accel.optim import plot_control_chart
 

@@ -11,10 +11,14 @@ plain ``python train.py``::
             model = torch.nn.parallel.DistributedDataParallel(model)
         ...                                      # the process group is destroyed on exit
 
-This module is only the launcher layer: everything after :func:`init` is plain ``torch.distributed``.
+This package is the launcher layer: everything after :func:`init` is plain ``torch.distributed``.
 :func:`detect` reads the environment without side effects; :func:`init` validates it, picks the
 backend and device, and joins the process group. A bad environment raises :class:`LaunchError`
 naming the variable and its value before any network wait, rather than hanging.
+
+Submodules: :mod:`accel.distributed.launchers` (reading the launch environment),
+:mod:`accel.distributed.checkpoint` (atomic, verified checkpoints) and :mod:`accel.distributed.watchdog`
+(ending a rank whose peer stopped responding).
 """
 from __future__ import annotations
 
@@ -22,14 +26,14 @@ import atexit
 import gc
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from accel.launchers import (Launch, LaunchError, detect, expand_hostlist, expand_tasks_per_node,
-                             slurm_port)
+from accel._optional import require
+from accel.distributed.launchers import Launch, LaunchError, detect, expand_hostlist, expand_tasks_per_node, slurm_port
 
 __all__ = ["DistInfo", "Launch", "LaunchError", "detect", "init", "shutdown", "is_initialized",
            "get_info", "available_backends", "choose_backend", "cuda_device_index",
@@ -47,6 +51,9 @@ class DistInfo:
         launcher: how the processes were started (see :class:`Launch`).
         backend: the ``torch.distributed`` backend, or ``None`` for a single process without a group.
         device: where this rank's tensors belong (``cuda:<i>`` or ``cpu``).
+        store: the key-value store the process group rendezvoused through (every rank reaches it), or
+            ``None`` with one process or a group made elsewhere; :class:`~accel.distributed.watchdog.CollectiveWatchdog`
+            sends its heartbeats through it.
     """
 
     rank: int
@@ -56,6 +63,7 @@ class DistInfo:
     launcher: str
     backend: str | None
     device: torch.device
+    store: dist.Store | None = field(default=None, repr=False, compare=False)
 
     @property
     def is_main(self) -> bool:
@@ -100,6 +108,8 @@ def init(backend: str | None = None, timeout: timedelta = DEFAULT_TIMEOUT, devic
         ValueError: an unavailable backend or device (``ACCEL_BACKEND`` / ``ACCEL_DEVICE`` named when
             they gave it), or a different backend than an existing initialisation.
         TypeError: ``timeout`` is not a ``timedelta``.
+        accel._optional.MissingDependency: an MPI launch without ``MASTER_ADDR``/``MASTER_PORT`` and without
+            mpi4py (the message names the extra to install).
     """
     global _info, _exit_hook_registered
     if not isinstance(timeout, timedelta):
@@ -127,6 +137,7 @@ def init(backend: str | None = None, timeout: timedelta = DEFAULT_TIMEOUT, devic
         torch.cuda.set_device(index)
         device = torch.device("cuda", index)
 
+    store = None
     if dist.is_initialized():  # somebody else made the group: adopt it if it is the same world
         if (dist.get_rank(), dist.get_world_size()) != (launch.rank, launch.world_size):
             raise LaunchError(f"torch.distributed is already initialised as rank {dist.get_rank()} of "
@@ -136,13 +147,12 @@ def init(backend: str | None = None, timeout: timedelta = DEFAULT_TIMEOUT, devic
     elif launch.world_size == 1:
         chosen = None
     else:
-        method = _init_method(launch)  # resolves the master address first, for every launcher
-        store = _torchrun_store(launch, timeout) if launch.launcher == "torchrun" else None
-        dist.init_process_group(chosen, init_method=method, store=store, rank=launch.rank,
-                                world_size=launch.world_size, timeout=timeout)
+        store = _store(launch, timeout)  # resolves the master address first, for every launcher
+        dist.init_process_group(chosen, store=store, rank=launch.rank, world_size=launch.world_size,
+                                timeout=timeout)
 
     _info = DistInfo(launch.rank, launch.world_size, launch.local_rank, launch.local_world_size,
-                     launch.launcher, chosen, device)
+                     launch.launcher, chosen, device, store)
     if not _exit_hook_registered:  # destroying the group at exit avoids NCCL's teardown warnings
         atexit.register(shutdown)
         _exit_hook_registered = True
@@ -256,8 +266,21 @@ def _describe(launch: Launch) -> str:
     return " ".join(f"{name}={value}" for name, value in launch.variables) or launch.launcher
 
 
-def _init_method(launch: Launch) -> str | None:
-    """The ``tcp://`` rendezvous URL, or ``None`` under torchrun (see :func:`_torchrun_store`)."""
+def _store(launch: Launch, timeout: timedelta) -> dist.Store:
+    """The rendezvous store, made here (not by an ``init_method`` URL) so that :class:`DistInfo` can hand it on.
+
+    Rank 0 serves it, as torch's ``tcp://`` rendezvous does, except under torchrun (see :func:`_torchrun_store`).
+    """
+    addr, port = _rendezvous_endpoint(launch)
+    if launch.launcher == "torchrun":
+        return _torchrun_store(launch, timeout)
+    store = dist.TCPStore(addr, port, launch.world_size, is_master=launch.rank == 0, timeout=timeout,
+                          multi_tenant=True)
+    return dist.PrefixStore("accel", store)
+
+
+def _rendezvous_endpoint(launch: Launch) -> tuple[str, int]:
+    """The store's address and port, checked to resolve (for MPI without them: rank 0's, broadcast)."""
     addr, port = launch.master_addr, launch.master_port
     names = dict(launch.variables)
     origin = "MASTER_ADDR" if "MASTER_ADDR" in names else "the first host of the SLURM nodelist"
@@ -271,10 +294,7 @@ def _init_method(launch: Launch) -> str | None:
     except OSError as error:
         raise LaunchError(f"master address {addr!r} ({origin}) does not resolve ({error}); "
                           "set MASTER_ADDR to an address of rank 0's host") from None
-    if launch.launcher == "torchrun":
-        return None
-    host = f"[{addr}]" if ":" in addr else addr  # IPv6 literal
-    return f"tcp://{host}:{port}"
+    return addr, port
 
 
 def _torchrun_store(launch: Launch, timeout: timedelta) -> dist.Store:
@@ -293,12 +313,10 @@ def _torchrun_store(launch: Launch, timeout: timedelta) -> dist.Store:
 
 def _master_from_mpi(launch: Launch, addr: str | None, port: int | None) -> tuple[str, int]:
     """Rank 0 picks its host name and a free port; MPI broadcasts them to everyone."""
-    try:
-        from mpi4py import MPI
-    except ImportError:
-        raise LaunchError(f"launched by MPI ({_describe(launch)}) without MASTER_ADDR and MASTER_PORT, and "
-                          "mpi4py is not installed to share rank 0's address: pip install mpi4py, "
-                          "or set MASTER_ADDR and MASTER_PORT") from None
+    require("mpi4py", extra="mpi", feature=f"an MPI launch ({_describe(launch)}) without MASTER_ADDR and "
+                                           "MASTER_PORT (set both, or install mpi4py to share rank 0's address)")
+    from mpi4py import MPI
+
     comm = MPI.COMM_WORLD
     if (comm.Get_rank(), comm.Get_size()) != (launch.rank, launch.world_size):
         raise LaunchError(f"mpi4py sees rank {comm.Get_rank()} of {comm.Get_size()}, but the environment says "

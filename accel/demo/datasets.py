@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from accel._optional import require
+
 
 @dataclass(frozen=True)
 class SequenceSplit:
@@ -32,24 +34,40 @@ class SequenceSplit:
         return len(self.labels)
 
 
-def _digits() -> tuple[np.ndarray, np.ndarray]:
-    """sklearn's 8x8 digits as ``(images (1797, 8, 8) float64, labels (1797,) int)``.
-
-    Read from the file that ``sklearn.datasets.load_digits`` reads, the way it reads it, without
-    importing scikit-learn (seconds of every start, and of every restart of a training job); the
-    arrays are identical (tested). Falls back to ``load_digits`` if the file is not where expected.
-    """
+def _digits_file() -> Path | None:
+    """The file ``sklearn.datasets.load_digits`` reads, found without importing scikit-learn."""
     spec = importlib.util.find_spec("sklearn")
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
     for location in locations:
         path = Path(location) / "datasets" / "data" / "digits.csv.gz"
         if path.is_file():
-            with gzip.open(path, mode="rt", encoding="utf-8") as text:
-                data = np.loadtxt(text, delimiter=",")
-            return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int, copy=False)
-    from sklearn.datasets import load_digits
+            return path
+    return None
 
-    digits = load_digits()
+
+def require_digits() -> None:
+    """Raise :class:`accel._optional.MissingDependency` (naming the ``demo`` extra) if the digits cannot be had."""
+    if _digits_file() is None:
+        require("sklearn.datasets", extra="demo", feature="the demo's data (scikit-learn's digits)")
+
+
+def load_digit_images() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 8x8 digits as ``(images (1797, 8, 8) float64, labels (1797,) int)``.
+
+    Read from the file that ``sklearn.datasets.load_digits`` reads, the way it reads it, without
+    importing scikit-learn (seconds of every start, and of every restart of a training job); the
+    arrays are identical (tested). Falls back to ``load_digits`` if the file is not where expected.
+
+    Raises:
+        accel._optional.MissingDependency: scikit-learn is not installed (``pip install 'accel-train[demo]'``).
+    """
+    path = _digits_file()
+    if path is not None:
+        with gzip.open(path, mode="rt", encoding="utf-8") as text:
+            data = np.loadtxt(text, delimiter=",")
+        return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int, copy=False)
+    datasets = require("sklearn.datasets", extra="demo", feature="the demo's data (scikit-learn's digits)")
+    digits = datasets.load_digits()
     return digits.images, digits.target
 
 
@@ -100,7 +118,7 @@ def moving_digits(*, num_frames: int = 8, canvas: tuple[int, int] = (40, 40), sc
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
 
-    digit_images, digit_labels = _digits()
+    digit_images, digit_labels = load_digit_images()
     images = np.kron(digit_images / 16.0, np.ones((scale, scale))).astype(np.float32)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(images))

@@ -91,7 +91,7 @@ def expand_hostlist(hostlist: str) -> list[str]:
         total += _count_hosts(name.strip(), hostlist)
         if total > MAX_HOSTS:
             raise LaunchError(f"hostlist {hostlist!r} names more than {MAX_HOSTS:,} hosts "
-                              f"(accel.launchers.MAX_HOSTS); is a range mistyped?")
+                              f"(accel.distributed.launchers.MAX_HOSTS); is a range mistyped?")
     return [host for name in names for host in _expand_name(name.strip(), hostlist)]
 
 
