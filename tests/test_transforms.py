@@ -189,6 +189,12 @@ class TiedPair(nn.Module):
 def test_tie_stays_in_host_memory_through_model_to(seed):
     model = tiny_gpt2(seed)
     offload_(model, gpt2_filter)
+    tokens = gpt2_tokens(seed)
+    copied = copy.deepcopy(model)  # copies keep the tie, the layouts and one engine for all layers
+    assert copied.lm_head.weight is copied.transformer.wte.weight
+    assert len({id(m.engine) for m in copied.modules() if isinstance(m, OutOfCoreLinear)}) == 1
+    with torch.no_grad():
+        assert torch.equal(copied(tokens).logits, model(tokens).logits)
     model.to(torch.float32)  # dtype conversions apply to the shared weight, which stays shared
     assert model.lm_head.weight is model.transformer.wte.weight and model.lm_head.weight.dtype == torch.float32
     model.to("meta")  # a device move: every other parameter goes, the offloaded and tied weights stay on the host
@@ -404,7 +410,11 @@ def test_compress_clear_errors(seed):
     with pytest.raises(CannotCompressError, match="proj_size=4"):
         compress_(nn.Sequential(nn.LSTM(16, 8, proj_size=4)), lambda m, name: name == "0", ranks=2)
     with pytest.raises(CannotCompressError, match="rank 1"):
-        compress_(nn.Sequential(nn.Linear(16, 16)), ranks=0.01)
+        compress_(nn.Sequential(nn.Linear(16, 16)), lambda m, name: True, ranks=0.01)
+    small = nn.Sequential(nn.Linear(1024, 64), nn.Linear(64, 10))  # default selection: the head is too small
+    summary = compress_(small, ranks=0.05)
+    assert [layer.name for layer in summary.layers] == ["0"] and summary.skipped[0][0] == "1"
+    assert "rank 1" in summary.skipped[0][1] and type(small[1]) is nn.Linear
     with pytest.raises(ValueError, match="only string is 'full'"):
         compress_(mixed(seed), ranks="half")
     with pytest.raises(ValueError, match="fraction"):

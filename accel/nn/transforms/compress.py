@@ -388,7 +388,13 @@ def compress_(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool] | No
         blocks = _per_layer(num_blocks, layer.name, "num_blocks")
         if isinstance(blocks, bool) or not isinstance(blocks, numbers.Integral) or blocks < 1:
             raise ValueError(f"compress_: num_blocks for {layer.name} must be a positive int, got {blocks!r}")
-        resolved = layer.resolve(spec, int(blocks))
+        try:
+            resolved = layer.resolve(spec, int(blocks))
+        except CannotCompressError as error:
+            if explicit:
+                raise
+            skipped.append((layer.name, str(error).split(f"for {layer.name} ", 1)[-1]))
+            continue
         if resolved is None:  # a target error
             if not decompose:
                 raise ValueError("compress_: ranks=TargetError(...) needs the trained weights (decompose=True); to "
