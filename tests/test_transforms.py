@@ -226,8 +226,9 @@ def test_tied_conv1d_weight_is_refused():
 def test_shared_module_is_replaced_under_every_name():
     layer = nn.Linear(8, 8)
     model = nn.ModuleDict({"a": layer, "b": layer})
-    offload_(model, min_weight_bytes=0)
+    summary = offload_(model, min_weight_bytes=0)
     assert isinstance(model["a"], OutOfCoreLinear) and model["a"] is model["b"]
+    assert summary.names == ["a"] and summary["a"].tied_with == ()  # one layer under two names, not a tie
 
 
 def test_subclasses_of_linear_are_left_alone():

@@ -395,7 +395,7 @@ def offload_(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool] | Non
                 seen.add(id(param))
                 host_bytes += _nbytes(param)
         tied = tuple(o.rpartition(".")[0] for o in owners.get(id(module.weight), [])
-                     if o != f"{name}.weight")
+                     if o.rpartition(".")[0] not in aliases[id(module)])
         layers.append(OffloadedLayer(name, "Conv1D" if conv else "Linear", in_features, out_features,
                                      _nbytes(weight), tied, same_weight and same_bias))
     for embedding in embeddings.values():
