@@ -1,5 +1,6 @@
 """Layers: Block-Term tensor layers (``BTLinear``, ``BTRNN``, ``BTLSTM``, ``BTGRU``) and
-``OutOfCoreLinear`` (weights in host memory, matmuls through ``accel.ooc``).
+``OutOfCoreLinear`` (weights in host memory, matmuls through ``accel.ooc``); whole-model transforms
+``offload_`` / ``unoffload_`` and ``compress_`` (:mod:`accel.nn.transforms`).
 
 Re-exports only; each layer's module loads on first use.
 """
@@ -15,6 +16,12 @@ _EXPORTS = {
     "BTGRU": "accel.nn.recurrence.modules",
     "block_term_decomposition": "accel.nn.bt.decompose",
     "OutOfCoreLinear": "accel.nn.ooc_linear",
+    "offload_": "accel.nn.transforms",
+    "unoffload_": "accel.nn.transforms",
+    "compress_": "accel.nn.transforms",
+    "TargetError": "accel.nn.transforms",
+    "TiedWeightError": "accel.nn.transforms",
+    "CannotCompressError": "accel.nn.transforms",
 }
 
 __all__ = list(_EXPORTS)
@@ -24,6 +31,7 @@ if TYPE_CHECKING:
     from accel.nn.bt.decompose import block_term_decomposition
     from accel.nn.ooc_linear import OutOfCoreLinear
     from accel.nn.recurrence.modules import BTGRU, BTLSTM, BTRNN
+    from accel.nn.transforms import CannotCompressError, TargetError, TiedWeightError, compress_, offload_, unoffload_
 
 
 def __getattr__(name: str):
