@@ -27,8 +27,6 @@ import opt_einsum
 import torch
 from torch.autograd.function import once_differentiable
 
-from accel.nn import _step_buffers as step_buffers
-
 __all__ = ["RebuildWorkspace", "column_sums", "contract_steps", "einsum_cached", "matmul_dtype", "rebuild_backward",
            "rebuild_forward", "rebuild_linear", "rebuild_operands", "rest_equation", "weight_rows_first"]
 
@@ -181,7 +179,7 @@ def rebuild_forward(x, left, right, out0: int, workspace: RebuildWorkspace, bias
     batch, in_features = x.shape
     if weight_rows_first(batch, in_features, left.shape[0] * right.shape[1] // in_features, out0):
         weight = _weight_rows_first(left, right, out0, in_features, workspace)
-        y = step_buffers.empty((batch, weight.shape[1]), x)  # a large y: memory kept from the last step
+        y = x.new_empty((batch, weight.shape[1]))
         return torch.mm(x, weight, out=y) if bias is None else torch.addmm(bias, x, weight, out=y)
     weight = _built_weight(left, right, workspace)
     rest = weight.numel() // (out0 * in_features)  # J_1 * .. * J_{d-1}
