@@ -1,24 +1,19 @@
-"""The fused recurrence op (accel::recurrence) against the Python reference loop, its gradients, and its
+"""The fused recurrence op (accel::recurrence_v2) against the Python reference loop, its gradients, and its
 errors. Export, ONNX and compile of the RNNs: tests/test_bt_rnn_export.py."""
 import itertools
 
 import pytest
 import torch
+from rnn_helpers import INPUT, KINDS, flat_outputs, initial_state, make
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from accel.nn.recurrence._reference import CELLS, GATES, run_direction
 from accel.nn.recurrence._onnx import onnx_direction
 from accel.nn.recurrence._op import fused_direction, padded_direction
-from test_bt_rnn import INPUT, KINDS, initial_state, make
+from accel.nn.recurrence._reference import CELLS, GATES, run_direction
 
 
 def _grads(outputs, inputs, seed_grads):
     return torch.autograd.grad(outputs, inputs, seed_grads, allow_unused=True, retain_graph=True)
-
-
-def _flat_outputs(out, state):
-    out = out.data if hasattr(out, "batch_sizes") else out
-    return [out, *(state if isinstance(state, tuple) else (state,))]
 
 
 GRID = list(itertools.product(KINDS, ["padded", "batch_first", "packed"], [1, 2], [False, True], [False, True]))
@@ -45,7 +40,7 @@ def test_fused_matches_loop_outputs_and_all_gradients(seed, kind, layout, num_la
     results = {}
     for recurrence in ("fused", "loop"):
         bt.recurrence = recurrence
-        results[recurrence] = _flat_outputs(*bt(model_input, hx))
+        results[recurrence] = flat_outputs(*bt(model_input, hx))
     seed_grads = [torch.randn_like(t) for t in results["loop"]]
     for fused, loop in zip(results["fused"], results["loop"]):
         torch.testing.assert_close(fused, loop, rtol=1e-9, atol=1e-10)
@@ -55,7 +50,7 @@ def test_fused_matches_loop_outputs_and_all_gradients(seed, kind, layout, num_la
                           fused_grads, loop_grads):
         assert (a is None) == (b is None), name
         if a is not None:
-            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("mode,reverse,lengths", list(itertools.product(GATES, [False, True], ["equal", "unequal"])))
@@ -87,7 +82,7 @@ def test_op_passes_torch_library_opcheck(seed, mode):
     args = (mode, torch.randn(steps, batch, width, requires_grad=True), torch.randn(batch, hidden),
             torch.randn(batch, hidden) if mode == "LSTM" else None, torch.randn(width, hidden, requires_grad=True),
             torch.randn(width, requires_grad=True), None, False, True)
-    torch.library.opcheck(torch.ops.accel.recurrence.default, args)
+    torch.library.opcheck(torch.ops.accel.recurrence_v2.default, args)
 
 
 def test_fused_without_bias_and_without_state_gradients(seed):
@@ -163,7 +158,7 @@ def test_cuda_fused_cells_match_loop(seed, kind):
         for recurrence in ("fused", "loop"):
             bt.recurrence = recurrence
             bt.zero_grad()
-            results[recurrence] = _flat_outputs(*bt(model_input))
+            results[recurrence] = flat_outputs(*bt(model_input))
             sum(r.square().sum() for r in results[recurrence]).backward()
             grads[recurrence] = [p.grad.clone() for p in bt.parameters()]
         for a, b in zip(results["fused"] + grads["fused"], results["loop"] + grads["loop"]):
@@ -179,11 +174,11 @@ def test_inference_keeps_nothing_for_backward_and_gives_the_same_outputs(seed):
     with torch.no_grad():
         inference = bt(x)
         state = torch.zeros(3, 6, dtype=torch.float64)
-        saved = torch.ops.accel.recurrence("LSTM", torch.randn(5, 3, 4 * 6, dtype=torch.float64), state, state,
+        saved = torch.ops.accel.recurrence_v2("LSTM", torch.randn(5, 3, 4 * 6, dtype=torch.float64), state, state,
                                            bt.weight_hh_l0, bt.bias_hh_l0, None, False, False)
     assert [t.numel() for t in saved[3:]] == [0, 0]  # after out, h_n, c_n
     training = bt(x)
-    for a, b in zip(_flat_outputs(*inference), _flat_outputs(*training)):
+    for a, b in zip(flat_outputs(*inference), flat_outputs(*training)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -195,7 +190,7 @@ def test_non_contiguous_initial_state(seed):
     h0, c0 = (torch.randn(3, 2, 6, dtype=torch.float64).transpose(0, 1) for _ in range(2))
     fused = bt(x, (h0, c0))
     bt.recurrence = "loop"
-    for a, b in zip(_flat_outputs(*fused), _flat_outputs(*bt(x, (h0, c0)))):
+    for a, b in zip(flat_outputs(*fused), flat_outputs(*bt(x, (h0, c0)))):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
@@ -251,3 +246,24 @@ def test_lstm_kernel_row_blocks_match_one_block(seed, monkeypatch, threads):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
 
 
+# The CUDA fused recurrence (accel/nn/recurrence/_fused_cuda.py) calls these private ATen ops: torch has no public
+# cell that takes precomputed input gates. Their kernels are CUDA-only, but the schemas are registered on every
+# build: a change or removal in torch fails here, on CPU, before any GPU run.
+CUDA_FUSED_CELLS = {
+    "_thnn_fused_lstm_cell": "aten::_thnn_fused_lstm_cell(Tensor input_gates, Tensor hidden_gates, Tensor cx, "
+                             "Tensor? input_bias=None, Tensor? hidden_bias=None) -> (Tensor, Tensor, Tensor)",
+    "_thnn_fused_lstm_cell_backward_impl": "aten::_thnn_fused_lstm_cell_backward_impl(Tensor? grad_hy, "
+                                           "Tensor? grad_cy, Tensor cx, Tensor cy, Tensor workspace, bool has_bias) "
+                                           "-> (Tensor, Tensor, Tensor)",
+    "_thnn_fused_gru_cell": "aten::_thnn_fused_gru_cell(Tensor input_gates, Tensor hidden_gates, Tensor hx, "
+                            "Tensor? input_bias=None, Tensor? hidden_bias=None) -> (Tensor, Tensor)",
+    "_thnn_fused_gru_cell_backward": "aten::_thnn_fused_gru_cell_backward(Tensor grad_hy, Tensor workspace, "
+                                     "bool has_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+}
+
+
+@pytest.mark.parametrize("name", list(CUDA_FUSED_CELLS))
+def test_the_private_cuda_fused_cells_keep_their_schemas(name):
+    assert hasattr(torch.ops.aten, name), f"torch removed aten.{name}, which the CUDA fused recurrence calls"
+    schema = str(getattr(torch.ops.aten, name).default._schema)
+    assert schema == CUDA_FUSED_CELLS[name], f"torch changed aten.{name}, which the CUDA fused recurrence calls"

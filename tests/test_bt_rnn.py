@@ -2,30 +2,11 @@ import itertools
 
 import pytest
 import torch
+from rnn_helpers import HIDDEN, INPUT, KINDS, assert_states_close, initial_state, make
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from accel.nn import BTGRU, BTLSTM, BTRNN, BTLinear
-
-INPUT, HIDDEN = 24, 6  # in_shape (4, 6), hidden_shape (3, 2)
-KINDS = {"lstm": BTLSTM, "gru": BTGRU, "rnn_tanh": BTRNN, "rnn_relu": BTRNN}
-
-
-def make(kind, **kwargs):
-    extra = {"nonlinearity": kind[4:]} if kind.startswith("rnn") else {}
-    return KINDS[kind](INPUT, HIDDEN, in_shape=(4, 6), hidden_shape=(3, 2), ranks=2, num_blocks=2,
-                       dtype=torch.float64, **extra, **kwargs)
-
-
-def initial_state(kind, layers, directions, batch):
-    h0 = torch.randn(layers * directions, batch, HIDDEN, dtype=torch.float64)
-    return (h0, torch.randn_like(h0)) if kind == "lstm" else h0
-
-
-def assert_states_close(a, b):
-    for x, y in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
-        torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-10)
-
 
 GRID = list(itertools.product(KINDS, [False, True], [1, 2], [False, True], [False, True]))
 
@@ -174,8 +155,8 @@ def test_tuple_state_for_gru_and_rnn_is_refused_by_name(kind):
 @pytest.mark.parametrize("kind", ["lstm", "rnn_tanh"])
 @pytest.mark.parametrize("projection", ["nn.Linear", "BTLinear without bias"])
 def test_swapped_input_projection_fused_matches_loop(seed, kind, projection):
-    """The fused LSTM/RNN add b_ih inside their step when the projection is a BTLinear; a projection a user
-    swapped in (any module, e.g. a TT layer, or a BTLinear without bias) keeps its own bias: same results."""
+    """A projection a user swapped in (any module, e.g. a TT layer, or a BTLinear without bias) is called as a
+    module on both recurrences: same results."""
     torch.manual_seed(seed)
     rnn = make(kind, num_layers=2, bidirectional=True)
     gates = rnn.input_projection.out_features
@@ -194,3 +175,114 @@ def test_swapped_input_projection_fused_matches_loop(seed, kind, projection):
         results[recurrence] = [out.detach()] + [p.grad.clone() for p in rnn.parameters()]
     for fused, loop in zip(results["fused"], results["loop"]):
         torch.testing.assert_close(fused, loop, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_reset_parameters_draws_as_construction_does(seed, kind):
+    """reset_parameters re-draws every parameter as the constructor does: from the same seed, the same values
+    (dense ones within torch.nn's U(-1/sqrt(H), 1/sqrt(H)))."""
+    torch.manual_seed(seed)
+    constructed = make(kind, num_layers=2, bidirectional=True)
+    model = make(kind, num_layers=2, bidirectional=True)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(7.0)
+    torch.manual_seed(seed)
+    model.reset_parameters()
+    for (name, a), b in zip(constructed.named_parameters(), model.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
+        if not name.startswith("input_projection") or name.endswith("bias"):
+            assert b.abs().max() <= 1 / HIDDEN ** 0.5, name
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_meta_device_then_to_empty_and_reset_parameters(seed, kind):
+    extra = {"nonlinearity": kind[4:]} if kind.startswith("rnn") else {}
+    meta = KINDS[kind](INPUT, HIDDEN, num_layers=2, bidirectional=True, in_shape=(4, 6), hidden_shape=(3, 2),
+                       ranks=2, device="meta", dtype=torch.float64, **extra)
+    assert all(p.device.type == "meta" for p in meta.parameters())
+    model = meta.to_empty(device="cpu")
+    torch.manual_seed(seed)
+    model.reset_parameters()
+    assert all(p.device.type == "cpu" and p.dtype == torch.float64 and torch.isfinite(p).all()
+               for p in model.parameters())
+    x = torch.randn(5, 3, INPUT, dtype=torch.float64)
+    out, _ = model(x)
+    out.square().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    torch.testing.assert_close(out, model.to_dense_module()(x)[0], rtol=1e-9, atol=1e-10)
+
+
+def test_device_and_dtype_factory_arguments():
+    model = BTLSTM(INPUT, HIDDEN, in_shape=(4, 6), hidden_shape=(3, 2), ranks=2, device="cpu", dtype=torch.float64)
+    assert {(p.device.type, p.dtype) for p in model.parameters()} == {("cpu", torch.float64)}
+    assert {(p.device.type, p.dtype) for p in model.to_dense_module().parameters()} == {("cpu", torch.float64)}
+
+
+def test_reset_parameters_names_a_projection_that_cannot_reset():
+    model = make("lstm")
+
+    class Fixed(nn.Module):
+        def forward(self, x):
+            return x.new_zeros(*x.shape[:-1], 4 * HIDDEN)
+
+    model.input_projection = Fixed()
+    with pytest.raises(TypeError, match=r"BTLSTM.reset_parameters: the input projection \(Fixed\) has no "):
+        model.reset_parameters()
+
+
+def _functorch_loss(model, x):
+    params = dict(model.named_parameters())
+    return params, lambda p, x: torch.func.functional_call(model, p, (x,))[0].square().sum()
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_torch_func_on_the_fused_recurrence_names_the_layer_and_what_to_use(seed, kind):
+    torch.manual_seed(seed)
+    model = make(kind)
+    model.input_projection.contraction = "einsum"  # a projection torch.func can run: the recurrence refuses
+    x = torch.randn(4, 2, INPUT, dtype=torch.float64)
+    name = type(model).__name__
+    params, loss = _functorch_loss(model, x)
+    with pytest.raises(RuntimeError, match=f"not supported by {name} with recurrence='fused'.*recurrence='loop'"):
+        torch.func.grad(loss)(params, x)
+    with pytest.raises(RuntimeError, match=f"not supported by {name} with recurrence='fused'"):
+        torch.func.vmap(lambda xi: model(xi)[0], in_dims=1)(x)
+
+
+def test_torch_func_on_a_projection_without_functorch_rules_names_it(seed):
+    torch.manual_seed(seed)
+    model = make("lstm", recurrence="loop")
+    model.input_projection.contraction = "dense"  # a custom autograd.Function
+    x = torch.randn(4, 2, INPUT, dtype=torch.float64)
+    params, loss = _functorch_loss(model, x)
+    with pytest.raises(RuntimeError, match=r"not supported by BTLSTM.input_projection \(BTLinear\).*'einsum'"):
+        torch.func.grad(loss)(params, x)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
+def test_torch_func_grad_and_vmap_run_on_the_loop(seed, kind):
+    """recurrence='loop' with an einsum projection: torch.func.grad equals torch.autograd, vmap equals the
+    batched call."""
+    torch.manual_seed(seed)
+    model = make(kind, recurrence="loop", num_layers=2)
+    model.input_projection.contraction = "einsum"
+    x = torch.randn(4, 3, INPUT, dtype=torch.float64)
+    params, loss = _functorch_loss(model, x)
+    grads = torch.func.grad(loss)(params, x)
+    expected = torch.autograd.grad(loss(params, x), list(params.values()))
+    for (name, a), b in zip(grads.items(), expected):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
+    mapped = torch.func.vmap(lambda xi: model(xi)[0], in_dims=1, out_dims=1)(x)
+    torch.testing.assert_close(mapped, model(x)[0], rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch deprecates the TorchScript exporter
+@pytest.mark.parametrize("kind,operator", [("lstm", "LSTM"), ("gru", "GRU"), ("rnn_relu", "RNN")])
+@pytest.mark.parametrize("recurrence", ["fused", "loop"])
+def test_onnx_export_without_dynamo_says_to_use_dynamo(tmp_path, kind, operator, recurrence):
+    model = make(kind, recurrence=recurrence)
+    with pytest.raises(RuntimeError, match=rf"dynamo=False\) .* does not support {type(model).__name__}: export "
+                                           rf"with torch.onnx.export\(\.\.\., dynamo=True\).*{operator} operator"):
+        torch.onnx.export(model, (torch.randn(3, 2, INPUT, dtype=torch.float64),), str(tmp_path / "m.onnx"),
+                          dynamo=False)

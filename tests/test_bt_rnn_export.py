@@ -62,7 +62,7 @@ def test_torch_export_dynamic_batch_and_length(seed, kind, options):
     before = model(x)
     program = torch.export.export(model, (x,), dynamic_shapes=dynamic(model))
     targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
-    assert "accel.recurrence.default" in targets  # one node per direction, not a loop unrolled at T=5
+    assert "accel.recurrence_v2.default" in targets  # one node per direction, not a loop unrolled at T=5
     for steps, batch in ((5, 3), (11, 2), (3, 7)):
         x_new = fresh_input(model, steps, batch)
         for a, b in zip(program.module()(x_new), model(x_new)):
@@ -110,4 +110,4 @@ def test_compile_training_step_has_no_graph_break_and_matches_eager(seed):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     for name, parameter in model.named_parameters():
         torch.testing.assert_close(compiled_grads[name], parameter.grad, rtol=1e-4, atol=1e-5,
-                                   msg=lambda m: f"{name}: {m}")
+                                   msg=lambda m, name=name: f"{name}: {m}")

@@ -16,10 +16,12 @@ What makes it fast on CPU (measured against the reference in ``experiments/bt_re
 - the backward's per-step work reduced to one GEMM plus that pass for the LSTM (its torch-op twin and
   the GRU and the plain RNN compute every factor that does not depend on the incoming gradient in a
   few whole-sequence ops before the backward loop, then ~5 small ops per step);
-- the weight and bias gradients taken after the loop with two GEMMs over all ``T * B`` rows;
-- the whole-sequence buffers (outputs, saved gates, their gradient) taken from
-  :mod:`accel.nn._step_buffers`, which keeps their memory between steps: freed and allocated afresh,
-  they were faulted in again page by page (a BTLSTM step at 64 -> 256, T=100, batch 32: 0.83-0.87x the time).
+- the weight and bias gradients taken after the loop with two GEMMs over all ``T * B`` rows.
+
+The whole-sequence buffers (outputs, saved gates, their gradient) are ordinary tensors, allocated per call:
+the library keeps no memory between calls and sets no allocator option. A step's large buffers are freed and
+allocated again each training step; where the C allocator returns them to the system in between, each step
+faults their pages in again (the performance guide gives the allocator settings that avoid it).
 
 Rows of a sequence that has finished (forward) or not yet started (reverse) carry the state through
 the step unchanged, in the outputs as well: so ``out[last]`` is every sequence's final state, and
@@ -35,9 +37,9 @@ from __future__ import annotations
 import torch
 
 from accel.nn.recurrence import _kernel as recurrence_kernel
-from accel.nn import _step_buffers as step_buffers
 
-__all__ = ["SAVED", "forward", "backward", "previous", "use_kernel"]
+__all__ = ["SAVED", "forward", "backward", "previous", "use_kernel", "time_steps", "carry", "per_step", "rows_of",
+           "weight_grad"]
 
 # the LSTM step's elementwise work through accel/nn/recurrence/_csrc/lstm_step.cpp when it builds (else the torch ops below,
 # its reference twin); tests switch this off to compare the two
@@ -45,7 +47,7 @@ use_kernel = True
 
 
 # elements per step (rows x hidden) from which the kernel splits a step's rows over torch's threads: below
-# it a step's elementwise work (~4 ns per element) is too short to pay for waking a thread
+# it a step's elementwise work is too short to pay for waking a thread
 PARALLEL_GRAIN = 4096
 
 
@@ -64,7 +66,7 @@ def _blocks(rows: int, hidden: int) -> int:
 SAVED = {"LSTM": ("gates", "cells"), "GRU": ("gates", "hidden_gates"), "RNN_TANH": (), "RNN_RELU": ()}
 
 
-def _time_steps(steps: int, reverse: bool):
+def time_steps(steps: int, reverse: bool):
     return range(steps - 1, -1, -1) if reverse else range(steps)
 
 
@@ -75,19 +77,18 @@ def previous(states: torch.Tensor, initial: torch.Tensor, reverse: bool) -> torc
     return torch.cat([initial.unsqueeze(0), states[:-1]])
 
 
-def _carry(buffer: torch.Tensor, t: int, state: torch.Tensor, active: int) -> None:
+def carry(buffer: torch.Tensor, t: int, state: torch.Tensor, active: int) -> None:
     if active < buffer.shape[1]:
         buffer[t, active:] = state[active:]
 
 
-def _per_step(tensor: torch.Tensor, start: int | None = None, stop: int | None = None):
+def per_step(tensor: torch.Tensor, start: int | None = None, stop: int | None = None):
     """Views of each time step (optionally of some columns), made in one call rather than by
-    slicing inside the loop: at B=32, H=256 a step's ops take a few microseconds each, as much as the
-    Python slicing around them."""
+    slicing inside the loop: a step's ops are small, and Python slicing around each would cost as much."""
     return (tensor if start is None else tensor[..., start:stop]).unbind(0)
 
 
-def _rows(active: int, batch: int):
+def rows_of(active: int, batch: int):
     """The running rows of a step: the view itself when all run."""
     return (lambda v: v) if active == batch else (lambda v: v[:active])
 
@@ -98,22 +99,22 @@ def forward(mode: str, x_proj, h0, c0, weight_hh, bias_hh, active: list[int], re
     :data:`SAVED` (for the LSTM, ``c_n`` first; its saved tensors are empty unless ``keep_for_backward``)."""
     steps, batch, _ = x_proj.shape
     hidden = h0.shape[-1]
-    w_t = weight_hh.t().contiguous()  # h @ W^T with W^T stored row-major: ~10% faster steps (MKL, 2 cores)
+    w_t = weight_hh.t().contiguous()  # h @ W^T with W^T stored row-major: MKL's faster layout for the step GEMM
     if mode == "LSTM":
         return _lstm_forward(x_proj, h0, c0, w_t, bias_hh, active, reverse, keep_for_backward)
-    out = step_buffers.empty((steps, batch, hidden), x_proj)
-    outs = _per_step(out)
+    out = x_proj.new_empty((steps, batch, hidden))
+    outs = per_step(out)
     h = h0
     if mode == "GRU":
-        gates = step_buffers.empty(x_proj.shape, x_proj).copy_(x_proj)  # becomes r, z, n
+        gates = x_proj.new_empty(x_proj.shape).copy_(x_proj)  # becomes r, z, n
         # W_hh h + b_hh: the backward needs W_hn h + b_hn
-        hidden_gates = step_buffers.empty((steps, batch, 3 * hidden), x_proj)
-        hg_all, rz_all, n_all = _per_step(hidden_gates), _per_step(gates, 0, 2 * hidden), _per_step(gates, 2 * hidden)
-        hg_rz, hg_n, r_all, z_all = (_per_step(hidden_gates, 0, 2 * hidden), _per_step(hidden_gates, 2 * hidden),
-                                     _per_step(gates, 0, hidden), _per_step(gates, hidden, 2 * hidden))
-        for t in _time_steps(steps, reverse):
+        hidden_gates = x_proj.new_empty((steps, batch, 3 * hidden))
+        hg_all, rz_all, n_all = per_step(hidden_gates), per_step(gates, 0, 2 * hidden), per_step(gates, 2 * hidden)
+        hg_rz, hg_n, r_all, z_all = (per_step(hidden_gates, 0, 2 * hidden), per_step(hidden_gates, 2 * hidden),
+                                     per_step(gates, 0, hidden), per_step(gates, hidden, 2 * hidden))
+        for t in time_steps(steps, reverse):
             a = active[t]
-            rows = _rows(a, batch)
+            rows = rows_of(a, batch)
             h_prev = rows(h)
             if bias_hh is None:
                 torch.mm(h_prev, w_t, out=rows(hg_all[t]))
@@ -122,11 +123,11 @@ def forward(mode: str, x_proj, h0, c0, weight_hh, bias_hh, active: list[int], re
             rows(rz_all[t]).add_(rows(hg_rz[t])).sigmoid_()
             n = rows(n_all[t]).addcmul_(rows(r_all[t]), rows(hg_n[t])).tanh_()
             torch.lerp(n, h_prev, rows(z_all[t]), out=rows(outs[t]))  # (1 - z) n + z h
-            _carry(out, t, h, a)
+            carry(out, t, h, a)
             h = outs[t]
         return out, [gates, hidden_gates]
     # the plain RNN: W_hh h + x_proj + b_hh per step into one step's scratch, activated into out
-    scratch, inputs = x_proj.new_empty(batch, x_proj.shape[-1]), _per_step(x_proj)
+    scratch, inputs = x_proj.new_empty(batch, x_proj.shape[-1]), per_step(x_proj)
 
     def pre_activation(t, rows):
         g = torch.addmm(rows(inputs[t]), rows(h), w_t, out=rows(scratch))
@@ -134,11 +135,11 @@ def forward(mode: str, x_proj, h0, c0, weight_hh, bias_hh, active: list[int], re
 
     activation = torch.tanh if mode == "RNN_TANH" else torch.clamp_min  # relu has no out=
     extra = () if mode == "RNN_TANH" else (0,)
-    for t in _time_steps(steps, reverse):
+    for t in time_steps(steps, reverse):
         a = active[t]
-        rows = _rows(a, batch)
+        rows = rows_of(a, batch)
         activation(pre_activation(t, rows), *extra, out=rows(outs[t]))
-        _carry(out, t, h, a)
+        carry(out, t, h, a)
         h = outs[t]
     return out, []
 
@@ -153,19 +154,19 @@ def _lstm_forward(x_proj, h0, c0, w_t, bias_hh, active: list[int], reverse: bool
     steps, batch, width = x_proj.shape
     hidden = h0.shape[-1]
     x_proj, c0 = x_proj.contiguous(), c0.contiguous()  # the kernel reads them by pointer (no copy if already)
-    out = step_buffers.empty((steps, batch, hidden), x_proj)
-    gates = step_buffers.empty((steps if keep_for_backward else 1, batch, width), x_proj)
-    cells = step_buffers.empty((steps if keep_for_backward else 2, batch, hidden), x_proj)
-    outs, inputs, gates_all, cells_all = _per_step(out), _per_step(x_proj), _per_step(gates), _per_step(cells)
+    out = x_proj.new_empty((steps, batch, hidden))
+    gates = x_proj.new_empty((steps if keep_for_backward else 1, batch, width))
+    cells = x_proj.new_empty((steps if keep_for_backward else 2, batch, hidden))
+    outs, inputs, gates_all, cells_all = per_step(out), per_step(x_proj), per_step(gates), per_step(cells)
     kernel = _lstm_kernel(x_proj)
     if kernel is not None:  # h W_hh^T into a scratch (mm, not addmm: no copy of x_proj's step into it first)
         bias = (bias_hh if bias_hh is not None else x_proj.new_zeros(width)).contiguous()
         scratch = x_proj.new_empty(batch, width)
         blocks = {a: _blocks(a, hidden) for a in set(active)}
     h, c = h0, c0
-    for k, t in enumerate(_time_steps(steps, reverse)):
+    for k, t in enumerate(time_steps(steps, reverse)):
         a = active[t]
-        rows = _rows(a, batch)
+        rows = rows_of(a, batch)
         g, c_new = gates_all[t if keep_for_backward else 0], cells_all[t if keep_for_backward else k % 2]
         if kernel is not None:  # every row block starts at its tensor's first row: data_ptr is rows(.)'s
             torch.mm(rows(h), w_t, out=rows(scratch))
@@ -210,7 +211,7 @@ def _gru_factors(gates, hidden_gates, h_prev):
     r, z, n = gates.unflatten(-1, (3, -1)).unbind(-2)
     hidden = h_prev.shape[-1]
     d_n = (1 - z) * (1 - n.square())
-    factors = step_buffers.empty((*gates.shape[:-1], 3, hidden), gates)
+    factors = gates.new_empty((*gates.shape[:-1], 3, hidden))
     torch.mul(d_n * hidden_gates[..., 2 * hidden:], r - r.square(), out=factors[..., 0, :])
     torch.mul(h_prev - n, z - z.square(), out=factors[..., 1, :])
     torch.mul(d_n, r, out=factors[..., 2, :])
@@ -228,16 +229,16 @@ def backward(mode: str, grad_out, grad_c_n, h0, c0, weight_hh, out, saved: list,
     packed = min(active) < batch
     width = weight_hh.shape[0]
     # the gradient of the pre-activation gates is the gradient of x_proj (for the GRU: of W_hh h + b_hh)
-    grad_gates = step_buffers.empty((steps, batch, width), out)
+    grad_gates = out.new_empty((steps, batch, width))
     if packed:
         grad_gates.zero_()
-    grad_gates_all = _per_step(grad_gates)
+    grad_gates_all = per_step(grad_gates)
     grad_h = torch.zeros_like(h0, memory_format=torch.contiguous_format)  # the LSTM kernel reads it by pointer
     grad_h_columns = grad_h.unsqueeze(1)
-    order = list(_time_steps(steps, not reverse))
+    order = list(time_steps(steps, not reverse))
     # padded: the next step's output gradient is added by the GEMM that carries the gradient back
     fold = grad_out is not None and not packed
-    grad_outs = _per_step(grad_out) if grad_out is not None else None
+    grad_outs = per_step(grad_out) if grad_out is not None else None
     if fold:
         grad_h.copy_(grad_outs[order[0]])
     if grad_h_n is not None:  # where the backward starts: as if added to grad_out's last step
@@ -264,7 +265,7 @@ def backward(mode: str, grad_out, grad_c_n, h0, c0, weight_hh, out, saved: list,
             grad_c.copy_(grad_c_n)
         kernel = _lstm_kernel(out)
         if kernel is not None:
-            gates_all, cells_all = _per_step(gates), _per_step(cells)
+            gates_all, cells_all = per_step(gates), per_step(cells)
             # each step's b_hh gradient, summed over the rows of each of its row blocks
             blocks = {a: _blocks(a, hidden) for a in set(active)}
             grad_bias_steps = out.new_zeros(steps, max(blocks.values()), width)
@@ -274,18 +275,18 @@ def backward(mode: str, grad_out, grad_c_n, h0, c0, weight_hh, out, saved: list,
                 c_prev = c0 if t == first else cells_all[t + 1 if reverse else t - 1]
                 kernel[1](active[t], hidden, blocks[active[t]], grad_h, grad_c, gates_all[t], cells_all[t], c_prev,
                           grad_gates_all[t], grad_bias_steps[t])
-                rows = _rows(active[t], batch)
+                rows = rows_of(active[t], batch)
                 carry_back(rows, t, rows(grad_h), next_grad)
             grad_bias = grad_bias_steps.sum((0, 1))
         else:
             factors, cell_from_hidden = _lstm_factors(gates, cells, c0, reverse)
             grad_c_columns = grad_c.unsqueeze(1)
-            by_cell, by_hidden = _per_step(factors[:, :, :3]), _per_step(factors[:, :, 3])
-            cell_from_hidden, forget = _per_step(cell_from_hidden), _per_step(gates, hidden, 2 * hidden)
-            grad_by_cell = _per_step(grad_gates.unflatten(-1, (4, hidden))[:, :, :3])
-            grad_by_hidden = _per_step(grad_gates, 3 * hidden)
+            by_cell, by_hidden = per_step(factors[:, :, :3]), per_step(factors[:, :, 3])
+            cell_from_hidden, forget = per_step(cell_from_hidden), per_step(gates, hidden, 2 * hidden)
+            grad_by_cell = per_step(grad_gates.unflatten(-1, (4, hidden))[:, :, :3])
+            grad_by_hidden = per_step(grad_gates, 3 * hidden)
             for k, t in enumerate(order):
-                rows = _rows(active[t], batch)
+                rows = rows_of(active[t], batch)
                 next_grad = start_step(k, t)
                 dh, dc = rows(grad_h), rows(grad_c)
                 dc.addcmul_(dh, rows(cell_from_hidden[t]))
@@ -298,16 +299,16 @@ def backward(mode: str, grad_out, grad_c_n, h0, c0, weight_hh, out, saved: list,
     elif mode == "GRU":
         gates, hidden_gates = saved
         factors, d_n = _gru_factors(gates, hidden_gates, previous(out, h0, reverse))
-        grad_x_n = step_buffers.empty(out.shape, out)
+        grad_x_n = out.new_empty(out.shape)
         if packed:
             grad_x_n.zero_()
         direct = torch.empty_like(h0)
-        factors, d_n, grad_n, update = (_per_step(factors), _per_step(d_n), _per_step(grad_x_n),
-                                        _per_step(gates, hidden, 2 * hidden))
-        grad_three = _per_step(grad_gates.unflatten(-1, (3, hidden)))
+        factors, d_n, grad_n, update = (per_step(factors), per_step(d_n), per_step(grad_x_n),
+                                        per_step(gates, hidden, 2 * hidden))
+        grad_three = per_step(grad_gates.unflatten(-1, (3, hidden)))
         for k, t in enumerate(order):
             a = active[t]
-            rows = _rows(a, batch)
+            rows = rows_of(a, batch)
             next_grad = start_step(k, t)
             dh = rows(grad_h)
             torch.mul(rows(factors[t]), rows(grad_h_columns), out=rows(grad_three[t]))
@@ -317,14 +318,14 @@ def backward(mode: str, grad_out, grad_c_n, h0, c0, weight_hh, out, saved: list,
             else:
                 torch.addcmul(next_grad, dh, update[t], out=direct)
             carry_back(rows, t, dh, None, rows(direct))
-        grad_x = step_buffers.empty(grad_gates.shape, out)
+        grad_x = out.new_empty(grad_gates.shape)
         torch.cat([grad_gates[..., :2 * hidden], grad_x_n], dim=-1, out=grad_x)
     else:
         derivative = (1 - out.square()) if mode == "RNN_TANH" else (out > 0).to(out.dtype)
-        derivative = _per_step(derivative)
+        derivative = per_step(derivative)
         for k, t in enumerate(order):
             a = active[t]
-            rows = _rows(a, batch)
+            rows = rows_of(a, batch)
             next_grad = start_step(k, t)
             dh = rows(grad_h)
             torch.mul(dh, rows(derivative[t]), out=rows(grad_gates_all[t]))
@@ -332,10 +333,10 @@ def backward(mode: str, grad_out, grad_c_n, h0, c0, weight_hh, out, saved: list,
         grad_x = grad_gates
     if grad_bias is None:
         grad_bias = grad_gates.sum((0, 1))
-    return grad_x, grad_h, grad_c0, _weight_grad(grad_gates, out, h0, reverse), grad_bias
+    return grad_x, grad_h, grad_c0, weight_grad(grad_gates, out, h0, reverse), grad_bias
 
 
-def _weight_grad(grad_gates, out, h0, reverse: bool):
+def weight_grad(grad_gates, out, h0, reverse: bool):
     """``sum_t grad_gates[t]^T h_prev[t]`` as two GEMMs over all steps (``h_prev`` is ``out`` shifted)."""
     first, later, earlier = (-1, grad_gates[:-1], out[1:]) if reverse else (0, grad_gates[1:], out[:-1])
     return torch.addmm(grad_gates[first].t().mm(h0), later.flatten(0, 1).t(), earlier.flatten(0, 1))

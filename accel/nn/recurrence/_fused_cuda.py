@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from accel.nn.recurrence._fused import _carry, _per_step, _rows, _time_steps, _weight_grad, previous
-from accel.nn.recurrence._fused import backward as _generic_backward
-from accel.nn.recurrence._fused import forward as _generic_forward
+from accel.nn.recurrence._fused import backward as generic_backward
+from accel.nn.recurrence._fused import carry, per_step, previous, rows_of, time_steps, weight_grad
+from accel.nn.recurrence._fused import forward as generic_forward
 
 __all__ = ["SAVED", "forward", "backward", "saved_widths"]
 
@@ -32,18 +32,18 @@ def forward(mode: str, x_proj, h0, c0, weight_hh, bias_hh, active: list[int], re
             keep_for_backward: bool = True):
     """The fused cells' workspace is their output: it is kept whatever ``keep_for_backward`` says."""
     if mode not in SAVED:  # the plain RNN's step is two ops: the generic path is as fused
-        return _generic_forward(mode, x_proj, h0, c0, weight_hh, bias_hh, active, reverse)
+        return generic_forward(mode, x_proj, h0, c0, weight_hh, bias_hh, active, reverse)
     steps, batch, _ = x_proj.shape
     hidden = h0.shape[-1]
     w_t = weight_hh.t()
     out = x_proj.new_empty(steps, batch, hidden)
     workspace = x_proj.new_zeros(steps, batch, (4 if mode == "LSTM" else 5) * hidden)
-    outs, inputs, workspaces = _per_step(out), _per_step(x_proj), _per_step(workspace)
+    outs, inputs, workspaces = per_step(out), per_step(x_proj), per_step(workspace)
     cells = x_proj.new_empty(steps, batch, hidden) if mode == "LSTM" else None
     h, c = h0, c0
-    for t in _time_steps(steps, reverse):
+    for t in time_steps(steps, reverse):
         a = active[t]
-        rows = _rows(a, batch)
+        rows = rows_of(a, batch)
         hidden_gates = torch.mm(rows(h), w_t) if bias_hh is None else torch.addmm(bias_hh, rows(h), w_t)
         if mode == "LSTM":
             hy, cy, ws = torch.ops.aten._thnn_fused_lstm_cell(rows(inputs[t]), hidden_gates, rows(c))
@@ -52,10 +52,10 @@ def forward(mode: str, x_proj, h0, c0, weight_hh, bias_hh, active: list[int], re
             hy, ws = torch.ops.aten._thnn_fused_gru_cell(rows(inputs[t]), hidden_gates, rows(h))
         rows(outs[t]).copy_(hy)
         rows(workspaces[t]).copy_(ws)
-        _carry(out, t, h, a)
+        carry(out, t, h, a)
         h = outs[t]
         if mode == "LSTM":
-            _carry(cells, t, c, a)
+            carry(cells, t, c, a)
             c = cells[t]
     return out, ([c.clone(), workspace, cells] if mode == "LSTM" else [workspace])
 
@@ -63,22 +63,22 @@ def forward(mode: str, x_proj, h0, c0, weight_hh, bias_hh, active: list[int], re
 def backward(mode: str, grad_out, grad_c_n, h0, c0, weight_hh, out, saved: list, active: list[int], reverse: bool,
              grad_h_n=None):
     if mode not in SAVED:
-        return _generic_backward(mode, grad_out, grad_c_n, h0, c0, weight_hh, out, saved, active, reverse, grad_h_n)
+        return generic_backward(mode, grad_out, grad_c_n, h0, c0, weight_hh, out, saved, active, reverse, grad_h_n)
     steps, batch, hidden = out.shape
     width = weight_hh.shape[0]
     packed = min(active) < batch
     grad_hidden_gates = out.new_zeros(steps, batch, width) if packed else out.new_empty(steps, batch, width)
     grad_x = grad_hidden_gates if mode == "LSTM" else torch.zeros_like(grad_hidden_gates)
-    grad_hg_all, grad_x_all, workspaces = _per_step(grad_hidden_gates), _per_step(grad_x), _per_step(saved[0])
-    grad_outs = _per_step(grad_out) if grad_out is not None else None
+    grad_hg_all, grad_x_all, workspaces = per_step(grad_hidden_gates), per_step(grad_x), per_step(saved[0])
+    grad_outs = per_step(grad_out) if grad_out is not None else None
     grad_h = torch.zeros_like(h0) if grad_h_n is None else grad_h_n.clone(memory_format=torch.contiguous_format)
     if mode == "LSTM":
-        cells = _per_step(saved[1])
-        cells_prev = _per_step(previous(saved[1], c0, reverse))
+        cells = per_step(saved[1])
+        cells_prev = per_step(previous(saved[1], c0, reverse))
         grad_c = grad_c_n.clone() if grad_c_n is not None else torch.zeros_like(c0)
-    for t in _time_steps(steps, not reverse):
+    for t in time_steps(steps, not reverse):
         a = active[t]
-        rows = _rows(a, batch)
+        rows = rows_of(a, batch)
         if grad_outs is not None:
             grad_h.add_(grad_outs[t])
         dh = rows(grad_h)
@@ -95,5 +95,5 @@ def backward(mode: str, grad_out, grad_c_n, h0, c0, weight_hh, out, saved: list,
             rows(grad_hg_all[t]).copy_(grad_hidden)
             torch.addmm(grad_hx, grad_hidden, weight_hh, out=dh)
     grad_c0 = grad_c if mode == "LSTM" else None
-    return (grad_x, grad_h, grad_c0, _weight_grad(grad_hidden_gates, out, h0, reverse),
+    return (grad_x, grad_h, grad_c0, weight_grad(grad_hidden_gates, out, h0, reverse),
             grad_hidden_gates.sum((0, 1)))

@@ -1,6 +1,6 @@
 """The recurrence under ``torch.onnx.export(dynamo=True)``: ONNX's own ``LSTM`` / ``GRU`` / ``RNN``.
 
-``accel::recurrence`` is a Python op that ONNX cannot run, and a Python loop over time would be
+``accel::recurrence_v2`` is a Python op that ONNX cannot run, and a Python loop over time would be
 unrolled at the traced length. ONNX has the three recurrences as single operators that keep the
 sequence length dynamic; they take the raw input and an input weight ``W``, so the precomputed
 projection goes in as the input with ``W`` a permutation matrix that puts the gates in ONNX's order

@@ -1,10 +1,14 @@
-"""The fused recurrence as one ``torch.library`` op: ``torch.ops.accel.recurrence``.
+"""The fused recurrence as one ``torch.library`` op: ``torch.ops.accel.recurrence_v2``.
 
 One graph node for the whole recurrence of one direction of one layer: ``torch.export`` keeps it
 with a dynamic batch and a dynamic sequence length (a Python loop over time would be unrolled at
 the traced length), ``torch.compile`` sees no graph break, and its backward is a second op
-(``torch.ops.accel.recurrence_backward``), so a compiled training step keeps the hand-written
-backward-through-time too. The arithmetic lives in :mod:`accel.nn.recurrence._fused`.
+(``torch.ops.accel.recurrence_backward_v2``), so a compiled training step keeps the hand-written
+backward-through-time too. The arithmetic lives in :mod:`accel.nn.recurrence._fused` (CPU) and
+:mod:`accel.nn.recurrence._fused_cuda` (CUDA).
+
+The op names carry a version (``_v2``): a compiled graph cached on disk calls the ops by name, so a change of
+an op's schema or meaning takes a new suffix (``_v3``) and old cached graphs can never call the new op.
 
 :func:`fused_direction` is the drop-in twin of :func:`accel.nn.recurrence._reference.run_direction` for
 packed data; :func:`padded_direction` runs the padded layout directly. Under
@@ -18,13 +22,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from accel.nn._compile_cache import tag_compile_caches
 from accel.nn.recurrence import _fused as fused_recurrence
 from accel.nn.recurrence._reference import GATES
 
-__all__ = ["padded_direction", "fused_direction"]
+__all__ = ["padded_direction", "fused_direction", "OP", "BACKWARD_OP"]
 
-tag_compile_caches()  # compiled graphs holding these ops are cached under accel's code hash
+OP, BACKWARD_OP = "accel::recurrence_v2", "accel::recurrence_backward_v2"
 
 _MODES = tuple(GATES)
 
@@ -40,7 +43,7 @@ def _implementation(x_proj: Tensor):
     return fused_recurrence
 
 
-@torch.library.custom_op("accel::recurrence", mutates_args=())
+@torch.library.custom_op(OP, mutates_args=())
 def _recurrence(mode: str, x_proj: Tensor, h0: Tensor, c0: Optional[Tensor], weight_hh: Tensor,
                 bias_hh: Optional[Tensor], batch_sizes: Optional[Tensor], reverse: bool,
                 keep_for_backward: bool) -> list[Tensor]:
@@ -50,8 +53,8 @@ def _recurrence(mode: str, x_proj: Tensor, h0: Tensor, c0: Optional[Tensor], wei
 
     ``h_n`` is a copy, an output of its own rather than a view of ``out``: a compiled graph then passes its
     gradient to the backward op as is, which adds it where the backward-through-time starts, instead of
-    scattering it into a zero-filled ``(T, B, H)`` tensor added to ``out``'s gradient (0.5 ms of a 75 ms
-    BTLSTM training step, T=100, batch 32, even where ``h_n`` is unused and its gradient zero)."""
+    scattering it into a zero-filled ``(T, B, H)`` tensor added to ``out``'s gradient (even where ``h_n`` is
+    unused and its gradient zero)."""
     steps, batch, _ = x_proj.shape
     out, extra = _implementation(x_proj).forward(mode, x_proj, h0, c0, weight_hh, bias_hh,
                                                  _active(batch_sizes, steps, batch), reverse, keep_for_backward)
@@ -77,7 +80,7 @@ def _(mode, x_proj, h0, c0, weight_hh, bias_hh, batch_sizes, reverse, keep_for_b
     return outputs
 
 
-@torch.library.custom_op("accel::recurrence_backward", mutates_args=())
+@torch.library.custom_op(BACKWARD_OP, mutates_args=())
 def _recurrence_backward(mode: str, grad_out: Optional[Tensor], grad_h_n: Optional[Tensor], grad_c_n: Optional[Tensor],
                          h0: Tensor, c0: Optional[Tensor], weight_hh: Tensor, out: Tensor, saved: list[Tensor],
                          batch_sizes: Optional[Tensor], reverse: bool) -> list[Tensor]:
@@ -146,7 +149,7 @@ def padded_direction(mode: str, x_proj: Tensor, state: tuple[Tensor, ...], weigh
     c0 = state[1] if mode == "LSTM" else None
     keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                            for t in (x_proj, state[0], c0, weight_hh, bias_hh))
-    result = torch.ops.accel.recurrence(mode, x_proj, state[0], c0, weight_hh, bias_hh, batch_sizes, reverse, keep)
+    result = _recurrence(mode, x_proj, state[0], c0, weight_hh, bias_hh, batch_sizes, reverse, keep)
     out, h_n = result[:2]
     return out, ((h_n, result[2]) if mode == "LSTM" else (h_n,))
 

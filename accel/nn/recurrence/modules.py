@@ -24,12 +24,24 @@ from torch.nn.utils.rnn import PackedSequence
 
 from accel.nn.bt.linear import BTLinear
 from accel.nn.bt.shapes import auto_num_modes, balanced_factors
-from accel.nn.recurrence._reference import CELLS, GATES, run_direction
 from accel.nn.recurrence._op import fused_direction, padded_direction
+from accel.nn.recurrence._reference import CELLS, GATES, run_direction
 
 __all__ = ["BTRNN", "BTLSTM", "BTGRU"]
 
 _RECURRENCES = ("fused", "loop")
+
+# what torch says when an autograd.Function or a custom op without functorch rules meets a torch.func transform
+_FUNCTORCH_REFUSALS = ("functorch transforms", "Batching rule not implemented for")
+
+
+def _refuse_functorch(error: RuntimeError, what: str, instead: str) -> None:
+    """Raise a clear error in place of torch's generic one when ``error`` is torch.func refusing a custom
+    autograd rule; return otherwise (the caller re-raises ``error``)."""
+    if any(refusal in str(error) for refusal in _FUNCTORCH_REFUSALS):
+        raise RuntimeError(f"torch.func transforms (grad, vmap, jacrev, ...) are not supported by {what}: it "
+                           f"runs a custom autograd rule without functorch support. To use torch.func, {instead}; "
+                           f"or take gradients with torch.autograd") from error
 
 
 class _BTRNNBase(nn.Module):
@@ -66,22 +78,55 @@ class _BTRNNBase(nn.Module):
         out_shape = (self.num_gates * hidden_shape[0], *hidden_shape[1:])
         kw = {"device": device, "dtype": dtype}
         gate_size = self.num_gates * hidden_size
-        bound = 1.0 / math.sqrt(hidden_size)  # torch.nn's U(-1/sqrt(H), 1/sqrt(H)) for the dense weights
         for direction in range(self.num_directions):
             suffix = "_reverse" if direction else ""
             projection = BTLinear(input_size, gate_size, in_shape=in_shape, out_shape=out_shape, ranks=ranks,
                                   num_blocks=num_blocks, bias=bias, **kw)
-            if bias:
-                nn.init.uniform_(projection.bias, -bound, bound)
             setattr(self, "input_projection" + suffix, projection)
-            for layer in range(num_layers):
-                names = [f"weight_hh_l{layer}{suffix}"] + ([f"bias_hh_l{layer}{suffix}"] if bias else [])
-                shapes = [(gate_size, hidden_size)] + ([(gate_size,)] if bias else [])
-                if layer > 0:
-                    names += [f"weight_ih_l{layer}{suffix}"] + ([f"bias_ih_l{layer}{suffix}"] if bias else [])
-                    shapes += [(gate_size, hidden_size * self.num_directions)] + ([(gate_size,)] if bias else [])
-                for name, shape in zip(names, shapes):
-                    self.register_parameter(name, nn.Parameter(torch.empty(shape, **kw).uniform_(-bound, bound)))
+            for name, shape in self._dense_shapes(direction):
+                self.register_parameter(name, nn.Parameter(torch.empty(shape, **kw)))
+            self._reset_dense(direction)
+
+    def _dense_shapes(self, direction: int) -> list[tuple[str, tuple[int, ...]]]:
+        """Names and shapes of one direction's dense parameters, in ``torch.nn``'s order per layer."""
+        suffix = "_reverse" if direction else ""
+        gate_size = self.num_gates * self.hidden_size
+        shapes = []
+        for layer in range(self.num_layers):
+            shapes.append((f"weight_hh_l{layer}{suffix}", (gate_size, self.hidden_size)))
+            if self.bias:
+                shapes.append((f"bias_hh_l{layer}{suffix}", (gate_size,)))
+            if layer > 0:
+                shapes.append((f"weight_ih_l{layer}{suffix}", (gate_size, self.hidden_size * self.num_directions)))
+                if self.bias:
+                    shapes.append((f"bias_ih_l{layer}{suffix}", (gate_size,)))
+        return shapes
+
+    def _reset_dense(self, direction: int) -> None:
+        """``torch.nn``'s ``U(-1/sqrt(H), 1/sqrt(H))`` for the projection's bias (``b_ih`` of the first layer)
+        and every dense weight and bias of one direction."""
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        with torch.no_grad():
+            bias = getattr(self._input_projection(direction), "bias", None)
+            if isinstance(bias, torch.Tensor):
+                bias.uniform_(-bound, bound)
+            for name, _ in self._dense_shapes(direction):
+                getattr(self, name).uniform_(-bound, bound)
+
+    def reset_parameters(self) -> None:
+        """Initialise every parameter afresh, as at construction: the input projection by its own
+        ``reset_parameters`` (for :class:`~accel.nn.BTLinear`, cores and factors scaled so that the dense weight
+        has ``nn.Linear``'s variance), then its bias and every dense weight and bias from ``torch.nn``'s
+        ``U(-1/sqrt(hidden_size), 1/sqrt(hidden_size))``. With ``to_empty()`` after a construction on the
+        ``"meta"`` device, this makes a usable layer."""
+        for direction in range(self.num_directions):
+            projection = self._input_projection(direction)
+            reset = getattr(projection, "reset_parameters", None)
+            if not callable(reset):
+                raise TypeError(f"{type(self).__name__}.reset_parameters: the input projection "
+                                f"({type(projection).__name__}) has no reset_parameters() to initialise it")
+            reset()
+            self._reset_dense(direction)
 
     @property
     def ranks(self) -> tuple[int, ...]:
@@ -96,24 +141,22 @@ class _BTRNNBase(nn.Module):
         get = lambda name: getattr(self, name + suffix, None)  # noqa: E731
         return get("weight_ih"), get("bias_ih"), get("weight_hh"), get("bias_hh")
 
-    def _project(self, layer: int, direction: int, data: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
-        """Input-to-hidden projection of all time steps at once (without ``b_ih`` if not ``with_bias``)."""
+    def _project(self, layer: int, direction: int, data: torch.Tensor) -> torch.Tensor:
+        """Input-to-hidden projection of all time steps at once, ``b_ih`` included. The first layer calls its
+        projection as a module, so its hooks, pruning and parametrizations apply on every recurrence."""
         if layer == 0:
             projection = self._input_projection(direction)
-            return projection(data) if with_bias else projection.product(data)
+            try:
+                return projection(data)
+            except RuntimeError as error:
+                _refuse_functorch(error, f"{type(self).__name__}.input_projection ({type(projection).__name__})",
+                                  self._functorch_way)
+                raise
         weight_ih, bias_ih, _, _ = self._weights(layer, direction)
-        return nn.functional.linear(data, weight_ih, bias_ih if with_bias else None)
+        return nn.functional.linear(data, weight_ih, bias_ih)
 
     def _input_projection(self, direction: int) -> nn.Module:
         return getattr(self, "input_projection" + ("_reverse" if direction else ""))
-
-    def _separable_input_bias(self, layer: int, direction: int) -> torch.Tensor | None:
-        """``b_ih`` where the projection can run without it: deeper layers, and a first layer whose projection
-        is a BTLinear (``product``); ``None`` for one a user swapped in (any module: it adds its own bias)."""
-        if layer > 0:
-            return self._weights(layer, direction)[1]
-        projection = self._input_projection(direction)
-        return projection.bias if isinstance(projection, BTLinear) else None
 
     def _check_state(self, state: torch.Tensor, name: str, batch: int, batched: bool) -> torch.Tensor:
         expected = (self.num_layers * self.num_directions, batch, self.hidden_size)
@@ -138,6 +181,10 @@ class _BTRNNBase(nn.Module):
         """
         if self.recurrence not in _RECURRENCES:
             raise ValueError(f"recurrence must be one of {_RECURRENCES}, got {self.recurrence!r}")
+        if torch.onnx.is_in_onnx_export() and torch.jit.is_tracing():
+            raise RuntimeError(f"torch.onnx.export(..., dynamo=False) (the TorchScript exporter) does not support "
+                               f"{type(self).__name__}: export with torch.onnx.export(..., dynamo=True), which "
+                               f"writes ONNX's own {self._onnx_operator} operator with a dynamic sequence length")
         packed = isinstance(input, PackedSequence)
         if packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
@@ -202,19 +249,17 @@ class _BTRNNBase(nn.Module):
         """One direction of one layer: ``data`` is packed ``(N, features)`` when ``batch_sizes`` is given,
         else padded ``(L, B, features)``; the output comes in the same layout."""
         _, _, weight_hh, bias_hh = self._weights(layer, direction)
-        # the fused LSTM / RNN step adds b_hh anyway: it adds b_ih with it, and the projection skips a bias pass
-        # over all (T*B, gates*H) values forward and their column sums backward (~2 ms of a 62 ms BTLSTM step at
-        # 64 -> 256, T=100, batch 32). Not the GRU: its b_in stays outside r * (W_hn h + b_hn).
-        fold = self.recurrence == "fused" and self.mode != "GRU" and bias_hh is not None
-        bias_ih = self._separable_input_bias(layer, direction) if fold else None
-        x_proj = self._project(layer, direction, data, with_bias=bias_ih is None)
-        if bias_ih is not None:
-            bias_hh = bias_hh + bias_ih
+        x_proj = self._project(layer, direction, data)
         reverse = direction == 1
         if self.recurrence == "fused":
-            if batch_sizes is None:
-                return padded_direction(self.mode, x_proj, state, weight_hh, bias_hh, reverse)
-            return fused_direction(self.mode, x_proj, batch_sizes, state, weight_hh, bias_hh, reverse)
+            try:
+                if batch_sizes is None:
+                    return padded_direction(self.mode, x_proj, state, weight_hh, bias_hh, reverse)
+                return fused_direction(self.mode, x_proj, batch_sizes, state, weight_hh, bias_hh, reverse)
+            except RuntimeError as error:
+                _refuse_functorch(error, f"{type(self).__name__} with recurrence='fused' (one custom op with a "
+                                  "hand-written backward-through-time)", self._functorch_way)
+                raise
         # the reference: a Python loop over the packed layout (a padded batch is the equal-lengths case)
         if batch_sizes is None:
             steps = x_proj.shape[0]
@@ -222,6 +267,16 @@ class _BTRNNBase(nn.Module):
                                        weight_hh, bias_hh, reverse)
             return out.unflatten(0, (steps, -1)), final
         return run_direction(CELLS[self.mode], x_proj, batch_sizes.tolist(), state, weight_hh, bias_hh, reverse)
+
+    @property
+    def _functorch_way(self) -> str:
+        return (f"run {type(self).__name__} with recurrence='loop' and a BTLinear input projection of "
+                f"contraction='einsum' or 'lowrank' (layer.recurrence = 'loop'; "
+                f"layer.input_projection.contraction = 'einsum')")
+
+    @property
+    def _onnx_operator(self) -> str:
+        return {"LSTM": "LSTM", "GRU": "GRU"}.get(self.mode, "RNN")
 
     def extra_repr(self) -> str:
         return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, bias={self.bias}, "
@@ -300,8 +355,10 @@ _CONSTRUCTOR_DOC = """
         recurrence (str): ``"fused"``: each direction of each layer is one op with a hand-written
             backward-through-time (:mod:`accel.nn.recurrence._op`), which ``torch.export`` keeps with a
             dynamic sequence length; ``"loop"``: the Python reference loop that autograd differentiates
-            step by step (exported unrolled at a fixed length). Default: ``"fused"``.
-        device, dtype: of the parameters.
+            step by step (exported unrolled at a fixed length; the one that ``torch.func`` transforms run,
+            with a BTLinear projection of ``contraction="einsum"`` or ``"lowrank"``). Default: ``"fused"``.
+        device, dtype: of the parameters (factory arguments, as for ``torch.nn.LSTM``; ``device="meta"`` then
+            ``to_empty()`` and :meth:`reset_parameters` make a layer without initialising it twice).
 """
 
 
