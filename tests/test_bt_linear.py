@@ -413,15 +413,6 @@ def test_inference_mode_then_training(seed, contraction):
     assert all(p.grad is not None for p in layer.parameters())
 
 
-@pytest.mark.parametrize("contraction", ["auto", "gemm", "dense", "lowrank"])
-def test_product_is_forward_without_the_bias(seed, contraction):
-    torch.manual_seed(seed)
-    layer = BTLinear(24, 12, in_shape=(2, 3, 4), out_shape=(3, 2, 2), ranks=2, contraction=contraction)
-    x = torch.randn(2, 5, 24)
-    torch.testing.assert_close(layer.product(x) + layer.bias, layer(x))
-    assert layer.product(x).shape == (2, 5, 12)
-
-
 def test_rank_same_is_the_dense_parameter_count_as_in_tltorch():
     """tensorly-torch's spellings: "same" is the fraction 1.0, the largest common rank within the dense size."""
     same = BTLinear(256, 64, in_shape=(4, 4, 16), out_shape=(4, 4, 4), ranks="same")

@@ -240,7 +240,7 @@ def _functorch_loss(model, x):
 def test_torch_func_on_the_fused_recurrence_names_the_layer_and_what_to_use(seed, kind):
     torch.manual_seed(seed)
     model = make(kind)
-    model.input_projection.contraction = "einsum"  # a projection torch.func can run: the recurrence refuses
+    model.input_projection.contraction = "lowrank"  # a projection torch.func can run: the recurrence refuses
     x = torch.randn(4, 2, INPUT, dtype=torch.float64)
     name = type(model).__name__
     params, loss = _functorch_loss(model, x)
@@ -256,17 +256,17 @@ def test_torch_func_on_a_projection_without_functorch_rules_names_it(seed):
     model.input_projection.contraction = "dense"  # a custom autograd.Function
     x = torch.randn(4, 2, INPUT, dtype=torch.float64)
     params, loss = _functorch_loss(model, x)
-    with pytest.raises(RuntimeError, match=r"not supported by BTLSTM.input_projection \(BTLinear\).*'einsum'"):
+    with pytest.raises(RuntimeError, match=r"not supported by BTLSTM.input_projection \(BTLinear\).*'lowrank'"):
         torch.func.grad(loss)(params, x)
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
 def test_torch_func_grad_and_vmap_run_on_the_loop(seed, kind):
-    """recurrence='loop' with an einsum projection: torch.func.grad equals torch.autograd, vmap equals the
+    """recurrence='loop' with a low-rank projection: torch.func.grad equals torch.autograd, vmap equals the
     batched call."""
     torch.manual_seed(seed)
     model = make(kind, recurrence="loop", num_layers=2)
-    model.input_projection.contraction = "einsum"
+    model.input_projection.contraction = "lowrank"
     x = torch.randn(4, 3, INPUT, dtype=torch.float64)
     params, loss = _functorch_loss(model, x)
     grads = torch.func.grad(loss)(params, x)

@@ -220,11 +220,6 @@ class BTLinear(nn.Module):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return self._linear(input, self.bias)
 
-    def product(self, input: torch.Tensor) -> torch.Tensor:
-        """``input @ W^T`` without the bias: ``forward`` less ``self.bias`` (the fused BT RNNs add it with
-        ``b_hh`` inside their step)."""
-        return self._linear(input, None)
-
     def _linear(self, input: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         self._check_input(input)
         leading = input.shape[:-1]

@@ -271,8 +271,8 @@ class _BTRNNBase(nn.Module):
     @property
     def _functorch_way(self) -> str:
         return (f"run {type(self).__name__} with recurrence='loop' and a BTLinear input projection of "
-                f"contraction='einsum' or 'lowrank' (layer.recurrence = 'loop'; "
-                f"layer.input_projection.contraction = 'einsum')")
+                f"contraction='lowrank' (layer.recurrence = 'loop'; "
+                f"layer.input_projection.contraction = 'lowrank')")
 
     @property
     def _onnx_operator(self) -> str:
@@ -356,7 +356,7 @@ _CONSTRUCTOR_DOC = """
             backward-through-time (:mod:`accel.nn.recurrence._op`), which ``torch.export`` keeps with a
             dynamic sequence length; ``"loop"``: the Python reference loop that autograd differentiates
             step by step (exported unrolled at a fixed length; the one that ``torch.func`` transforms run,
-            with a BTLinear projection of ``contraction="einsum"`` or ``"lowrank"``). Default: ``"fused"``.
+            with a BTLinear projection of ``contraction="lowrank"``). Default: ``"fused"``.
         device, dtype: of the parameters (factory arguments, as for ``torch.nn.LSTM``; ``device="meta"`` then
             ``to_empty()`` and :meth:`reset_parameters` make a layer without initialising it twice).
 """
