@@ -198,8 +198,7 @@ def test_imports_without_the_packages_the_gpu_machine_lacks():
         f"        if name.split('.')[0] in {MISSING_ON_GPU_MACHINE!r}:\n"
         "            raise ModuleNotFoundError(f'No module named {name!r} (absent on the GPU machine)')\n"
         "sys.meta_path.insert(0, Missing())\n"
-        "import accel.cli, accel.demo, accel.nn.recurrence.modules, accel.nn.bt.decompose, accel.nn.ooc_linear, accel.ooc.workers.cuda
-"
+        "import accel.cli, accel.demo, accel.nn.recurrence.modules, accel.nn.bt.decompose, accel.nn.ooc_linear, accel.ooc.workers.cuda\n"
         "from accel.gpucheck import PARTS\n"
         "for part in PARTS.values():\n"
         "    importlib.import_module(part.target.partition(':')[0])\n"

@@ -27,8 +27,8 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:
-    from accel.nn.bt.linear import BTLinear
     from accel.nn.bt.decompose import block_term_decomposition
+    from accel.nn.bt.linear import BTLinear
     from accel.nn.ooc_linear import OutOfCoreLinear
     from accel.nn.recurrence.modules import BTGRU, BTLSTM, BTRNN
     from accel.nn.transforms import CannotCompressError, TargetError, TiedWeightError, compress_, offload_, unoffload_
