@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import re
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -55,8 +55,11 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
     return [path for _, _, path in sorted(found)]
 
 
+_log = logging.getLogger(__name__)
+
+
 def _default_say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+    _log.warning(line)
 
 
 def _order(path: Path) -> tuple[int, int]:
@@ -84,7 +87,7 @@ def save(directory: str | Path, state: dict[str, Any], *, epoch: int, step: int,
         keep: how many checkpoints to keep: this one and the newest ``keep - 1`` older ones that verify.
             Older ones beyond those are deleted; one that does not verify is moved aside as
             ``<name>.corrupt`` (never counted as kept); checkpoints newer than this one are left alone.
-        say: where messages go (a checkpoint moved aside); default: a line on stderr.
+        say: where messages go (a checkpoint moved aside); default: a WARNING on the ``accel.distributed.checkpoint`` logger.
 
     Returns:
         The checkpoint's path.
@@ -204,7 +207,7 @@ def load_latest(directory: str | Path, *, say: Callable[[str], None] | None = No
                 ) -> tuple[Path, dict[str, Any]] | None:
     """The newest checkpoint in ``directory`` that verifies, as ``(path, state)``; ``None`` if none does.
 
-    Each checkpoint skipped is reported through ``say`` (default: a line on stderr) with the reason.
+    Each checkpoint skipped is reported through ``say`` (default: a WARNING on the ``accel.distributed.checkpoint`` logger) with the reason.
     """
     say = say or _default_say
     for path in reversed(list_checkpoints(directory)):
@@ -221,7 +224,7 @@ def recover(directory: str | Path, *, say: Callable[[str], None] | None = None
 
     Stray temporary files of a write that was killed are removed; every checkpoint newer than the one
     returned does not verify and is moved aside as ``<name>.corrupt``, each with a message through ``say``
-    (default: a line on stderr). ``None`` if no checkpoint verifies. Call it from one process at a time:
+    (default: a WARNING on the ``accel.distributed.checkpoint`` logger). ``None`` if no checkpoint verifies. Call it from one process at a time:
     a temporary file being written by another process would be removed.
     """
     say = say or _default_say
