@@ -18,7 +18,7 @@ from accel.nn import (
     offload_,
     unoffload_,
 )
-from accel.nn.transforms import HostEmbedding, OutOfCoreConv1D
+from accel.nn.transforms import HostEmbedding
 from accel.ooc import Engine
 
 DOUBLE = torch.float64
@@ -92,16 +92,18 @@ def test_offload_gpt2_trains_to_the_same_losses_and_keeps_the_tie(seed):
     model = tiny_gpt2(seed)
     original = copy.deepcopy(model)
     tokens = gpt2_tokens(seed)
+    conv_weight = model.transformer.h[0].mlp.c_fc.weight
     summary = offload_(model, gpt2_filter, engine=Engine(["cpu"], memory_limit=1 << 20))
 
     assert summary.names == ["transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj", "transformer.h.1.mlp.c_fc",
                              "transformer.h.1.mlp.c_proj", "lm_head"]
     assert isinstance(model.lm_head, OutOfCoreLinear) and type(model.lm_head) is OutOfCoreLinear
-    assert isinstance(model.transformer.h[0].mlp.c_fc, OutOfCoreConv1D)
+    conv = model.transformer.h[0].mlp.c_fc  # Conv1D's own (nx, nf) weight, in OutOfCoreLinear's transposed layout
+    assert type(conv) is OutOfCoreLinear and conv.transposed_weight and conv.weight is conv_weight
     assert model.lm_head.weight is model.transformer.wte.weight  # one host weight serves both
     assert type(model.transformer.wte) is HostEmbedding and summary.host_embeddings == ["transformer.wte"]
     assert summary["lm_head"].tied_with == ("transformer.wte",) and not summary["lm_head"].kind == "Conv1D"
-    assert summary.parameters_replaced  # the Conv1D weights are transposed copies: optimizers come after
+    assert not summary.parameters_replaced  # every Parameter kept, Conv1D's too: an optimizer made before works
     engines = {id(m.engine) for m in model.modules() if isinstance(m, OutOfCoreLinear)}
     assert engines == {id(summary.engine)}
     assert summary.device_budget == {"cpu": 1 << 20}
@@ -119,7 +121,7 @@ def test_offload_gpt2_trains_to_the_same_losses_and_keeps_the_tie(seed):
     assert model.lm_head.weight is model.transformer.wte.weight
     assert torch.allclose(model.transformer.wte.weight, original.transformer.wte.weight, rtol=0, atol=1e-10)
     fc = model.transformer.h[1].mlp.c_fc
-    assert torch.allclose(fc.weight.t(), original.transformer.h[1].mlp.c_fc.weight, rtol=0, atol=1e-10)
+    assert torch.allclose(fc.weight, original.transformer.h[1].mlp.c_fc.weight, rtol=0, atol=1e-10)
 
 
 def test_offload_gpt2_state_dict_round_trips(seed):
@@ -213,14 +215,25 @@ def test_tie_to_a_layer_left_on_the_device_is_refused_naming_both_modules():
     assert summary.host_bytes == 10 * 4 * 4
 
 
-def test_tied_conv1d_weight_is_refused():
+def test_tied_conv1d_weight_stays_tied_when_both_are_offloaded_else_is_refused(seed):
     pytest.importorskip("transformers", reason="transformers (optional) provides Conv1D")
     from transformers.pytorch_utils import Conv1D
 
+    torch.manual_seed(seed)
     model = nn.Sequential(Conv1D(8, 8), Conv1D(8, 8))
     model[1].weight = model[0].weight
-    with pytest.raises(TiedWeightError, match=r"0\.weight is tied to 1\.weight.*transposed"):
-        offload_(model, min_weight_bytes=0)
+    with pytest.raises(TiedWeightError, match=r"0\.weight is tied to 1\.weight.*1 is a Conv1D"):
+        offload_(model, lambda m, name: name == "0")
+    assert type(model[0]) is Conv1D  # nothing changed
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        expected = model(x)
+    weight = model[0].weight
+    summary = offload_(model, min_weight_bytes=0)  # both: the layers share the Conv1D's own Parameter
+    assert model[0].weight is model[1].weight is weight and not summary.parameters_replaced
+    assert summary.host_bytes == (8 * 8 + 2 * 8) * 4
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
 
 
 def test_shared_module_is_replaced_under_every_name():
@@ -312,6 +325,37 @@ def test_unoffload_linear_keeps_the_parameters_and_handles_hand_built_layers(see
     assert (model[0].in_features, model[2].out_features) == (6, 3)
     with torch.no_grad():
         assert torch.equal(model(x), before)
+
+
+def test_unoffload_restores_a_hand_built_transposed_layer_as_conv1d(seed):
+    pytest.importorskip("transformers", reason="transformers (optional) provides Conv1D")
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(seed)
+    layer = OutOfCoreLinear(6, 5, dtype=DOUBLE, devices=["cpu"], transposed_weight=True)
+    model = nn.Sequential(layer, nn.Tanh())
+    x = torch.randn(4, 6, dtype=DOUBLE, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        before = model(x)
+    assert unoffload_(model) == ["0"]
+    assert type(model[0]) is Conv1D and model[0].weight is layer.weight and model[0].bias is layer.bias
+    with torch.no_grad():
+        assert torch.allclose(model(x), before, rtol=0, atol=1e-12)
+    no_bias = nn.Sequential(OutOfCoreLinear(6, 5, bias=False, devices=["cpu"], transposed_weight=True))
+    with pytest.raises(ValueError, match="0 has transposed_weight=True.*no bias"):
+        unoffload_(no_bias)
+    assert type(no_bias[0]) is OutOfCoreLinear  # nothing changed
+
+
+def test_host_embedding_made_on_meta_materialises_on_the_host():
+    with torch.device("meta"):
+        model = nn.Sequential(HostEmbedding(10, 4, padding_idx=0), nn.Linear(4, 3))
+    model.to_empty(device="meta")  # stays meta: nothing allocated
+    assert model[0].weight.is_meta
+    model.to_empty(device="cpu")
+    assert model[0].weight.device.type == "cpu" and isinstance(model[0].weight, nn.Parameter)
+    model.to(torch.float64)
+    assert model[0].weight.dtype == torch.float64 and model[0].weight.device.type == "cpu"
 
 
 def test_offload_argument_errors():

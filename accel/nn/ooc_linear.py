@@ -84,21 +84,80 @@ class _OutOfCoreLinearFunction(torch.autograd.Function):
         return grad_rows, grad_weight, grad_bias, None, None, None
 
 
-def _is_transformers_conv1d(module) -> bool:
-    """Whether ``module`` is transformers' ``Conv1D`` (``transformers.pytorch_utils``): recognised by its
-    class and attributes, so transformers is never imported here (it is not a dependency)."""
+def is_conv1d(module) -> bool:
+    """Whether ``module`` is transformers' ``Conv1D`` (``transformers.pytorch_utils``; ``y = x @ W + b`` with ``W``
+    of shape ``(nx, nf)``). Recognised by its class name, its module and the layout the class defines, so
+    transformers is never imported here (it is not a dependency)."""
     cls = type(module)
+    weight = getattr(module, "weight", None)
     return (cls.__name__ == "Conv1D" and cls.__module__.split(".")[0] == "transformers"
-            and isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2
-            and getattr(module, "nf", None) == module.weight.shape[1])
+            and isinstance(weight, torch.Tensor) and weight.dim() == 2
+            and tuple(weight.shape) == (getattr(module, "nx", None), getattr(module, "nf", None)))
 
 
-class OutOfCoreLinear(nn.Module):
+def host_parameter(parameter: torch.Tensor | None, dtype: torch.dtype) -> tuple[nn.Parameter | None, bool]:
+    """The host Parameter a layer that keeps its parameters in host memory holds in place of ``parameter``.
+
+    Returns ``(host, kept)``: ``parameter`` itself (``kept`` true) when it is a :class:`~torch.nn.Parameter` in
+    host memory or on the meta device with ``dtype``, so ties and optimizers built on it keep working; else a new
+    host Parameter holding a copy converted to ``dtype`` (``requires_grad`` as ``parameter``'s). ``None`` gives
+    ``(None, True)``."""
+    if parameter is None:
+        return None, True
+    if isinstance(parameter, nn.Parameter) and parameter.device.type in ("cpu", "meta") and parameter.dtype == dtype:
+        return parameter, True
+    with torch.no_grad():
+        copied = parameter.detach().to(device="cpu", dtype=dtype, copy=True)
+    return nn.Parameter(copied, requires_grad=parameter.requires_grad), False
+
+
+class HostResident:
+    """Mixin for an :class:`torch.nn.Module` whose parameters stay in host memory whatever ``.to()`` /
+    ``.cuda()`` / ``model.to(device)`` asks, so that a model holding it moves everything else to a device.
+
+    Dtype conversions apply (in place: a parameter stays the same object, so ties and optimizers survive), and
+    a parameter on the meta device is materialised in host memory (``to_empty(device=...)`` of any device).
+    Buffers and submodules are converted as usual. List it before the module class:
+    ``class HostEmbedding(HostResident, nn.Embedding)``.
+
+    It overrides :meth:`torch.nn.Module._apply`, the one method every conversion goes through: torch has no
+    public hook that keeps a parameter off a device."""
+
+    def _apply(self, fn, recurse=True):
+        if recurse:
+            for module in self.children():
+                module._apply(fn)
+        for name, param in self._parameters.items():
+            if param is None:
+                continue
+            if param.device.type == "meta":
+                applied = fn(param)
+                if applied.device.type != "meta":  # materialised (to_empty): in host memory, never elsewhere
+                    if applied.device.type != "cpu":
+                        applied = torch.empty(applied.shape, dtype=applied.dtype)
+                    self._parameters[name] = nn.Parameter(applied, requires_grad=param.requires_grad)
+                elif applied.dtype != param.dtype:
+                    self._parameters[name] = nn.Parameter(applied, requires_grad=param.requires_grad)
+                continue
+            dtype = fn(torch.empty(0, dtype=param.dtype)).dtype
+            if dtype != param.dtype:
+                param.data = param.data.to(dtype)
+                if param.grad is not None:
+                    param.grad.data = param.grad.data.to(dtype)
+        for name, buffer in self._buffers.items():
+            if buffer is not None:
+                self._buffers[name] = fn(buffer)
+        return self
+
+
+class OutOfCoreLinear(HostResident, nn.Module):
     r"""Applies ``y = x W^T + b`` with ``W`` kept in host memory and the matmuls done out of core.
 
     Behaves like :class:`torch.nn.Linear` (same parameters, initialisation and shapes), but the weight,
     the bias and their gradients stay on the CPU whatever the device of the input; the products run
     on ``devices`` within ``memory_limit`` bytes per device. The output goes to the input's device.
+    ``model.to(device)`` leaves the layer's parameters in host memory (dtype conversions apply; see
+    :class:`HostResident`), so it moves the rest of a model.
 
     Args:
         in_features (int): size of each input sample.
@@ -199,7 +258,7 @@ class OutOfCoreLinear(nn.Module):
         if isinstance(linear, nn.Linear):
             transposed = False
             in_features, out_features = linear.in_features, linear.out_features
-        elif _is_transformers_conv1d(linear):
+        elif is_conv1d(linear):
             transposed = True
             in_features, out_features = linear.weight.shape
         else:
@@ -215,16 +274,12 @@ class OutOfCoreLinear(nn.Module):
         for name, parameter in (("weight", linear.weight), ("bias", bias)):
             if parameter is None:
                 continue
-            if isinstance(parameter, nn.Parameter) and parameter.device.type in ("cpu", "meta") and \
-                    parameter.dtype == dtype:
-                setattr(layer, name, parameter)
-                continue
-            logger.info("OutOfCoreLinear.from_linear copies %s %s (%s, %s) into host memory as %s: the new "
-                        "layer does not share it with %s", name, tuple(parameter.shape), parameter.device,
-                        parameter.dtype, dtype, type(linear).__name__)
-            with torch.no_grad():
-                copied = parameter.detach().to(device="cpu", dtype=dtype, copy=True)
-            setattr(layer, name, nn.Parameter(copied, requires_grad=parameter.requires_grad))
+            held, kept = host_parameter(parameter, dtype)
+            if not kept:
+                logger.info("OutOfCoreLinear.from_linear copies %s %s (%s, %s) into host memory as %s: the new "
+                            "layer does not share it with %s", name, tuple(parameter.shape), parameter.device,
+                            parameter.dtype, dtype, type(linear).__name__)
+            setattr(layer, name, held)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -242,29 +297,6 @@ class OutOfCoreLinear(nn.Module):
         out = _OutOfCoreLinearFunction.apply(rows, self.weight, self.bias, self.engine, self.transposed_weight,
                                              backward_follows)
         return out.reshape(*x.shape[:-1], self.out_features).to(x.device)
-
-    def _apply(self, fn, recurse=True):
-        """Parameters stay in host memory whatever ``.to()`` / ``.cuda()`` asks (that is the point of the
-        layer, and it lets ``model.to("cuda")`` move the rest of a model); dtype conversions do apply, and a
-        layer on the meta device is materialised in host memory (``to_empty(device=...)`` of any device)."""
-        for name, param in self._parameters.items():
-            if param is None:
-                continue
-            if param.device.type == "meta":
-                applied = fn(param)
-                if applied.device.type != "meta":  # materialised (to_empty): in host memory, never elsewhere
-                    if applied.device.type != "cpu":
-                        applied = torch.empty(applied.shape, dtype=applied.dtype)
-                    self._parameters[name] = nn.Parameter(applied, requires_grad=param.requires_grad)
-                elif applied.dtype != param.dtype:
-                    self._parameters[name] = nn.Parameter(applied, requires_grad=param.requires_grad)
-                continue
-            dtype = fn(torch.empty(0, dtype=param.dtype)).dtype
-            if dtype != param.dtype:
-                param.data = param.data.to(dtype)
-                if param.grad is not None:
-                    param.grad.data = param.grad.data.to(dtype)
-        return self
 
     def extra_repr(self) -> str:
         layout = ", transposed_weight=True" if self.transposed_weight else ""

@@ -17,12 +17,11 @@ from accel.nn.transforms.offload import (
     HostEmbedding,
     OffloadedLayer,
     OffloadSummary,
-    OutOfCoreConv1D,
     TiedWeightError,
     offload_,
     unoffload_,
 )
 
-__all__ = ["offload_", "unoffload_", "OffloadSummary", "OffloadedLayer", "OutOfCoreConv1D", "HostEmbedding",
+__all__ = ["offload_", "unoffload_", "OffloadSummary", "OffloadedLayer", "HostEmbedding",
            "TiedWeightError", "compress_", "CompressionSummary", "LayerCompression", "TargetError",
            "CannotCompressError"]

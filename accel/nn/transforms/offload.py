@@ -8,8 +8,12 @@ engine's devices, within one per-device budget, so a single layer larger than a 
 Ties: a weight that another module also holds (GPT-2's ``lm_head.weight`` is its ``wte.weight``) stays one
 Parameter, in host memory, shared by the offloaded layer and the other holder: another offloaded layer, or an
 ``nn.Embedding``, which becomes a :class:`HostEmbedding` (its weight stays in host memory through
-``model.to(device)``). Any other holder, or a ``Conv1D``'s weight (which must be transposed into a new tensor),
-makes the call refuse with an error naming the tie. Nothing is untied silently.
+``model.to(device)``). Any other holder makes the call refuse with an error naming the tie. Nothing is untied
+silently.
+
+Layers are built with :meth:`accel.nn.OutOfCoreLinear.from_linear`: a ``Conv1D`` becomes an ``OutOfCoreLinear``
+with ``transposed_weight=True``, which holds ``Conv1D``'s own ``(nx, nf)`` weight, so its ``state_dict`` is the
+``Conv1D``'s and checkpoints load into the model whether or not it is offloaded.
 """
 from __future__ import annotations
 
@@ -19,11 +23,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from accel.nn import OutOfCoreLinear
+from accel.nn.ooc_linear import HostResident, OutOfCoreLinear, host_parameter, is_conv1d
 from accel.ooc import Engine
 
-__all__ = ["offload_", "unoffload_", "OffloadSummary", "OffloadedLayer", "OutOfCoreConv1D", "HostEmbedding",
-           "TiedWeightError",
+__all__ = ["offload_", "unoffload_", "OffloadSummary", "OffloadedLayer", "HostEmbedding", "TiedWeightError",
            "DEFAULT_MIN_WEIGHT_BYTES", "is_conv1d"]
 
 #: with no ``filter_fn``, ``offload_`` takes the layers whose weight has at least this many bytes
@@ -36,84 +39,35 @@ class TiedWeightError(ValueError):
     """A selected layer's weight is shared with another module and cannot stay shared once offloaded."""
 
 
-def is_conv1d(module: nn.Module) -> bool:
-    """Whether ``module`` is transformers' ``Conv1D`` (``y = x @ W + b`` with ``W`` of shape ``(nx, nf)``).
-
-    Recognised without importing transformers: the class is named ``Conv1D``, comes from a ``transformers``
-    module and has the layout the class defines."""
-    cls = type(module)
-    weight = getattr(module, "weight", None)
-    return (cls.__name__ == "Conv1D" and cls.__module__.split(".")[0] == "transformers"
-            and isinstance(weight, torch.Tensor) and weight.dim() == 2
-            and tuple(weight.shape) == (getattr(module, "nx", None), getattr(module, "nf", None)))
-
-
 def _is_candidate(module: nn.Module) -> bool:
     # exact nn.Linear only: subclasses may have their own forward, or be read by their parent
     # (nn.MultiheadAttention reads out_proj.weight itself), and a parametrized Linear changes its class
     return type(module) is nn.Linear or is_conv1d(module)
 
 
-class OutOfCoreConv1D(OutOfCoreLinear):
-    """An :class:`~accel.nn.OutOfCoreLinear` standing in for transformers' ``Conv1D``.
-
-    It computes ``x @ W + b`` as ``Conv1D`` does; its ``weight`` attribute is ``W^T`` (``(nf, nx)``, the
-    ``nn.Linear`` layout that ``OutOfCoreLinear`` multiplies), but its ``state_dict`` keeps ``Conv1D``'s
-    ``(nx, nf)`` layout, so checkpoints load into the model whether or not it is offloaded."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, **kwargs):
-        super().__init__(in_features, out_features, bias, **kwargs)
-        self.nx, self.nf = in_features, out_features
-        self.register_state_dict_post_hook(_conv1d_state_dict)
-        self.register_load_state_dict_pre_hook(_conv1d_load_state_dict)
-
-
-def _conv1d_state_dict(module, state_dict, prefix, local_metadata):
-    key = prefix + "weight"
-    if key in state_dict:
-        state_dict[key] = state_dict[key].t()
-
-
-def _conv1d_load_state_dict(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                            error_msgs):
-    key = prefix + "weight"
-    value = state_dict.get(key)
-    if isinstance(value, torch.Tensor) and value.dim() == 2 and tuple(value.shape) == (module.nx, module.nf):
-        state_dict[key] = value.t()
-
-
-class HostEmbedding(nn.Embedding):
+class HostEmbedding(HostResident, nn.Embedding):
     """An ``nn.Embedding`` whose weight stays in host memory: the one :func:`offload_` makes of an embedding tied
     to an offloaded layer's weight (GPT-2's ``wte``), so that one host weight serves both.
 
     ``model.to(device)`` leaves its parameters in host memory (dtype conversions apply), as it does for
-    ``OutOfCoreLinear``; the lookup runs on the host and its output goes to the indices' device."""
+    ``OutOfCoreLinear`` (both are :class:`accel.nn.ooc_linear.HostResident`); the lookup runs on the host and its
+    output goes to the indices' device."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         out = nn.functional.embedding(input.cpu(), self.weight, self.padding_idx, self.max_norm, self.norm_type,
                                       self.scale_grad_by_freq, self.sparse)
         return out.to(input.device)
 
-    def _apply(self, fn, recurse=True):
-        for param in self._parameters.values():
-            if param is None:
-                continue
-            dtype = fn(torch.empty(0, dtype=param.dtype)).dtype
-            if dtype != param.dtype:
-                param.data = param.data.to(dtype)
-                if param.grad is not None:
-                    param.grad.data = param.grad.data.to(dtype)
-        return self
 
-
-def _host_embedding(embedding: nn.Embedding, weight: nn.Parameter) -> HostEmbedding:
-    host = HostEmbedding(1, 1, padding_idx=None, max_norm=embedding.max_norm, norm_type=embedding.norm_type,
-                         scale_grad_by_freq=embedding.scale_grad_by_freq, sparse=embedding.sparse, device="meta")
-    host.num_embeddings, host.embedding_dim, host.padding_idx = (embedding.num_embeddings, embedding.embedding_dim,
-                                                                 embedding.padding_idx)
-    host.weight = weight
-    host.train(embedding.training)
-    return host
+def _embedding_like(cls, embedding: nn.Embedding, weight: nn.Parameter) -> nn.Embedding:
+    """A ``cls`` embedding configured as ``embedding`` and holding ``weight`` itself (built on the meta device,
+    so no second weight is allocated)."""
+    made = cls(embedding.num_embeddings, embedding.embedding_dim, padding_idx=embedding.padding_idx,
+               max_norm=embedding.max_norm, norm_type=embedding.norm_type,
+               scale_grad_by_freq=embedding.scale_grad_by_freq, sparse=embedding.sparse, device="meta")
+    made.weight = weight
+    made.train(embedding.training)
+    return made
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,33 +181,6 @@ def _default_engine(devices, memory_limit) -> Engine:
     return Engine(devices, memory_limit)
 
 
-def _host_parameter(param: torch.Tensor | None, dtype) -> tuple[nn.Parameter | None, bool]:
-    """The host Parameter an offloaded layer holds: ``param`` itself when it is already a CPU Parameter of the
-    wanted dtype (ties and optimizers keep working), else a host copy."""
-    if param is None:
-        return None, True
-    if isinstance(param, nn.Parameter) and param.device.type == "cpu" and param.dtype == dtype:
-        return param, True
-    return nn.Parameter(param.detach().to("cpu", dtype).contiguous(), requires_grad=param.requires_grad), False
-
-
-def _out_of_core(cls, in_features: int, out_features: int, weight: nn.Parameter, bias: nn.Parameter | None,
-                 engine: Engine) -> OutOfCoreLinear:
-    """An ``OutOfCoreLinear`` (or subclass) holding ``weight`` and ``bias`` themselves.
-
-    Built at size 1x1 and then given the real parameters, through the layer's public attributes: built at full
-    size, its constructor would allocate and initialise a second host weight as large as the one it gets.
-    """
-    layer = cls(1, 1, bias is not None, engine=engine, dtype=weight.dtype)
-    layer.in_features, layer.out_features = in_features, out_features
-    if isinstance(layer, OutOfCoreConv1D):
-        layer.nx, layer.nf = in_features, out_features
-    layer.weight = weight
-    if bias is not None:
-        layer.bias = bias
-    return layer
-
-
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -284,15 +211,15 @@ def offload_(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool] | Non
 
     The offloaded layers keep the model's own Parameter objects where those already live in host memory (a
     model on the CPU), so an optimizer built before still updates them. Parameters on a GPU are copied to new
-    host Parameters (``summary.parameters_replaced``): build the optimizer afterwards. A ``Conv1D`` becomes an
-    :class:`OutOfCoreConv1D`, whose ``state_dict`` keeps ``Conv1D``'s layout. A weight tied to an
+    host Parameters (``summary.parameters_replaced``), which the replaced modules then hold too: build the
+    optimizer afterwards. A ``Conv1D`` becomes an ``OutOfCoreLinear`` with ``transposed_weight=True`` (same
+    Parameter, same ``state_dict`` layout). A weight tied to an
     ``nn.Embedding`` stays one Parameter in host memory, the embedding becoming a :class:`HostEmbedding`
     (``summary.host_embeddings``). ``model.to`` moves everything else; offloaded parameters stay in host memory.
 
     Raises:
         TiedWeightError: a selected layer shares its weight or bias with a module that is neither offloaded in
-            this call nor an ``nn.Embedding``, or shares a ``Conv1D`` weight (which must be transposed); the
-            message names both. Select the other layer too, or leave this one out with ``filter_fn``.
+            this call nor an ``nn.Embedding``; the message names both. Select the other layer too, or leave this one out with ``filter_fn``.
         ValueError: the model is wrapped in ``DistributedDataParallel`` (offload first, then wrap) or FSDP
             (out of scope).
 
@@ -336,7 +263,6 @@ def offload_(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool] | Non
     embeddings = {}  # name -> nn.Embedding tied to an offloaded weight: it becomes a HostEmbedding
     plans = []
     for name, module in selected:  # check every tie before changing anything
-        conv = is_conv1d(module)
         for param_name in ("weight", "bias"):
             param = getattr(module, param_name)
             if param is None:
@@ -345,9 +271,7 @@ def offload_(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool] | Non
             for other in others:
                 holder_name, _, holder_param = other.rpartition(".")
                 holder = model.get_submodule(holder_name) if holder_name else model
-                if conv and param_name == "weight":
-                    why = "a Conv1D's weight is transposed into a new host tensor"
-                elif holder_name in selected_names or isinstance(holder, (OutOfCoreLinear, HostEmbedding)):
+                if holder_name in selected_names or isinstance(holder, (OutOfCoreLinear, HostEmbedding)):
                     continue  # offloaded too: the layers share one host Parameter
                 elif type(holder) is nn.Embedding and holder_param == "weight":
                     embeddings[holder_name] = holder
@@ -360,7 +284,7 @@ def offload_(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool] | Non
                     f"offload_: {name}.{param_name} is tied to {', '.join(others)} (one Parameter) and the tie cannot "
                     f"be kept: {why}. Offload both layers (select {holder_name!r} too) or leave {name!r} out with "
                     f"filter_fn")
-        plans.append((name, module, conv))
+        plans.append((name, module, is_conv1d(module)))
 
     if engine is None:
         engine = _default_engine(devices, memory_limit)
@@ -371,22 +295,20 @@ def offload_(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool] | Non
         if param is None:
             return None, True
         if id(param) not in hosted:
-            hosted[id(param)] = _host_parameter(param, dtype)
+            hosted[id(param)] = host_parameter(param, dtype)
         return hosted[id(param)]
 
     for name, module, conv in plans:
-        dtype = module.weight.dtype
-        if conv:
-            weight = nn.Parameter(module.weight.detach().t().to("cpu").contiguous(),
-                                  requires_grad=module.weight.requires_grad)
-            same_weight = False
-            in_features, out_features = module.nx, module.nf
-        else:
-            weight, same_weight = host(module.weight, dtype)
-            in_features, out_features = module.in_features, module.out_features
-        bias, same_bias = host(module.bias, dtype)
-        layer = _out_of_core(OutOfCoreConv1D if conv else OutOfCoreLinear, in_features, out_features, weight, bias,
-                             engine)
+        tied = tuple(o.rpartition(".")[0] for o in owners.get(id(module.weight), [])
+                     if o.rpartition(".")[0] not in aliases[id(module)])
+        weight, same_weight = host(module.weight, module.weight.dtype)
+        bias, same_bias = host(module.bias, module.weight.dtype)
+        # the module holds its host Parameters first, so that from_linear shares them rather than copying each
+        # module's own: a Parameter several layers share gets one host copy
+        module.weight = weight
+        if bias is not None:
+            module.bias = bias
+        layer = OutOfCoreLinear.from_linear(module, engine=engine)
         layer.train(module.training)
         for alias in aliases[id(module)]:
             set_module(model, alias, layer)
@@ -394,13 +316,11 @@ def offload_(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool] | Non
             if param is not None and id(param) not in seen:
                 seen.add(id(param))
                 host_bytes += _nbytes(param)
-        tied = tuple(o.rpartition(".")[0] for o in owners.get(id(module.weight), [])
-                     if o.rpartition(".")[0] not in aliases[id(module)])
-        layers.append(OffloadedLayer(name, "Conv1D" if conv else "Linear", in_features, out_features,
+        layers.append(OffloadedLayer(name, "Conv1D" if conv else "Linear", layer.in_features, layer.out_features,
                                      _nbytes(weight), tied, same_weight and same_bias))
     for embedding in embeddings.values():
         weight, _ = host(embedding.weight, embedding.weight.dtype)
-        replacement = _host_embedding(embedding, weight)
+        replacement = _embedding_like(HostEmbedding, embedding, weight)
         for alias in aliases[id(embedding)]:
             set_module(model, alias, replacement)
     budget = {worker.name: worker.account.limit for worker in engine.workers}
@@ -410,10 +330,10 @@ def offload_(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool] | Non
 def unoffload_(model: nn.Module, *, device: torch.device | str | None = None) -> list[str]:
     """Turn every :class:`accel.nn.OutOfCoreLinear` of ``model`` back into an ordinary layer, in place.
 
-    An :class:`OutOfCoreConv1D` becomes transformers' ``Conv1D`` again, any other ``OutOfCoreLinear`` an
-    ``nn.Linear`` (``OutOfCoreLinear`` layers built by hand included) and a :class:`HostEmbedding` an
-    ``nn.Embedding``, for export or inference where accel is not used. ``nn.Linear`` and ``nn.Embedding`` layers
-    keep the same Parameter objects, so ties survive.
+    An ``OutOfCoreLinear`` with ``transposed_weight=True`` (``Conv1D``'s layout) becomes transformers' ``Conv1D``
+    again, any other ``OutOfCoreLinear`` an ``nn.Linear`` (layers built by hand included) and a
+    :class:`HostEmbedding` an ``nn.Embedding``, for export or inference where accel is not used. The restored
+    layers keep the same Parameter objects, so ties survive.
 
     Args:
         model (nn.Module): the model.
@@ -422,10 +342,22 @@ def unoffload_(model: nn.Module, *, device: torch.device | str | None = None) ->
 
     Returns:
         list[str]: the names of the layers restored (embeddings included).
+
+    Raises:
+        ValueError: a layer with ``transposed_weight=True`` has no bias (``Conv1D`` always has one).
+        ImportError: a layer with ``transposed_weight=True`` is to become a ``Conv1D`` and transformers is not
+            installed.
     """
     check_wrapping(model, "unoffload_")
     targets = [(name, module) for name, module in model.named_modules()
                if isinstance(module, (OutOfCoreLinear, HostEmbedding))]
+    conv_class = None
+    for name, layer in targets:  # check before changing anything
+        if isinstance(layer, OutOfCoreLinear) and layer.transposed_weight:
+            if layer.bias is None:
+                raise ValueError(f"unoffload_: {name} has transposed_weight=True (transformers' Conv1D layout) and "
+                                 f"no bias; Conv1D always has a bias, so it cannot be restored as one")
+            conv_class = _conv1d_class()
     if device is None:
         inside = {id(p) for _, module in targets for p in module.parameters()}
         devices = {p.device for p in model.parameters() if id(p) not in inside}
@@ -434,20 +366,13 @@ def unoffload_(model: nn.Module, *, device: torch.device | str | None = None) ->
     restored = []
     for name, layer in targets:
         if isinstance(layer, HostEmbedding):
-            plain = nn.Embedding(1, 1, max_norm=layer.max_norm, norm_type=layer.norm_type,
-                                 scale_grad_by_freq=layer.scale_grad_by_freq, sparse=layer.sparse, device="meta")
-            plain.num_embeddings, plain.embedding_dim, plain.padding_idx = (layer.num_embeddings, layer.embedding_dim,
-                                                                            layer.padding_idx)
-            plain.weight = layer.weight
-        elif isinstance(layer, OutOfCoreConv1D):
-            conv_class = _conv1d_class()
-            plain = conv_class(layer.out_features, layer.in_features)
-            plain.weight = nn.Parameter(layer.weight.detach().t().contiguous(),
-                                        requires_grad=layer.weight.requires_grad)
-            plain.bias = layer.bias
+            plain = _embedding_like(nn.Embedding, layer, layer.weight)
         else:
-            plain = nn.Linear(1, 1, bias=layer.bias is not None, device="meta")  # no full-size throwaway weight
-            plain.in_features, plain.out_features = layer.in_features, layer.out_features
+            if layer.transposed_weight:
+                with torch.device("meta"):  # no full-size throwaway weight
+                    plain = conv_class(layer.out_features, layer.in_features)
+            else:
+                plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
             plain.weight = layer.weight
             if layer.bias is not None:
                 plain.bias = layer.bias
@@ -466,6 +391,7 @@ def unoffload_(model: nn.Module, *, device: torch.device | str | None = None) ->
 def _conv1d_class():
     try:
         from transformers.pytorch_utils import Conv1D
-    except ImportError as error:  # pragma: no cover - an OutOfCoreConv1D came from a transformers model
-        raise ImportError("unoffload_: restoring a Conv1D needs transformers installed") from error
+    except ImportError as error:  # pragma: no cover - a Conv1D-layout layer came from a transformers model
+        raise ImportError("unoffload_: restoring an OutOfCoreLinear with transposed_weight=True as transformers' "
+                          "Conv1D needs transformers installed") from error
     return Conv1D
