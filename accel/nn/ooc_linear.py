@@ -20,6 +20,7 @@ import threading
 import torch
 from torch import nn
 
+from accel.nn._interop import is_conv1d
 from accel.ooc import Engine
 
 logger = logging.getLogger(__name__)
@@ -82,17 +83,6 @@ class _OutOfCoreLinearFunction(torch.autograd.Function):
             if scope is not None:
                 scope.close()
         return grad_rows, grad_weight, grad_bias, None, None, None
-
-
-def is_conv1d(module) -> bool:
-    """Whether ``module`` is transformers' ``Conv1D`` (``transformers.pytorch_utils``; ``y = x @ W + b`` with ``W``
-    of shape ``(nx, nf)``). Recognised by its class name, its module and the layout the class defines, so
-    transformers is never imported here (it is not a dependency)."""
-    cls = type(module)
-    weight = getattr(module, "weight", None)
-    return (cls.__name__ == "Conv1D" and cls.__module__.split(".")[0] == "transformers"
-            and isinstance(weight, torch.Tensor) and weight.dim() == 2
-            and tuple(weight.shape) == (getattr(module, "nx", None), getattr(module, "nf", None)))
 
 
 def host_parameter(parameter: torch.Tensor | None, dtype: torch.dtype) -> tuple[nn.Parameter | None, bool]:

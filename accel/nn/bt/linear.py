@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from accel.nn._interop import is_conv1d
 from accel.nn.bt._contract import chain_product, chunk_rows, gemm_chain_contract
 from accel.nn.bt._dense import RebuildWorkspace, rebuild_linear, rebuild_matmul, rebuild_operands
 from accel.nn.bt._lowrank import lowrank_linear
@@ -314,7 +315,7 @@ class BTLinear(nn.Module):
         ``from_dense(weight, bias, **kwargs)``."""
         if isinstance(linear, nn.Linear):
             weight = linear.weight
-        elif _is_transformers_conv1d(linear):
+        elif is_conv1d(linear):
             weight = linear.weight.t()  # Conv1D stores (in_features, out_features) and computes x @ weight + bias
         else:
             raise TypeError(f"from_linear expects an nn.Linear or transformers' Conv1D, got {type(linear).__name__}")
@@ -417,10 +418,3 @@ class BTLinear(nn.Module):
             if self.bias is not None:
                 layer.bias.copy_(self.bias)
         return layer
-
-
-def _is_transformers_conv1d(module) -> bool:
-    """transformers' ``Conv1D`` (GPT-2's linear layer), recognised without importing transformers."""
-    cls = type(module)
-    return (cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
-            and isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2)
