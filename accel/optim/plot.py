@@ -5,6 +5,8 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
+from accel._optional import require
+
 __all__ = ["plot_control_chart"]
 
 
@@ -24,19 +26,15 @@ def plot_control_chart(history: Sequence[dict[str, Any]], path: str | Path | Non
         The matplotlib ``Axes`` drawn on.
 
     Raises:
-        ImportError: if matplotlib is not installed (``pip install accel-train[plot]``).
+        MissingDependency: (an ImportError) if matplotlib is not installed (``pip install 'accel-train[plot]'``).
         ValueError: if ``history`` is empty (was the optimizer built with ``history=True``?).
     """
     if history is None or len(history) == 0:
         raise ValueError("plot_control_chart got an empty history: build the optimizer with history=True")
-    try:
-        import matplotlib
-        if ax is None and path is not None:
-            matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-    except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ImportError("plot_control_chart needs matplotlib: pip install matplotlib "
-                          "(or pip install accel-train[plot])") from error
+    matplotlib = require("matplotlib", extra="plot", feature="plot_control_chart")
+    if ax is None and path is not None:
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
     steps = [record["step"] for record in history]
     losses = [record["loss"] for record in history]
     warm = [record.get("warm", True) and math.isfinite(record["limit"]) for record in history]
