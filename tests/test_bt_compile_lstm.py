@@ -1,5 +1,5 @@
 """The compiled training step of a BTLSTM whose projection takes the dense path: what its graphs hold (the
-recurrence as one op forward and one backward, the final state's gradient passed to the recurrence op as is) and its results against eager for every use of the outputs. Speed
+recurrence and the projection's dense path as one op forward and one backward each, the final state's gradient passed to the recurrence op as is) and its results against eager for every use of the outputs. Speed
 is measured by experiments/bt_compile.py, not here."""
 import pytest
 import torch
@@ -44,6 +44,8 @@ def test_compiled_lstm_step_graphs_and_results(seed, loss):
     assert len(backend.bw_graphs) == 2
     forward, backward = ops(backend.fw_graphs), ops(backend.bw_graphs)
     assert "accel.recurrence_v2.default" in forward and "accel.recurrence_backward_v2.default" in backward
+    # the input projection's dense path: the eager kernels as one op each way
+    assert "accel.bt_dense_v1.default" in forward and "accel.bt_dense_backward_v1.default" in backward
     # no (T, B, H) zeros with h_n's gradient scattered in: the final state's gradient reaches the recurrence op as is
     assert not any("select_scatter" in op for op in backward), sorted(backward)
 

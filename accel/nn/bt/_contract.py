@@ -29,12 +29,12 @@ import torch
 
 from accel.nn.bt._common import matmul_dtype
 
-__all__ = ["chain_product", "chunk_rows", "gemm_chain_contract", "gemm_chain_elements", "gemm_chain_flops",
-           "gemm_chain_training_flops", "gemm_chain_largest"]
+__all__ = ["chain_backward", "chain_forward", "chain_product", "chunk_rows", "gemm_chain_contract", "gemm_chain_elements", "gemm_chain_flops",
+           "gemm_chain_training_flops", "gemm_chain_largest", "mode_matrices", "saved_numels"]
 
 
-def _mode_matrices(core, factors):
-    """The weights as the matrices the GEMM chain uses (small tensors; differentiable)."""
+def mode_matrices(core, factors):
+    """The weights as the matrices the GEMM chain uses: ``(mode, merged, first)`` (small tensors; differentiable)."""
     num_blocks = core.shape[0]
     # factor k (k >= 2) as (N, J_k R_k, I_k)
     mode = [f.permute(0, 2, 3, 1).reshape(num_blocks, -1, f.shape[1]) for f in factors[:1:-1]]
@@ -48,93 +48,149 @@ def _mode_matrices(core, factors):
     return mode, merged, first
 
 
-class _GemmChain(torch.autograd.Function):
-    """The chain of GEMMs; ``mode``, ``merged`` and ``first`` come from :func:`_mode_matrices`.
+def _matmul(a, b, sink):
+    """``a @ b``, written into ``sink`` (a flat buffer of the result's size) when given."""
+    if sink is None:
+        return torch.matmul(a, b)
+    shape = (*torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2], b.shape[-1])
+    return torch.matmul(a, b, out=sink.view(shape))
+
+
+def _copied(value, sink, shape):
+    """``value`` as a contiguous tensor of ``shape``: a copy into ``sink`` (flat) when given."""
+    if sink is None:
+        return value.reshape(shape)
+    sink.view(value.shape).copy_(value)
+    return sink.view(shape)
+
+
+def chain_forward(x, shapes, merged, first, mode, sinks=None):
+    """The forward chain: ``(y, p, zp, inner)``, ``y`` ``(B, prod J)`` and what :func:`chain_backward` needs (``p``
+    the core step's input, ``None`` for d = 2; ``zp`` the last GEMM's input; ``inner`` the outputs of the mode steps
+    but the last). ``mode``, ``merged`` and ``first`` come from :func:`mode_matrices`, ``shapes`` is ``(in_shape,
+    out_shape, ranks, num_blocks)``.
+
+    ``sinks``: optional flat tensors the results are written into instead of fresh ones, ``{"y": .., "p": ..,
+    "zp": .., "inner": [..]}`` (the compiled op's pieces of the whole batch's outputs, :func:`saved_numels`).
 
     The batch stays the outermost dimension of the mode steps: with the new modes prepended per
     sample, each GEMM writes rows of a few hundred or thousand contiguous elements (one
     ``(N J R) x (rest)`` matrix per sample). Prepending to the whole batch at once writes rows of
     millions of elements, which MKL runs several times slower.
     """
+    sinks = sinks or {}
+    inner_sinks = sinks.get("inner", [None] * len(mode))
+    in_shape, out_shape, ranks, num_blocks = shapes
+    d = len(in_shape)
+    batch = x.shape[0]
+    inner = []
+    t = x
+    for step, matrix in enumerate(mode):  # k = d-1 .. 2
+        size = in_shape[d - 1 - step]
+        sink = inner_sinks[step] if step < len(mode) - 1 else None  # the last one is copied into p below
+        if step == 0:  # (N J R, I) @ (B, I, rest) -> (B, N J R, rest)
+            t = _matmul(matrix.reshape(-1, size), x.reshape(batch, -1, size).transpose(1, 2), sink)
+        else:  # (N, J R, I) @ (B, N, I, rest) -> (B, N, J R, rest)
+            t = _matmul(matrix, t.reshape(batch, num_blocks, -1, size).transpose(2, 3), sink)
+        if step < len(mode) - 1:
+            inner.append(t)
+    jmid, rmid = out_shape[2:], ranks[2:]
+    rows = batch * in_shape[0] * math.prod(jmid)
+    if d == 2:
+        p = None
+        z = torch.bmm(x.reshape(1, -1, in_shape[1]).expand(num_blocks, -1, -1), merged)
+    else:
+        # t is (B, N, J_2, R_2, .., J_{d-1}, R_{d-1}, I_0, I_1)
+        m = d - 2
+        t = t.reshape(batch, num_blocks, *[s for jr in zip(jmid, rmid) for s in jr], in_shape[0], in_shape[1])
+        order = [1, 0, 2 * m + 2, *range(2, 2 * m + 2, 2), *range(3, 2 * m + 2, 2), 2 * m + 3]
+        p = _copied(t.permute(order), sinks.get("p"), (num_blocks, rows, -1))
+        z = torch.bmm(p, merged)  # (N, B I_0 Jmid, R_0 J_1)
+    # -> (B, J_1, Jmid, N, R_0, I_0)
+    z6 = z.reshape(num_blocks, batch, in_shape[0], math.prod(jmid), ranks[0], out_shape[1])
+    zp = _copied(z6.permute(1, 5, 3, 0, 4, 2), sinks.get("zp"), (batch * out_shape[1] * math.prod(jmid), -1))
+    y = torch.mm(zp, first)  # (B J_1 Jmid, J_0)
+    y = _copied(y.reshape(batch, -1, out_shape[0]).transpose(1, 2), sinks.get("y"), (batch, -1))
+    return y, p, zp, inner
+
+
+def saved_numels(in_shape, out_shape, ranks, num_blocks) -> list[int]:
+    """Elements per batch row of what :func:`chain_forward` keeps for the backward, in the order ``p`` (for d > 2),
+    ``zp``, ``inner``: each is proportional to the rows, so the whole batch's pieces fit one flat tensor each."""
+    d = len(in_shape)
+    outputs, size = [], math.prod(in_shape)  # elements per row of each mode step's output
+    for k in range(d - 1, 1, -1):
+        size = size // in_shape[k] * out_shape[k] * ranks[k] * (num_blocks if k == d - 1 else 1)
+        outputs.append(size)
+    zp = math.prod(out_shape[1:]) * num_blocks * ranks[0] * in_shape[0]
+    return ([outputs[-1]] if d > 2 else []) + [zp] + outputs[:-1]
+
+
+def chain_backward(grad_y, x, shapes, merged, first, mode, p, zp, inner, need_x: bool):
+    """The gradients ``(x, merged, first, mode)`` of :func:`chain_forward` (``x``'s ``None`` unless ``need_x``)
+    from what it returned: ``p`` ``(N, B I_0 Jmid, Rmid I_1)`` (``None`` for d = 2), ``zp`` ``(B J_1 Jmid, N R_0 I_0)``,
+    ``inner``."""
+    in_shape, out_shape, ranks, num_blocks = shapes
+    d = len(in_shape)
+    saved_inputs = [x, *inner]
+    batch = x.shape[0]
+    jmid, rmid = out_shape[2:], ranks[2:]
+    g = grad_y.reshape(batch, out_shape[0], -1).transpose(1, 2).reshape(-1, out_shape[0])
+    grad_first = torch.mm(zp.t(), g)
+    gz = torch.mm(g, first.t())  # (B J_1 Jmid, N R_0 I_0)
+    gz = gz.reshape(batch, out_shape[1], math.prod(jmid), num_blocks, ranks[0], in_shape[0])
+    gz = gz.permute(3, 0, 5, 2, 4, 1).reshape(num_blocks, batch * in_shape[0] * math.prod(jmid), -1)
+    if d == 2:
+        p = x.reshape(1, -1, in_shape[1]).expand(num_blocks, -1, -1)
+    grad_merged = torch.bmm(p.transpose(1, 2), gz)
+    grad_mode = [None] * (d - 2)
+    grad_x = None
+    if d == 2:
+        if need_x:
+            grad_x = torch.bmm(gz, merged.transpose(1, 2)).sum(0).reshape(x.shape)
+        return grad_x, grad_merged, grad_first, grad_mode
+    # the mode steps need the gradient of the big intermediate whether or not x needs one
+    m = d - 2
+    gp = torch.bmm(gz, merged.transpose(1, 2))  # (N, B I_0 Jmid, Rmid I_1)
+    gp = gp.reshape(num_blocks, batch, in_shape[0], *jmid, *rmid, in_shape[1])
+    order = [1, 0, *[a for k in range(m) for a in (3 + k, 3 + m + k)], 2, 3 + 2 * m]
+    gt = gp.permute(order)  # (B, N, J_2, R_2, .., I_0, I_1)
+    for step in range(m - 1, -1, -1):
+        size = in_shape[d - 1 - step]
+        matrix, t_in = mode[step], saved_inputs[step]
+        if step == 0:  # t = F (N J R, I) @ x (B, I, rest)
+            gt3 = gt.reshape(batch, -1, x[0].numel() // size)  # (B, N J R, rest)
+            x3 = x.reshape(batch, -1, size)
+            grad_mode[0] = torch.bmm(gt3, x3).sum(0).reshape(matrix.shape)
+            if need_x:
+                grad_x = torch.matmul(gt3.transpose(1, 2), matrix.reshape(-1, size)).reshape(x.shape)
+        else:  # t = F (N, J R, I) @ t_in (B, N, I, rest)
+            q = matrix.shape[1]
+            gt4 = gt.reshape(batch * num_blocks, q, -1)
+            t3 = t_in.reshape(batch * num_blocks, -1, size)
+            grad_mode[step] = torch.bmm(gt4, t3).reshape(batch, *matrix.shape).sum(0)
+            gt = torch.matmul(gt4.reshape(batch, num_blocks, q, -1).transpose(2, 3), matrix)
+    return grad_x, grad_merged, grad_first, grad_mode
+
+
+class _GemmChain(torch.autograd.Function):
+    """:func:`chain_forward` with :func:`chain_backward` as its backward."""
 
     @staticmethod
     def forward(ctx, x, shapes, merged, first, *mode):
-        in_shape, out_shape, ranks, num_blocks = shapes
-        d = len(in_shape)
-        batch = x.shape[0]
-        saved_inputs = []
-        t = x
-        for step, matrix in enumerate(mode):  # k = d-1 .. 2
-            size = in_shape[d - 1 - step]
-            saved_inputs.append(t)
-            if step == 0:  # (N J R, I) @ (B, I, rest) -> (B, N J R, rest)
-                t = torch.matmul(matrix.reshape(-1, size), x.reshape(batch, -1, size).transpose(1, 2))
-            else:  # (N, J R, I) @ (B, N, I, rest) -> (B, N, J R, rest)
-                t = torch.matmul(matrix, t.reshape(batch, num_blocks, -1, size).transpose(2, 3))
-        jmid, rmid = out_shape[2:], ranks[2:]
-        rows = batch * in_shape[0] * math.prod(jmid)
-        if d == 2:
-            p = x.reshape(1, -1, in_shape[1]).expand(num_blocks, -1, -1)
-        else:
-            # t is (B, N, J_2, R_2, .., J_{d-1}, R_{d-1}, I_0, I_1)
-            m = d - 2
-            t = t.reshape(batch, num_blocks, *[s for jr in zip(jmid, rmid) for s in jr], in_shape[0], in_shape[1])
-            order = [1, 0, 2 * m + 2, *range(2, 2 * m + 2, 2), *range(3, 2 * m + 2, 2), 2 * m + 3]
-            p = t.permute(order).reshape(num_blocks, rows, -1)
-        z = torch.bmm(p, merged)  # (N, B I_0 Jmid, R_0 J_1)
-        # -> (B, J_1, Jmid, N, R_0, I_0)
-        z6 = z.reshape(num_blocks, batch, in_shape[0], math.prod(jmid), ranks[0], out_shape[1])
-        zp = z6.permute(1, 5, 3, 0, 4, 2).reshape(batch * out_shape[1] * math.prod(jmid), -1)
-        y = torch.mm(zp, first)  # (B J_1 Jmid, J_0)
-        y = y.reshape(batch, -1, out_shape[0]).transpose(1, 2).reshape(batch, -1)
+        y, p, zp, inner = chain_forward(x, shapes, merged, first, mode)
         ctx.shapes = shapes
-        ctx.save_for_backward(x, merged, first, p if d > 2 else x, zp, *mode, *saved_inputs[1:])
+        ctx.save_for_backward(x, merged, first, x if p is None else p, zp, *mode, *inner)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        in_shape, out_shape, ranks, num_blocks = ctx.shapes
-        d = len(in_shape)
+        shapes = ctx.shapes
+        d = len(shapes[0])
         x, merged, first, p, zp, *rest = ctx.saved_tensors
-        mode, saved_inputs = rest[:d - 2], [x, *rest[d - 2:]]
-        batch = x.shape[0]
-        jmid, rmid = out_shape[2:], ranks[2:]
-        g = grad_y.reshape(batch, out_shape[0], -1).transpose(1, 2).reshape(-1, out_shape[0])
-        grad_first = torch.mm(zp.t(), g)
-        gz = torch.mm(g, first.t())  # (B J_1 Jmid, N R_0 I_0)
-        gz = gz.reshape(batch, out_shape[1], math.prod(jmid), num_blocks, ranks[0], in_shape[0])
-        gz = gz.permute(3, 0, 5, 2, 4, 1).reshape(num_blocks, batch * in_shape[0] * math.prod(jmid), -1)
-        if d == 2:
-            p = x.reshape(1, -1, in_shape[1]).expand(num_blocks, -1, -1)
-        grad_merged = torch.bmm(p.transpose(1, 2), gz)
-        need_x = ctx.needs_input_grad[0]
-        grad_mode = [None] * (d - 2)
-        grad_x = None
-        if d == 2:
-            if need_x:
-                grad_x = torch.bmm(gz, merged.transpose(1, 2)).sum(0).reshape(x.shape)
-            return (grad_x, None, grad_merged, grad_first)
-        # the mode steps need the gradient of the big intermediate whether or not x needs one
-        m = d - 2
-        gp = torch.bmm(gz, merged.transpose(1, 2))  # (N, B I_0 Jmid, Rmid I_1)
-        gp = gp.reshape(num_blocks, batch, in_shape[0], *jmid, *rmid, in_shape[1])
-        order = [1, 0, *[a for k in range(m) for a in (3 + k, 3 + m + k)], 2, 3 + 2 * m]
-        gt = gp.permute(order)  # (B, N, J_2, R_2, .., I_0, I_1)
-        for step in range(m - 1, -1, -1):
-            size = in_shape[d - 1 - step]
-            matrix, t_in = mode[step], saved_inputs[step]
-            if step == 0:  # t = F (N J R, I) @ x (B, I, rest)
-                gt3 = gt.reshape(batch, -1, x[0].numel() // size)  # (B, N J R, rest)
-                x3 = x.reshape(batch, -1, size)
-                grad_mode[0] = torch.bmm(gt3, x3).sum(0).reshape(matrix.shape)
-                if need_x:
-                    grad_x = torch.matmul(gt3.transpose(1, 2), matrix.reshape(-1, size)).reshape(x.shape)
-            else:  # t = F (N, J R, I) @ t_in (B, N, I, rest)
-                q = matrix.shape[1]
-                gt4 = gt.reshape(batch * num_blocks, q, -1)
-                t3 = t_in.reshape(batch * num_blocks, -1, size)
-                grad_mode[step] = torch.bmm(gt4, t3).reshape(batch, *matrix.shape).sum(0)
-                gt = torch.matmul(gt4.reshape(batch, num_blocks, q, -1).transpose(2, 3), matrix)
+        mode, inner = rest[:d - 2], rest[d - 2:]
+        grad_x, grad_merged, grad_first, grad_mode = chain_backward(
+            grad_y, x, shapes, merged, first, mode, p if d > 2 else None, zp, inner, ctx.needs_input_grad[0])
         return (grad_x, None, grad_merged, grad_first, *grad_mode)
 
 
@@ -154,7 +210,7 @@ def gemm_chain_contract(x, core, factors, in_shape, out_shape, ranks):
         raise ValueError(f"the GEMM chain needs d >= 2 modes, got in_shape={tuple(in_shape)}")
     dtype = matmul_dtype(x, core)  # under autocast the weight-side ops come out in mixed dtypes
     core, factors = core.to(dtype), [f.to(dtype) for f in factors]
-    mode, merged, first = _mode_matrices(core, factors)
+    mode, merged, first = mode_matrices(core, factors)
     shapes = (tuple(in_shape), tuple(out_shape), tuple(ranks), core.shape[0])
     x = x.reshape(x.shape[0], *in_shape).to(dtype).contiguous()
     return _GemmChain.apply(x, shapes, merged, first, *mode)

@@ -15,31 +15,51 @@ the layer: the backward needs neither the forward's ``W`` (the input gradient re
 before the first backward is safe. The output and every gradient are fresh tensors: nothing a caller receives
 lives in the workspace.
 
-:func:`rebuild_matmul` is the traced form (compile, export): the same arithmetic with ordinary differentiable
-ops, no workspace and no ``out=``.
+:func:`rebuild_matmul` is the exported form (export, ONNX, jit.trace): the same arithmetic with ordinary
+differentiable ops, no workspace and no ``out=``. Under ``torch.compile`` the eager kernels run as a custom op
+(:mod:`accel.nn.bt._compiled`).
 """
 from __future__ import annotations
 
+import itertools
 import math
+import weakref
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from accel.nn.bt._common import einsum_cached, einsum_flops, matmul_dtype, rest_equation, rest_shapes
 
-__all__ = ["RebuildWorkspace", "dense_costs", "rebuild_linear", "rebuild_matmul", "rebuild_operands",
-           "weight_rows_first"]
+__all__ = ["RebuildWorkspace", "column_sums", "dense_backward", "dense_costs", "dense_forward", "rebuild_linear",
+           "rebuild_matmul", "rebuild_operands", "weight_rows_first", "workspace_by_key"]
+
+
+# A compiled graph names a workspace by an integer (a custom op takes no Python object): every workspace registers
+# under a key of its own, held weakly so that the registry keeps no layer's buffers alive.
+_keys = itertools.count()
+_WORKSPACES: "weakref.WeakValueDictionary[int, RebuildWorkspace]" = weakref.WeakValueDictionary()
+
+
+def workspace_by_key(key: int) -> "RebuildWorkspace":
+    """The live workspace registered under ``key`` (:attr:`RebuildWorkspace.key`)."""
+    try:
+        return _WORKSPACES[key]
+    except KeyError:
+        raise LookupError(f"no live RebuildWorkspace has key {key}: the layer it belonged to was deleted") from None
 
 
 class RebuildWorkspace:
     """Reusable full-size buffers for the dense path, one per (role, shape, dtype, device). Only the layer's
-    own kernels read or write them; nothing returned to a caller aliases them.
+    own kernels read or write them; nothing returned to a caller aliases them. ``key``: the integer a compiled
+    graph names it by (:func:`workspace_by_key`); copies and unpickled workspaces get a key of their own.
 
     Not shared between threads: a module used from several threads at once on one device needs one each.
     """
 
     def __init__(self):
         self._buffers = {}
+        self.key = next(_keys)
+        _WORKSPACES[self.key] = self
 
     def get(self, role: str, shape, like: torch.Tensor) -> torch.Tensor:
         key = (role, tuple(shape), like.dtype, like.device)
@@ -119,7 +139,7 @@ def _weight_rows_first(left, right, out0: int, in_features: int, workspace: Rebu
     return weight
 
 
-def _forward(x, left, right, out0: int, workspace: RebuildWorkspace, bias=None) -> torch.Tensor:
+def dense_forward(x, left, right, out0: int, workspace: RebuildWorkspace, bias=None) -> torch.Tensor:
     """``y = x @ (left @ right) (+ bias)`` with the weight written into ``workspace`` (see the module
     docstring); ``y`` is a fresh tensor."""
     batch, in_features = x.shape
@@ -133,8 +153,8 @@ def _forward(x, left, right, out0: int, workspace: RebuildWorkspace, bias=None) 
     return y if bias is None else y.add_(bias)  # y is a fresh tensor (the copy or the bmm's output)
 
 
-def _backward(grad_y, x, left, right, out0: int, workspace: RebuildWorkspace, needs=(True, True, True)):
-    """The gradients ``(x, left, right)`` of :func:`_forward` (``None`` where ``needs`` says so)."""
+def dense_backward(grad_y, x, left, right, out0: int, workspace: RebuildWorkspace, needs=(True, True, True)):
+    """The gradients ``(x, left, right)`` of :func:`dense_forward` (``None`` where ``needs`` says so)."""
     batch, in_features = x.shape
     if weight_rows_first(batch, in_features, grad_y.shape[1], out0):
         return _rows_first_backward(grad_y, x, left, right, out0, workspace, needs)
@@ -172,7 +192,7 @@ def _rows_first_backward(grad_y, x, left, right, out0: int, workspace: RebuildWo
     return grad_x, grad_left, grad_right
 
 
-def _column_sums(grad_y: torch.Tensor) -> torch.Tensor:
+def column_sums(grad_y: torch.Tensor) -> torch.Tensor:
     """The bias gradient ``grad_y.sum(0)`` as a GEMV against ones (a BLAS call, faster than the reduction on a
     tall gradient)."""
     return torch.mv(grad_y.t(), grad_y.new_ones(grad_y.shape[0]))
@@ -183,14 +203,14 @@ class _RebuildLinear(torch.autograd.Function):
     def forward(ctx, x, left, right, bias, out0, workspace):
         ctx.save_for_backward(x, left, right)
         ctx.out0, ctx.workspace = out0, workspace
-        return _forward(x, left, right, out0, workspace, bias)
+        return dense_forward(x, left, right, out0, workspace, bias)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y):
         x, left, right = ctx.saved_tensors
-        grads = _backward(grad_y, x, left, right, ctx.out0, ctx.workspace, ctx.needs_input_grad[:3])
-        grad_bias = _column_sums(grad_y) if ctx.needs_input_grad[3] else None
+        grads = dense_backward(grad_y, x, left, right, ctx.out0, ctx.workspace, ctx.needs_input_grad[:3])
+        grad_bias = column_sums(grad_y) if ctx.needs_input_grad[3] else None
         return (*grads, grad_bias, None, None)
 
 
@@ -206,7 +226,7 @@ def rebuild_linear(x: torch.Tensor, core: torch.Tensor, factors, workspace: Rebu
 
 
 def rebuild_matmul(x: torch.Tensor, core: torch.Tensor, factors, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The traced form of :func:`rebuild_linear`: the same product with ordinary differentiable ops."""
+    """The exported form of :func:`rebuild_linear`: the same product with ordinary differentiable ops."""
     left, right = rebuild_operands(core, list(factors))
     out0, in_features = factors[0].shape[2], x.shape[1]
     dtype = matmul_dtype(x, left, right)

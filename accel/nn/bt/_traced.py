@@ -10,13 +10,16 @@ The eager forward pass does three things a tracer cannot take:
   and a traced tensor left in the workspace would be returned by later eager calls;
 - the GEMM chain splits the batch into cache-sized pieces, a count that depends on the batch size.
 
-So a traced call takes a plan made outside the graph (:func:`traced_plan`, a constant for Dynamo), never touches
-the workspace, contracts the whole batch at once, and uses only differentiable ops: the GEMM chain's
-``autograd.Function``, the dense path's traced form (:func:`~accel.nn.bt._dense.rebuild_matmul`) or the low-rank
-path (ordinary ops, its own traced form). ``torch.jit.trace`` cannot record an ``autograd.Function``: there the
-chain is replaced by the cheaper of the other two. The plan of a symbolic (dynamic) batch is made for its example
-size under ``torch.export``, else (inside ``torch.compile``) for ``SYMBOLIC_BATCH_PLAN_ROWS`` rows; any batch size
-then runs correctly, only the choice of strategy is fixed.
+So a traced call takes a plan made outside the graph (:func:`traced_plan`, a constant for Dynamo). Under
+``torch.compile`` the dense path and the GEMM chain then run as custom ops that execute the eager kernels (the
+workspace, the pieces: :mod:`accel.nn.bt._compiled`). An exported program (``torch.export``, ONNX, ``jit.trace``;
+``torch.compiler.is_exporting()`` tells export from compile) holds ordinary ops only: it never touches the
+workspace, contracts the whole batch at once, and uses differentiable ops: the GEMM chain's ``autograd.Function``,
+the dense path's exported form (:func:`~accel.nn.bt._dense.rebuild_matmul`) or the low-rank path (ordinary ops
+everywhere). ``torch.jit.trace`` cannot record an ``autograd.Function``: there the chain is replaced by the cheaper
+of the other two. The plan of a symbolic (dynamic) batch is made for its example size under ``torch.export``, else
+(inside ``torch.compile``) for ``SYMBOLIC_BATCH_PLAN_ROWS`` rows; any batch size then runs correctly, only the choice
+of strategy is fixed.
 """
 from __future__ import annotations
 

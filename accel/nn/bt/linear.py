@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from accel.nn._interop import is_conv1d
+from accel.nn.bt._compiled import compiled_dense, compiled_gemm_chain
 from accel.nn.bt._contract import chain_product, chunk_rows, gemm_chain_contract
 from accel.nn.bt._dense import RebuildWorkspace, rebuild_linear, rebuild_matmul, rebuild_operands
 from accel.nn.bt._lowrank import lowrank_linear
@@ -86,8 +87,10 @@ class BTLinear(nn.Module):
     must have the parameters' dtype (autocast aside).
 
     Under ``torch.compile``, ``torch.export`` (a dynamic batch included), ``torch.onnx.export(dynamo=True)``,
-    ``torch.jit.trace`` or on tensor subclasses (FakeTensors) the layer runs the same product with differentiable
-    ops, its plan made outside the graph (:mod:`accel.nn.bt._traced`); no traced tensor reaches ``workspace``.
+    ``torch.jit.trace`` or on tensor subclasses (FakeTensors) the layer's plan is made outside the graph
+    (:mod:`accel.nn.bt._traced`). ``torch.compile`` runs the dense path and the GEMM chain as custom ops
+    (``torch.ops.accel.bt_dense_v1``, ``bt_gemm_chain_v1``) with the eager kernels (the dense one with
+    ``workspace``); the others run the same product with ordinary differentiable ops and never touch ``workspace``.
     """
 
     def __init__(self, in_features: int, out_features: int, *, in_shape: Sequence[int] | None = None,
@@ -248,15 +251,25 @@ class BTLinear(nn.Module):
         return y if bias is None else y + bias.to(y.dtype)  # autocast: keep the product's dtype
 
     def _traced_product(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """The product (+ bias) when traced (:mod:`accel.nn.bt._traced`): a plan made outside the graph, the whole
-        batch at once, no workspace."""
+        """The product (+ bias) when traced (:mod:`accel.nn.bt._traced`): a plan made outside the graph; under
+        torch.compile the dense path and the chain as custom ops running the eager kernels
+        (:mod:`accel.nn.bt._compiled`), elsewhere ordinary ops over the whole batch at once, no workspace."""
         method = traced_plan(*self._key(), self.contraction, plan_rows(x.shape[0]), self._profile_values,
                              gemm_chain=not torch.jit.is_tracing())
         if method == "lowrank":
             return lowrank_linear(x, self.core, self.factors, bias)
+        # torch.compile: the eager kernels as custom ops; an exported program (export, ONNX, jit.trace) holds
+        # ordinary ops only
+        as_ops = torch.compiler.is_compiling() and not torch.compiler.is_exporting()
         if method == "dense":
+            if as_ops:
+                return compiled_dense(x, self.core, self.factors, self.workspace, bias)
             return rebuild_matmul(x, self.core, self.factors, bias)
-        y = gemm_chain_contract(x, self.core, self.factors, self.in_shape, self.out_shape, self.ranks)
+        if as_ops:
+            y = compiled_gemm_chain(x, self.core, self.factors, self.in_shape, self.out_shape, self.ranks,
+                                    self.max_intermediate_bytes)
+        else:
+            y = gemm_chain_contract(x, self.core, self.factors, self.in_shape, self.out_shape, self.ranks)
         return y if bias is None else y + bias.to(y.dtype)  # autocast: keep the product's dtype
 
     def chunk_size(self, batch: int, input: torch.Tensor | None = None) -> int:
