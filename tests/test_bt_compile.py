@@ -222,10 +222,10 @@ def test_dense_ops_pass_opcheck(seed):
     for rows, bias in ((5, layer.bias), (70, None)):  # 70 rows: W copied into the (I, J) layout
         x = torch.randn(rows, layer.in_features, dtype=torch.float64, requires_grad=True)
         bias = None if bias is None else bias.detach().requires_grad_()
-        torch.library.opcheck(torch.ops.accel.bt_dense_v1.default, (x, left, right, bias, out0, workspace.key))
+        torch.library.opcheck(torch.ops.accel.bt_dense_v1.default, (x, left, right, bias, out0, workspace.key_tensor))
         grad_y = torch.randn(rows, layer.out_features, dtype=torch.float64)
         torch.library.opcheck(torch.ops.accel.bt_dense_backward_v1.default,
-                              (grad_y, x.detach(), left.detach(), right.detach(), out0, workspace.key,
+                              (grad_y, x.detach(), left.detach(), right.detach(), out0, workspace.key_tensor,
                                [True, True, True, bias is not None]))
 
 
@@ -250,6 +250,21 @@ def test_gemm_chain_ops_pass_opcheck(seed, in_shape, out_shape):
         torch.library.opcheck(torch.ops.accel.bt_gemm_chain_backward_v1.default,
                               (grad_y, x.detach(), merged.detach(), first.detach(), [m.detach() for m in mode],
                                saved, *shapes, need_x))
+
+
+def test_same_shape_layers_share_one_compiled_graph(seed):
+    """Layers of one shape compiled one by one reuse one graph: the workspace goes into the graph as a tensor,
+    whose value Dynamo does not guard on (an int attribute would recompile per layer, then fall back to eager)."""
+    torch.manual_seed(seed)
+    layers = [small_layer("dense") for _ in range(10)]  # more than Dynamo's default recompile limit (8)
+    x = torch.randn(5, layers[0].in_features, dtype=torch.float64)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    for layer in layers:
+        got = step(torch.compile(layer, fullgraph=True, backend="aot_eager"), x)
+        for a, b in zip(got, step(layer, x)):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
 @pytest.mark.slow

@@ -8,7 +8,8 @@ piece whose intermediates fall out of the last-level cache. As ops they keep bot
 
 - ``accel::bt_dense_v1`` / ``accel::bt_dense_backward_v1``: :func:`~accel.nn.bt._dense.dense_forward` and
   :func:`~accel.nn.bt._dense.dense_backward` with the layer's :class:`~accel.nn.bt._dense.RebuildWorkspace`, named
-  by its integer key (an op takes no Python object); the bias fused into the product, its gradient a GEMV, as eager.
+  by its integer key held in a 0-d tensor (an op takes no Python object; an int would be a constant Dynamo guards
+  on, one graph per layer); the bias fused into the product, its gradient a GEMV, as eager.
 - ``accel::bt_gemm_chain_v1`` / ``accel::bt_gemm_chain_backward_v1``: the chain over cache-sized pieces of the
   batch (:func:`~accel.nn.bt._contract.chunk_rows`), :func:`~accel.nn.bt._contract.chain_forward` and the
   hand-written :func:`~accel.nn.bt._contract.chain_backward` per piece. What the backward needs is returned by
@@ -51,8 +52,10 @@ GEMM_CHAIN_OP, GEMM_CHAIN_BACKWARD_OP = "accel::bt_gemm_chain_v1", "accel::bt_ge
 # ---- the dense path ----
 
 @torch.library.custom_op(DENSE_OP, mutates_args=())
-def _dense(x: Tensor, left: Tensor, right: Tensor, bias: Optional[Tensor], out0: int, workspace_key: int) -> Tensor:
-    """``x @ (left @ right) (+ bias)``, ``W`` written into the workspace registered under ``workspace_key``."""
+def _dense(x: Tensor, left: Tensor, right: Tensor, bias: Optional[Tensor], out0: int,
+           workspace_key: Tensor) -> Tensor:
+    """``x @ (left @ right) (+ bias)``, ``W`` written into the workspace registered under ``workspace_key`` (a 0-d
+    CPU tensor: :attr:`~accel.nn.bt._dense.RebuildWorkspace.key_tensor`)."""
     return dense_forward(x, left, right, out0, workspace_by_key(workspace_key), bias)
 
 
@@ -62,7 +65,7 @@ def _(x, left, right, bias, out0, workspace_key):
 
 
 @torch.library.custom_op(DENSE_BACKWARD_OP, mutates_args=())
-def _dense_backward(grad_y: Tensor, x: Tensor, left: Tensor, right: Tensor, out0: int, workspace_key: int,
+def _dense_backward(grad_y: Tensor, x: Tensor, left: Tensor, right: Tensor, out0: int, workspace_key: Tensor,
                     needs: list[bool]) -> list[Tensor]:
     """The gradients of ``x``, ``left``, ``right`` and the bias, each empty where ``needs`` says it is not needed
     (an op returns tensors only; none aliases an input or the workspace)."""
@@ -78,14 +81,14 @@ def _(grad_y, x, left, right, out0, workspace_key, needs):
 
 
 def _dense_setup_context(ctx, inputs, output):
-    x, left, right, _, ctx.out0, ctx.workspace_key = inputs
-    ctx.save_for_backward(x, left, right)
+    x, left, right, _, ctx.out0, workspace_key = inputs
+    ctx.save_for_backward(x, left, right, workspace_key)
 
 
 def _dense_autograd(ctx, grad_y):
-    x, left, right = ctx.saved_tensors
+    x, left, right, workspace_key = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:4])
-    grads = torch.ops.accel.bt_dense_backward_v1(grad_y, x, left, right, ctx.out0, ctx.workspace_key, needs)
+    grads = torch.ops.accel.bt_dense_backward_v1(grad_y, x, left, right, ctx.out0, workspace_key, needs)
     return (*[g if need else None for g, need in zip(grads, needs)], None, None)
 
 
@@ -98,7 +101,8 @@ def compiled_dense(x: Tensor, core: Tensor, factors, workspace: RebuildWorkspace
     left, right = rebuild_operands(core, list(factors))
     dtype = matmul_dtype(x, left, right)
     return torch.ops.accel.bt_dense_v1(x.to(dtype).contiguous(), left.to(dtype), right.to(dtype),
-                                       None if bias is None else bias.to(dtype), factors[0].shape[2], workspace.key)
+                                       None if bias is None else bias.to(dtype), factors[0].shape[2],
+                                       workspace.key_tensor)
 
 
 # ---- the GEMM chain ----

@@ -40,8 +40,9 @@ _keys = itertools.count()
 _WORKSPACES: "weakref.WeakValueDictionary[int, RebuildWorkspace]" = weakref.WeakValueDictionary()
 
 
-def workspace_by_key(key: int) -> "RebuildWorkspace":
-    """The live workspace registered under ``key`` (:attr:`RebuildWorkspace.key`)."""
+def workspace_by_key(key) -> "RebuildWorkspace":
+    """The live workspace registered under ``key`` (:attr:`RebuildWorkspace.key`, or its ``key_tensor``)."""
+    key = int(key)
     try:
         return _WORKSPACES[key]
     except KeyError:
@@ -51,7 +52,8 @@ def workspace_by_key(key: int) -> "RebuildWorkspace":
 class RebuildWorkspace:
     """Reusable full-size buffers for the dense path, one per (role, shape, dtype, device). Only the layer's
     own kernels read or write them; nothing returned to a caller aliases them. ``key``: the integer a compiled
-    graph names it by (:func:`workspace_by_key`); copies and unpickled workspaces get a key of their own.
+    graph names it by (:func:`workspace_by_key`; passed as ``key_tensor``, a 0-d CPU tensor); copies and
+    unpickled workspaces get a key of their own.
 
     Not shared between threads: a module used from several threads at once on one device needs one each.
     """
@@ -59,6 +61,9 @@ class RebuildWorkspace:
     def __init__(self):
         self._buffers = {}
         self.key = next(_keys)
+        # the key as a tensor for the compiled op: Dynamo specialises on an int attribute (one graph per layer,
+        # recompiling past its limit where many same-shape layers are compiled), not on a tensor's value
+        self.key_tensor = torch.tensor(self.key)
         _WORKSPACES[self.key] = self
 
     def get(self, role: str, shape, like: torch.Tensor) -> torch.Tensor:
