@@ -242,29 +242,81 @@ def test_gemm_chain_ops_pass_opcheck(seed, in_shape, out_shape):
     x = torch.randn(9, layer.in_features, dtype=torch.float64, requires_grad=True)
     assert layer.chunk_size(9) < 9
     shapes = [list(in_shape), list(out_shape), list(layer.ranks), layer.max_intermediate_bytes]
-    torch.library.opcheck(torch.ops.accel.bt_gemm_chain_v1.default, (x, merged, first, mode, *shapes))
-    y, *saved = torch.ops.accel.bt_gemm_chain_v1(x.detach(), merged.detach(), first.detach(),
-                                                 [m.detach() for m in mode], *shapes)
+    key = layer.workspace.key_tensor
+    torch.library.opcheck(torch.ops.accel.bt_gemm_chain_v1.default, (x, merged, first, mode, *shapes, key))
+    weights = [merged.detach(), first.detach(), [m.detach() for m in mode]]
+    y = torch.ops.accel.bt_gemm_chain_v1(x.detach(), *weights, *shapes, key)
     grad_y = torch.randn_like(y)
-    for need_x in (True, False):
+    for need_x in (True, False):  # the forward's kept intermediates, then (cleared) the forward run again
         torch.library.opcheck(torch.ops.accel.bt_gemm_chain_backward_v1.default,
-                              (grad_y, x.detach(), merged.detach(), first.detach(), [m.detach() for m in mode],
-                               saved, *shapes, need_x))
+                              (grad_y, x.detach(), *weights, *shapes, key, need_x))
+        layer.workspace.clear()
 
 
-def test_same_shape_layers_share_one_compiled_graph(seed):
-    """Layers of one shape compiled one by one reuse one graph: the workspace goes into the graph as a tensor,
-    whose value Dynamo does not guard on (an int attribute would recompile per layer, then fall back to eager)."""
+@pytest.mark.parametrize("between", ["call again", "clear"])
+def test_gemm_chain_backward_after_its_intermediates_were_replaced(seed, between):
+    """The layer called again (or its workspace cleared) between a compiled forward and its backward: the backward
+    runs the forward again instead of taking the other call's intermediates."""
     torch.manual_seed(seed)
-    layers = [small_layer("dense") for _ in range(10)]  # more than Dynamo's default recompile limit (8)
-    x = torch.randn(5, layers[0].in_features, dtype=torch.float64)
+    layer = small_layer("gemm")
+    x, other = torch.randn(9, layer.in_features, dtype=torch.float64), torch.randn(9, layer.in_features,
+                                                                                   dtype=torch.float64)
     torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    for layer in layers:
-        got = step(torch.compile(layer, fullgraph=True, backend="aot_eager"), x)
-        for a, b in zip(got, step(layer, x)):
-            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    for model in (compiled, layer):
+        model.zero_grad(set_to_none=True)
+        y = model(x)
+        if between == "call again":
+            model(other).sum().backward()  # its own forward and backward, in between
+        else:
+            layer.workspace.clear()
+        y.square().sum().backward()
+        if model is compiled:
+            got = [y.detach()] + [p.grad.clone() for p in layer.parameters()]
+    want = [y.detach()] + [p.grad.clone() for p in layer.parameters()]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_gemm_chain_backward_takes_the_kept_intermediates(seed, monkeypatch, backend):
+    """A compiled step runs the chain's forward once: the backward op finds its forward's intermediates."""
+    import accel.nn.bt._compiled as compiled_ops
+
+    calls = []
+    forward_pieces = compiled_ops._forward_pieces
+    monkeypatch.setattr(compiled_ops, "_forward_pieces", lambda *a: calls.append(1) or forward_pieces(*a))
+    torch.manual_seed(seed)
+    layer = small_layer("gemm")
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend=backend)
+    for rows in (9, 13):
+        calls.clear()
+        step_with_input(compiled, torch.randn(rows, layer.in_features, dtype=torch.float64))
+        assert len(calls) == 1
+
+
+@pytest.mark.slow
+def test_layer_used_twice_in_one_compiled_graph(seed):
+    """Two calls of one layer in a graph: the second forward replaces the first one's kept intermediates."""
+    torch.manual_seed(seed)
+    layer = small_layer("gemm", in_shape=(4, 3, 4), out_shape=(4, 3, 4))
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, x):
+            return self.layer(torch.tanh(self.layer(x)))
+
+    model = Twice()
+    x = torch.randn(9, layer.in_features, dtype=torch.float64)
+    torch._dynamo.reset()
+    for a, b in zip(step_with_input(torch.compile(model, fullgraph=True, backend="aot_eager"), x),
+                    step_with_input(model, x)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 
 
 @pytest.mark.slow

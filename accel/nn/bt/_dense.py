@@ -50,8 +50,9 @@ def workspace_by_key(key) -> "RebuildWorkspace":
 
 
 class RebuildWorkspace:
-    """Reusable full-size buffers for the dense path, one per (role, shape, dtype, device). Only the layer's
-    own kernels read or write them; nothing returned to a caller aliases them. ``key``: the integer a compiled
+    """Reusable full-size buffers for the dense path (and the compiled GEMM chain's intermediates,
+    :mod:`accel.nn.bt._compiled`), one per (role, shape, dtype, device). Only the layer's own kernels read or write
+    them; nothing returned to a caller aliases them. ``key``: the integer a compiled
     graph names it by (:func:`workspace_by_key`; passed as ``key_tensor``, a 0-d CPU tensor); copies and
     unpickled workspaces get a key of their own.
 
@@ -64,6 +65,7 @@ class RebuildWorkspace:
         # the key as a tensor for the compiled op: Dynamo specialises on an int attribute (one graph per layer,
         # recompiling past its limit where many same-shape layers are compiled), not on a tensor's value
         self.key_tensor = torch.tensor(self.key)
+        self.chain_saved = None  # (operands' identity, tensors): the compiled GEMM chain's intermediates for its backward
         _WORKSPACES[self.key] = self
 
     def get(self, role: str, shape, like: torch.Tensor) -> torch.Tensor:
@@ -78,6 +80,7 @@ class RebuildWorkspace:
 
     def clear(self) -> None:
         self._buffers.clear()
+        self.chain_saved = None
 
     def __getstate__(self):  # copies and pickles start empty
         return {}

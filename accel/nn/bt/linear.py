@@ -78,7 +78,8 @@ class BTLinear(nn.Module):
         bias (Parameter or None): ``(out_features,)``.
         reconstruction_error (float or None): relative Frobenius error of ``from_dense``.
         workspace (RebuildWorkspace): the dense path keeps ``W`` and its gradient here between calls
-            (2 x ``in_features * out_features`` elements once used); ``layer.workspace.clear()`` frees them.
+            (2 x ``in_features * out_features`` elements once used), and under ``torch.compile`` the GEMM chain
+            its intermediates between forward and backward; ``layer.workspace.clear()`` frees them.
         max_intermediate_bytes (int): on CPU the GEMM chain splits the batch so that its largest intermediate
             stays under this (8 MiB): pieces that stay in cache run faster.
 
@@ -267,7 +268,7 @@ class BTLinear(nn.Module):
             return rebuild_matmul(x, self.core, self.factors, bias)
         if as_ops:
             y = compiled_gemm_chain(x, self.core, self.factors, self.in_shape, self.out_shape, self.ranks,
-                                    self.max_intermediate_bytes)
+                                    self.max_intermediate_bytes, self.workspace)
         else:
             y = gemm_chain_contract(x, self.core, self.factors, self.in_shape, self.out_shape, self.ranks)
         return y if bias is None else y + bias.to(y.dtype)  # autocast: keep the product's dtype
