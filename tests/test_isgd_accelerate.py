@@ -39,6 +39,27 @@ def prepared(name, seed, scaler=None, **accelerator_kwargs):
     return (accelerator, *accelerator.prepare(model, optimizer, scheduler))
 
 
+def plain_run(name, seed, batches):
+    """The reference: the same optimizer and schedule in a plain loop, one closure per batch."""
+    model = mlp(seed)
+    optimizer = chasing_optimizer(name, model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
+    for x, y in batches:
+        optimizer.step(make_closure(optimizer, model, x, y))
+        scheduler.step()
+    return model, optimizer
+
+
+def accumulate_each_batch(accelerator, model, optimizer, scheduler, batches, split):
+    """One ``step(accumulating_closure(...))`` per batch over micro-batches cut at row ``split``."""
+    for x, y in batches:
+        parts = [(x[:split], y[:split]), (x[split:], y[split:])]
+        closure = accumulating_closure(optimizer, parts, lambda b: nn.functional.mse_loss(model(b[0]), b[1]),
+                                       backward=accelerator.backward, no_sync=lambda: accelerator.no_sync(model))
+        optimizer.step(closure)
+        scheduler.step()
+
+
 def train(accelerator, model, optimizer, scheduler, batches, *, autocast=False):
     first_losses = []
     for x, y in batches:
@@ -66,12 +87,7 @@ def test_accelerate_trains_like_a_plain_loop(seed, name):
     stats = optimizer.optimizer.stats
     assert stats["chased_batches"] > 0 and stats["batches"] == len(batches)
     assert scheduler.scheduler.last_epoch == len(batches)  # chases never advance it
-    plain_model = mlp(seed)
-    plain = chasing_optimizer(name, plain_model.parameters())
-    plain_scheduler = torch.optim.lr_scheduler.LambdaLR(plain, decay)
-    for x, y in batches:
-        plain.step(make_closure(plain, plain_model, x, y))
-        plain_scheduler.step()
+    plain_model, plain = plain_run(name, seed, batches)
     assert repr(plain.stats) == repr(stats)
     for a, b in zip(plain_model.parameters(), model.parameters()):
         assert torch.equal(a, b)
@@ -118,18 +134,8 @@ def test_accumulating_closure_under_accelerate_equals_one_large_batch(seed):
     """The supported way: one step per batch, the closure runs both halves (and a chase re-runs both)."""
     batches = regression_batches(seed, epochs=EPOCHS, hard_noise=HARD_NOISE)
     accelerator, model, optimizer, scheduler = prepared("isgd", seed)
-    for x, y in batches:
-        halves = [(x[:8], y[:8]), (x[8:], y[8:])]
-        closure = accumulating_closure(optimizer, halves, lambda b: nn.functional.mse_loss(model(b[0]), b[1]),
-                                       backward=accelerator.backward, no_sync=lambda: accelerator.no_sync(model))
-        optimizer.step(closure)
-        scheduler.step()
-    whole_model = mlp(seed)
-    whole = chasing_optimizer("isgd", whole_model.parameters())
-    whole_scheduler = torch.optim.lr_scheduler.LambdaLR(whole, decay)
-    for x, y in batches:
-        whole.step(make_closure(whole, whole_model, x, y))
-        whole_scheduler.step()
+    accumulate_each_batch(accelerator, model, optimizer, scheduler, batches, split=8)
+    whole_model, whole = plain_run("isgd", seed, batches)
     stats = optimizer.optimizer.stats
     assert stats["chased_batches"] == whole.stats["chased_batches"] > 0
     assert stats["extra_passes"] == whole.stats["extra_passes"]
@@ -168,20 +174,10 @@ def test_accumulating_closure_under_gradient_accumulation_steps_equals_one_large
     micro-batches (12 + 4) give the run of one batch of 16, chases included."""
     batches = regression_batches(seed, epochs=EPOCHS, hard_noise=HARD_NOISE)
     # the reference first: GradientState is process-wide, and under num_steps=2 a plain closure is refused
-    whole_model = mlp(seed)
-    whole = chasing_optimizer(name, whole_model.parameters())
-    whole_scheduler = torch.optim.lr_scheduler.LambdaLR(whole, decay)
-    for x, y in batches:
-        whole.step(make_closure(whole, whole_model, x, y))
-        whole_scheduler.step()
+    whole_model, whole = plain_run(name, seed, batches)
     accelerator, model, optimizer, scheduler = prepared(name, seed, gradient_accumulation_steps=2)
     assert accelerator.gradient_state.num_steps == 2
-    for x, y in batches:
-        parts = [(x[:12], y[:12]), (x[12:], y[12:])]
-        closure = accumulating_closure(optimizer, parts, lambda b: nn.functional.mse_loss(model(b[0]), b[1]),
-                                       backward=accelerator.backward, no_sync=lambda: accelerator.no_sync(model))
-        optimizer.step(closure)
-        scheduler.step()
+    accumulate_each_batch(accelerator, model, optimizer, scheduler, batches, split=12)
     stats = optimizer.optimizer.stats
     assert stats["batches"] == len(batches)
     assert stats["chased_batches"] == whole.stats["chased_batches"] > 0

@@ -223,14 +223,11 @@ class BTLinear(nn.Module):
         return built.permute(1, 0, 2).reshape(self.in_features, self.out_features).t()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self._linear(input, self.bias)
-
-    def _linear(self, input: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         self._check_input(input)
         leading = input.shape[:-1]
         x = input.reshape(-1, self.in_features)
-        y = self._traced_product(x, bias) if is_tracing(x, self.core) else self._eager_product(x, bias)
-        return y.reshape(*leading, self.out_features)
+        product = self._traced_product if is_tracing(x, self.core) else self._eager_product
+        return product(x, self.bias).reshape(*leading, self.out_features)
 
     def _check_input(self, input: torch.Tensor) -> None:
         if input.dim() == 0 or input.shape[-1] != self.in_features:
